@@ -1,0 +1,37 @@
+"""Shared fixtures: the repo paths, offline mode, and small real datasets written to disk."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+TINY_MODEL = REPO / "demo" / "tiny-sd"
+DEMO_DATA = REPO / "demo" / "data"
+
+os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly instead of hanging
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> Path:
+    """Eight captioned 64x64 images of two colours in two buckets' worth of shapes."""
+    from PIL import Image
+
+    root = tmp_path / "images"
+    root.mkdir()
+    for i in range(8):
+        colour = (220, 30, 30) if i % 2 else (30, 30, 220)
+        size = (64, 64) if i < 6 else (96, 64)
+        Image.new("RGB", size, colour).save(root / f"img_{i}.png")
+        (root / f"img_{i}.txt").write_text("a red square" if i % 2 else "a blue square")
+    return root
+
+
+def write_json(path: Path, data: dict) -> Path:
+    import json
+
+    path.write_text(json.dumps(data, indent=2))
+    return path

@@ -1,0 +1,253 @@
+"""Fine-tune Stable Diffusion 1.x / 2.x: `python train.py --config cfgs/train.json [--flag value ...]`.
+
+The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> epochs of
+steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module (doc/ARCHITECTURE.md).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+import data
+from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
+from utils import config
+from utils.checkpoint import SaveTimer, checkpoint_name, find_last
+from utils.run_dir import RunDir, setup_console_logging
+
+log = logging.getLogger("train")
+
+
+def make_accelerator(args):
+    from accelerate import Accelerator
+
+    use_cuda = torch.cuda.is_available()
+    if use_cuda and "LOCAL_RANK" not in os.environ:
+        torch.cuda.set_device(args.gpuid)
+    if not use_cuda or args.disable_amp:
+        precision = "no"
+    else:
+        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
+
+
+def prepare_models(model, args, accelerator):
+    """Moves models to the device, freezes what is not trained and applies the memory/attention options."""
+    frozen_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision, torch.float32)
+    model.vae.requires_grad_(False).eval().to(accelerator.device, dtype=frozen_dtype)
+    trained = {}
+    for name, module, frozen in (("unet", model.unet, args.disable_unet_training),
+                                 ("text_encoder", model.text_encoder, args.disable_textenc_training)):
+        if frozen:
+            module.requires_grad_(False).eval().to(accelerator.device, dtype=frozen_dtype)
+        else:
+            module.train().to(accelerator.device)
+            trained[name] = module
+    if args.gradient_checkpointing:
+        model.unet.enable_gradient_checkpointing()
+        if "text_encoder" in trained:
+            model.text_encoder.gradient_checkpointing_enable()
+    if args.attn_type == "slice":
+        model.unet.set_attention_slice("auto")
+    elif args.attn_type == "xformers":
+        model.unet.enable_xformers_memory_efficient_attention()
+    return trained
+
+
+def save_checkpoint(model, opts, args, run, name: str, accelerator) -> Path:
+    """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file."""
+    from utils.models import save_diffusers, save_single_file
+
+    unet = accelerator.unwrap_model(model.unet)
+    text_encoder = accelerator.unwrap_model(model.text_encoder)
+    folder = run.ckpts / name
+    save_diffusers(model, unet, text_encoder, folder, opts.state_dicts() if args.save_optimizer else None)
+    log.info("Saved diffusers model: %s", folder)
+    if not args.no_save_ckpt:
+        file = Path(args.save_ckpt_dir or run.ckpts) / f"{name}.safetensors"
+        save_single_file(model, unet, text_encoder, file, args.save_full_precision)
+        log.info("Saved single file: %s", file)
+    return folder
+
+
+def main(argv: list[str] | None = None) -> int:
+    setup_console_logging()
+    # -- options and data: every user error surfaces here, before a model loads or a folder is made ------------
+    try:
+        args = config.load(argv)
+        for note in args.notes:
+            log.warning(note)
+        resume = find_last(args.logdir) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+        optimizer_file = read_optimizer_file(args.optimizer_config)
+        scan = data.scan(args.data_root)
+        scan.require_images()
+    except (config.ConfigError, data.DataError, FileNotFoundError) as e:
+        log.error("error: %s", e)
+        return 2
+    for path, reason in scan.problems:
+        log.warning("skipped %s: %s", path, reason)
+    records = data.assign_buckets(scan.records, args.resolution)
+
+    # -- model -------------------------------------------------------------------------------------------------
+    from utils import models
+    from utils.sampling import generate_samples, read_prompts
+    from utils.step import StepSettings, compute_loss
+
+    torch.manual_seed(args.seed)
+    accelerator = make_accelerator(args)
+    try:
+        model = models.load(resume)
+    except models.ModelLoadError as e:
+        log.error("error: %s", e)
+        return 2
+    noise_scheduler = model.noise_scheduler(args.train_sampler)
+    trained = prepare_models(model, args, accelerator)
+
+    # -- run folder, plan, optimizers ------------------------------------------------------------------------------
+    run = RunDir(args)
+    plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch=0)
+    steps_per_epoch = len(plan)
+    settings = resolve_settings(optimizer_file, args, steps_per_epoch)
+    run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
+    opts = TrainingOptimizers(trained, settings)
+    resumed_states = models.load_optimizer_states(resume) if resume.is_dir() else {}
+    if resumed_states:
+        opts.load_state_dicts(resumed_states)
+        log.info("Loaded optimizer state from %s", resume)
+    for name, module in trained.items():
+        setattr(model, name, accelerator.prepare(module))
+    scaler = accelerator.scaler
+
+    effective_batch = args.batch_size * args.grad_accum * accelerator.num_processes
+    log.info("Model: %s", model.describe())
+    for line in data.epoch_plan_summary(plan, args.batch_size).lines():
+        log.info("Data: %s", line)
+    log.info("Training: %d epochs x %d steps = %d steps; batch %d x grad_accum %d x %d process(es) = %d images "
+             "per update", args.max_epochs, steps_per_epoch, args.max_epochs * steps_per_epoch, args.batch_size,
+             args.grad_accum, accelerator.num_processes, effective_batch)
+    for name, s in settings.items():
+        if name in trained:
+            log.info("Optimizer %s: %s lr %g, %s schedule (warmup %d, decay %d steps)", name, s.optimizer, s.lr,
+                     s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
+    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision, run.path)
+
+    # -- the loop ----------------------------------------------------------------------------------------------
+    step_settings = StepSettings.from_args(args)
+    save_timer = SaveTimer(args.ckpt_every_n_minutes)
+    sample_prompts_missing_warned = False
+    global_step, epoch = 0, 0
+    last_log_time, images_since_log = time.perf_counter(), 0
+    loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
+    epoch_losses = []
+    training_start = time.perf_counter()
+    epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True)
+    try:
+        for epoch in epochs_bar:
+            epoch_start = time.perf_counter()
+            if epoch > 0:
+                plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch=epoch)
+            if args.write_schedule:
+                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", plan, records)
+            loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,
+                                            seed=args.seed, epoch=epoch, num_workers=min(4, os.cpu_count() or 1),
+                                            pin_memory=accelerator.device.type == "cuda")
+            epoch_loss = torch.zeros((), device=accelerator.device)
+            steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+            for local_step, batch in enumerate(steps_bar):
+                # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
+                window_start = local_step - local_step % args.grad_accum
+                window = min(args.grad_accum, len(plan) - window_start)
+                updates_now = local_step == window_start + window - 1
+                log_now = (global_step + 1) % args.log_step == 0
+
+                with accelerator.autocast():
+                    loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch,
+                                        step_settings)
+                accelerator.backward(loss / window)
+                grad_norms = {}
+                if updates_now:
+                    grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
+                opts.step_schedules()
+
+                global_step += 1
+                images_since_log += batch["pixel_values"].shape[0]
+                loss_since_log += loss.detach()
+                epoch_loss += loss.detach()
+                steps_since_log += 1
+                if log_now:
+                    elapsed = time.perf_counter() - last_log_time
+                    mean_loss = (loss_since_log / steps_since_log).item()
+                    lrs = opts.current_lrs()
+                    run.tb.add_scalar("loss/log_step", mean_loss, global_step)
+                    run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
+                    run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
+                    run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
+                    if scaler is not None:
+                        run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
+                    if torch.cuda.is_available():
+                        run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
+                    for name, norm in grad_norms.items():
+                        run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
+                                          norm.item(), global_step)
+                    steps_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
+                                          img_s=f"{images_since_log / elapsed:.1f}")
+                    last_log_time, images_since_log = time.perf_counter(), 0
+                    loss_since_log.zero_()
+                    steps_since_log = 0
+
+                if args.sample_steps and global_step % args.sample_steps == 0:
+                    prompts = [p for p in read_prompts(args.sample_prompts) if p] or \
+                        [c for c in batch["captions"] if c.strip()][:4]
+                    if not Path(args.sample_prompts).is_file() and not sample_prompts_missing_warned:
+                        log.warning("sample_prompts '%s' not found: sampling with captions of the current batch.",
+                                    args.sample_prompts)
+                        sample_prompts_missing_warned = True
+                    if prompts:
+                        generate_samples(model, accelerator.unwrap_model(model.unet),
+                                         accelerator.unwrap_model(model.text_encoder), prompts,
+                                         size=args.resolution, seed=args.seed, step=global_step, out_dir=run.samples,
+                                         tb_writer=run.tb, autocast=accelerator.autocast)
+                if save_timer.due():
+                    save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
+                                    accelerator)
+
+            epoch_mean = (epoch_loss / max(1, len(plan))).item()
+            epoch_losses.append(epoch_mean)
+            run.tb.add_scalar("loss/epoch", epoch_mean, global_step)
+            run.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - epoch_start) / 60, global_step)
+            epochs_bar.set_postfix(loss=f"{epoch_mean:.4f}")
+            done = epoch + 1
+            if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and \
+                    done >= args.save_ckpts_from_n_epochs and done < args.max_epochs:
+                save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, done, global_step),
+                                accelerator)
+    except KeyboardInterrupt:
+        log.warning("Interrupted: saving a checkpoint (Ctrl-C again to abort without saving).")
+        if global_step:
+            save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator)
+        run.close()
+        return 130
+    except Exception:
+        if global_step:
+            log.exception("Training failed at step %d; saving what was trained as errored-.", global_step)
+            save_checkpoint(model, opts, args, run,
+                            checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator)
+        run.close()
+        raise
+
+    final = save_checkpoint(model, opts, args, run, checkpoint_name(
+        args.project_name, args.max_epochs, global_step, prefix="" if args.no_prepend_last else "last-"), accelerator)
+    minutes = (time.perf_counter() - training_start) / 60
+    log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
+             "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)
+    run.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

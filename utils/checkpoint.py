@@ -1,0 +1,82 @@
+"""Checkpoint bookkeeping: atomic writes, names, and `findlast`."""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import time
+from pathlib import Path
+
+PARTIAL_SUFFIX = ".partial"
+
+
+@contextlib.contextmanager
+def atomic_dir(final: Path):
+    """Yields a scratch folder next to `final` and renames it to `final` only once everything was written.
+
+    An interrupted save leaves a `*.partial` folder (ignored by findlast and removed by the next save of that
+    name), never a half-written folder under the final name.
+    """
+    final = Path(final)
+    scratch = final.with_name(final.name + PARTIAL_SUFFIX)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    try:
+        yield scratch
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    if final.exists():
+        # Same name saved twice (e.g. a re-run into the same folder): move the old one aside until the new is in.
+        old = final.with_name(final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(scratch, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(scratch, final)
+
+
+@contextlib.contextmanager
+def atomic_file(final: Path):
+    """Yields a temporary path next to `final`; it replaces `final` in one rename once written."""
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = final.with_name(final.name + PARTIAL_SUFFIX)
+    try:
+        yield scratch
+        os.replace(scratch, final)
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
+def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str = "") -> str:
+    return f"{prefix}{project_name}-ep{epoch:02d}-gs{global_step:05d}"
+
+
+def find_last(logdir: str | Path) -> Path:
+    """The newest complete diffusers checkpoint folder under logdir (not EMA, not errored, not partial)."""
+    candidates = [index.parent for index in Path(logdir).rglob("model_index.json")
+                  if not index.parent.name.endswith(("_ema", PARTIAL_SUFFIX))]
+    if not candidates:
+        raise FileNotFoundError(f"resume_ckpt 'findlast': no checkpoint folder (with model_index.json) under "
+                                f"'{logdir}'. Train once first, or set resume_ckpt to a model.")
+    newest = max(candidates, key=lambda p: (p / "model_index.json").stat().st_mtime)
+    if "errored" in newest.name:
+        raise FileNotFoundError(f"resume_ckpt 'findlast': the newest checkpoint '{newest}' was saved after an error. "
+                                "Check it, then set resume_ckpt to it explicitly if you want to continue from it.")
+    return newest
+
+
+class SaveTimer:
+    """Says when a timed checkpoint is due (every `minutes`, counted from the start or the last save)."""
+
+    def __init__(self, minutes: float | None):
+        self.minutes = minutes
+        self.last = time.monotonic()
+
+    def due(self) -> bool:
+        if self.minutes is None or time.monotonic() - self.last < self.minutes * 60:
+            return False
+        self.last = time.monotonic()
+        return True

@@ -1,0 +1,231 @@
+"""Options: the flag registry (utils/flags.py) turned into argparse, the JSON merge and validation.
+
+Precedence is command line > `--config` JSON > registry default. A JSON `null` means "use the default".
+Everything here runs before any model or dataset is touched, and a bad option stops the run with a message
+that names the key, the file and the fix, before any output folder exists.
+
+`python -m utils.config` prints the markdown flag table kept in doc/FLAGS.md.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import random
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from utils.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
+
+log = logging.getLogger(__name__)
+
+
+class ConfigError(Exception):
+    """A problem with the user's options; the message says where and how to fix it."""
+
+
+def _type_name(flag: Flag) -> str:
+    return {bool: "true/false", int: "integer", float: "number", str: "string", object: "JSON value"}[flag.type]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py",
+        description="Fine-tune Stable Diffusion 1.x / 2.x. Options come from --config JSON, overridden by flags. "
+                    "See doc/FLAGS.md.",
+        argument_default=argparse.SUPPRESS,  # so we know which flags the user actually gave
+    )
+    parser.add_argument("--config", help="train.json with any of the options below (command-line flags win)")
+    for flag in FLAGS:
+        help_text = (flag.help + ("" if flag.default is None else f" (default: {flag.default})")).replace("%", "%%")
+        if flag.type is bool:
+            parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, help=help_text)
+        elif flag.type is object:
+            parser.add_argument(f"--{flag.name}", type=json.loads, metavar="JSON", help=help_text)
+        else:
+            parser.add_argument(f"--{flag.name}", type=flag.type, choices=flag.choices, help=help_text)
+    return parser
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found. Check the --config path.")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
+                          "Fix the syntax, e.g. a missing comma or a trailing comma.") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a JSON object of option names to values, got {type(data).__name__}.")
+    return data
+
+
+def _coerce(flag: Flag, value: Any, where: str) -> Any:
+    """Checks a JSON value's type; ints are fine where numbers are expected."""
+    if value is None or flag.type is object:
+        return value
+    if flag.type is bool:
+        ok = isinstance(value, bool)
+    elif flag.type is int:
+        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
+        value = int(value) if ok else value
+    elif flag.type is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    else:
+        ok = isinstance(value, str)
+    if not ok:
+        raise ConfigError(f"{where}: key '{flag.name}' must be a {_type_name(flag)}, got {json.dumps(value)}.")
+    return value
+
+
+def _check_range(flag: Flag, value: Any, where: str) -> None:
+    if value is None:
+        return
+    if flag.choices and value not in flag.choices:
+        raise ConfigError(f"{where}: key '{flag.name}' is {value!r}; choose one of: {', '.join(flag.choices)}.")
+    if flag.min is not None and value < flag.min:
+        raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be at least {flag.min}.")
+    if flag.max is not None and value > flag.max:
+        raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be at most {flag.max}.")
+
+
+def _unknown_key_error(key: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, list(BY_NAME) + list(LEGACY_KEYS), n=1, cutoff=0.6)
+    hint = f" Did you mean '{close[0]}'?" if close else " See doc/FLAGS.md for the list of options."
+    return ConfigError(f"{where}: unknown key '{key}'.{hint}")
+
+
+def load(argv: list[str] | None = None) -> SimpleNamespace:
+    """Parses the command line and the --config file into validated options (no heavy imports, no side effects)."""
+    cli = vars(build_parser().parse_args(argv))
+    config_path = cli.pop("config", None)
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+    if config_path:
+        path = Path(config_path)
+        for key, value in _read_json(path).items():
+            if key in LEGACY_KEYS:
+                if value not in (None, False):
+                    notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")
+                continue
+            if key not in BY_NAME:
+                raise _unknown_key_error(key, str(path))
+            values[key] = _coerce(BY_NAME[key], value, str(path))
+            sources[key] = str(path)
+    for key, value in cli.items():
+        values[key] = value
+        sources[key] = "command line"
+
+    opts = {}
+    for flag in FLAGS:
+        value = values.get(flag.name)
+        where = sources.get(flag.name, "defaults")
+        _check_range(flag, value, where)
+        opts[flag.name] = flag.default if value is None else value
+    args = SimpleNamespace(**opts, config=config_path, sources=sources, notes=notes)
+    _validate(args)
+    _derive(args)
+    return args
+
+
+def _where(args: SimpleNamespace, key: str) -> str:
+    return args.sources.get(key, "defaults")
+
+
+def _validate(args: SimpleNamespace) -> None:
+    for flag in FLAGS:
+        value = getattr(args, flag.name)
+        if flag.planned and value not in (flag.default, None, False, 0):
+            raise ConfigError(f"{_where(args, flag.name)}: '{flag.name}' is not implemented yet in this version "
+                              f"(tracked in issue {flag.planned}). Remove it or set it to its default "
+                              f"({json.dumps(flag.default)}).")
+    for key in ("resume_ckpt", "data_root"):
+        if getattr(args, key) is None:
+            raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
+    if args.resume_ckpt != "findlast" and not Path(args.resume_ckpt).exists():
+        raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' does not exist. Give a "
+                          "diffusers model folder or a .safetensors/.ckpt file on this machine, or `findlast`.")
+    if Path(args.resume_ckpt).is_file() and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
+        raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
+                          ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
+    if not Path(args.data_root).is_dir():
+        raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is not a folder. Point it at "
+                          "the folder that holds your training images and caption files.")
+    if args.resolution % 64:
+        raise ConfigError(f"{_where(args, 'resolution')}: resolution {args.resolution} is not a multiple of 64. "
+                          f"Use one of {', '.join(map(str, BUCKET_RESOLUTIONS))}.")
+    if not 512 <= args.resolution <= 1024:
+        args.notes.append(f"resolution {args.resolution} is outside 512..1024, the range SD 1.x/2.x models were "
+                          "trained near; expect to retune the learning rate (fine for tiny test models).")
+    if args.disable_unet_training and args.disable_textenc_training:
+        raise ConfigError("disable_unet_training and disable_textenc_training are both set: nothing would be trained. "
+                          "Unset one of them.")
+    if args.timestep_start >= args.timestep_end:
+        raise ConfigError(f"timestep_start ({args.timestep_start}) must be below timestep_end ({args.timestep_end}).")
+    custom_optimizer_file = args.optimizer_config != BY_NAME["optimizer_config"].default
+    if custom_optimizer_file and not Path(args.optimizer_config).is_file():
+        raise ConfigError(f"{_where(args, 'optimizer_config')}: optimizer_config '{args.optimizer_config}' not found "
+                          "(paths are relative to the working directory). Fix the path or remove the key to use "
+                          "the defaults.")
+    if args.attn_type == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError:
+            raise ConfigError(f"{_where(args, 'attn_type')}: attn_type 'xformers' needs the xformers package, which "
+                              "is not installed. Use attn_type 'sdp' (faster on PyTorch 2) or pip install "
+                              "xformers.") from None
+    prompts = Path(args.sample_prompts)
+    if args.sample_steps and prompts.suffix.lower() == ".json":
+        raise ConfigError(f"{_where(args, 'sample_prompts')}: .json sample configs are not implemented yet in this "
+                          "version (tracked in issue #7). Use a .txt file with one prompt per line.")
+
+
+def _derive(args: SimpleNamespace) -> None:
+    """Fills the values that depend on others, as EveryDream2 users expect (REFERENCE.md §1.1 step 5)."""
+    args.amp = not args.disable_amp
+    if args.seed == -1:
+        args.seed = random.randint(0, 2**30)
+        args.notes.append(f"seed -1: using random seed {args.seed}")
+    if args.save_every_n_epochs is None and args.ckpt_every_n_minutes is None:
+        args.ckpt_every_n_minutes = 20
+    for key in ("save_every_n_epochs", "ckpt_every_n_minutes"):
+        if getattr(args, key) is not None and getattr(args, key) < 1:
+            setattr(args, key, None)
+    if args.cond_dropout > 0.26:
+        args.notes.append(f"cond_dropout {args.cond_dropout} is high; values above 0.26 may hurt prompt following.")
+
+
+def effective_options(args: SimpleNamespace) -> dict:
+    """The options as they apply, for the run's JSON copy and the TensorBoard config text."""
+    return {flag.name: getattr(args, flag.name) for flag in FLAGS}
+
+
+def flag_table_markdown() -> str:
+    lines = ["# Options", "",
+             "Generated from `utils/flags.py` by `python -m utils.config > doc/FLAGS.md`; do not edit by hand.", "",
+             "Every option works as a `train.json` key and as a command-line flag (`--name value`; switches are "
+             "`--name` / `--no-name`). The command line wins over the JSON file; a JSON `null` means the default.",
+             ""]
+    group = None
+    for flag in FLAGS:
+        if flag.group != group:
+            group = flag.group
+            lines += ["", f"## {group}", "", "| option | type | default | allowed | meaning |", "|---|---|---|---|---|"]
+        allowed = ", ".join(flag.choices) if flag.choices else " ".join(
+            part for part in (f">= {flag.min:g}" if flag.min is not None else "",
+                              f"<= {flag.max:g}" if flag.max is not None else "") if part)
+        default = "unset" if flag.default is None else f"`{json.dumps(flag.default)}`"
+        meaning = flag.help + (f" *Not implemented yet ({flag.planned}).*" if flag.planned else "")
+        lines.append(f"| `{flag.name}` | {_type_name(flag)} | {default} | {allowed} | {meaning} |")
+    lines += ["", "## EveryDream2 keys accepted and ignored", "", "| key | note |", "|---|---|"]
+    lines += [f"| `{key}` | {note} |" for key, note in LEGACY_KEYS.items()]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.stdout.write(flag_table_markdown())

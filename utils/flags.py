@@ -1,0 +1,155 @@
+"""The one registry of every option the trainer takes.
+
+Each `Flag` is declared once here; `utils/config.py` turns the registry into argparse, merges it with the
+JSON config file and validates it, and `python -m utils.config` writes the flag table in doc/FLAGS.md.
+Names, types and defaults follow EveryDream2 (../shared/spec/REFERENCE.md §1.2) so existing train.json
+files keep working.
+
+A flag whose `planned` names an issue is parsed and validated today but not yet implemented: leaving it at
+its default is fine, setting it to anything else stops the run with a clear message.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+BUCKET_RESOLUTIONS = (256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024, 1088, 1152, 1280, 1536)
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str
+    type: type  # bool, int, float, str, or object for free-form JSON values
+    default: Any
+    help: str
+    group: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+    planned: str | None = None  # issue that implements it; non-default values are refused until then
+
+
+def _flags(group: str, *specs: tuple) -> list[Flag]:
+    return [Flag(*spec[:4], group=group, **(spec[4] if len(spec) > 4 else {})) for spec in specs]
+
+
+FLAGS: list[Flag] = [
+    *_flags(
+        "Model and data",
+        ("resume_ckpt", str, None, "Base model: a diffusers folder, a single .safetensors/.ckpt file (SD1.x or SD2.x, "
+         "original layout), or `findlast` for the newest checkpoint under logdir. Required."),
+        ("data_root", str, None, "Folder of training images with their captions (searched recursively). Required."),
+        ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
+         {"min": 64, "max": 2048}),
+        ("batch_size", int, 2, "Images per step.", {"min": 1}),
+        ("flip_p", float, 0.0, "Probability of flipping each image horizontally.", {"min": 0, "max": 1, "planned": "#4"}),
+        ("shuffle_tags", bool, False, "Shuffle the comma-separated tags of every caption (first part stays first).",
+         {"planned": "#4"}),
+        ("keep_tags", int, 0, "With shuffle_tags: keep the first N tags in place.", {"min": 0, "planned": "#4"}),
+        ("write_schedule", bool, False, "Write logdir/<run>/ep<N>_batch_schedule.txt: the order images are trained in."),
+        ("rated_dataset", bool, False, "Train fewer, better-rated images as epochs go by.", {"planned": "#4"}),
+        ("rated_dataset_target_dropout_percent", int, 50, "With rated_dataset: percent of images kept in the last epoch.",
+         {"min": 0, "max": 100, "planned": "#4"}),
+        ("validation_config", str, None, "Validation settings JSON; unset = no validation.", {"planned": "#4"}),
+    ),
+    *_flags(
+        "Training",
+        ("max_epochs", int, 300, "Epochs to train.", {"min": 1}),
+        ("grad_accum", int, 1, "Steps (batches) whose gradients are summed before each optimizer update.", {"min": 1}),
+        ("lr", float, None, "Learning rate for UNet and text encoder; overrides optimizer.json.", {"min": 0}),
+        ("lr_scheduler", str, "constant", "LR schedule when optimizer.json sets none.", {"choices": LR_SCHEDULERS}),
+        ("lr_warmup_steps", int, None, "Warmup steps; unset = 2% of lr_decay_steps.", {"min": 0}),
+        ("lr_decay_steps", int, None, "Steps for the LR to reach 0; unset or 0 = 1.5 x the whole run.", {"min": 0}),
+        ("optimizer_config", str, "optimizer.json", "Optimizer settings JSON (path relative to the working directory). "
+         "A missing default file means AdamW8bit with lr 1e-6."),
+        ("scale_lr", bool, False, "Multiply lr by (batch_size x grad_accum)^0.55.", {"planned": "#5"}),
+        ("disable_textenc_training", bool, False, "Freeze the text encoder."),
+        ("disable_unet_training", bool, False, "Freeze the UNet."),
+        ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU."),
+        ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass."),
+        ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
+         {"choices": ("sdp", "xformers", "slice")}),
+        ("clip_grad_norm", float, None, "Clip UNet and text encoder gradient norms to this value.", {"min": 0}),
+        ("seed", int, 555, "Seed for shuffling, noise and samples; -1 = random.", {"min": -1}),
+        ("gpuid", int, 0, "CUDA device index.", {"min": 0}),
+    ),
+    *_flags(
+        "Objective and noise",
+        ("cond_dropout", float, 0.04, "Probability a caption is replaced by the empty caption.", {"min": 0, "max": 1}),
+        ("loss_type", str, "mse_huber", "mse, huber, mse_huber (MSE at t=0 to Huber at t=999) or huber_mse.",
+         {"choices": ("mse", "huber", "mse_huber", "huber_mse")}),
+        ("timestep_start", int, 0, "Lowest training timestep (inclusive).", {"min": 0, "max": 999}),
+        ("timestep_end", int, 1000, "Highest training timestep (exclusive).", {"min": 1, "max": 1000}),
+        ("train_sampler", str, "ddpm", "Noise scheduler used to noise training latents.",
+         {"choices": ("ddpm", "pndm", "ddim")}),
+        ("zero_frequency_noise_ratio", float, 0.02, "Offset-noise strength (0 = off).", {"min": 0}),
+        ("pyramid_noise_discount", float, None, "Pyramid (multi-resolution) noise discount; unset or 0 = off.",
+         {"min": 0, "planned": "#5"}),
+        ("embedding_perturbation", float, 0.0, "Gaussian noise on text embeddings, std = value / sqrt(width).",
+         {"min": 0, "planned": "#5"}),
+        ("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (e.g. 5); unset = off.", {"min": 0, "planned": "#5"}),
+        ("enable_zero_terminal_snr", bool, False, "Rescale betas to zero terminal SNR.", {"planned": "#5"}),
+        ("clip_skip", int, 0, "Use the text encoder's hidden state N layers from the end (0 and 1 = last).",
+         {"min": 0, "max": 4, "planned": "#5"}),
+        ("load_settings_every_epoch", bool, False, "Re-read the config file at each epoch start.", {"planned": "#5"}),
+        ("rectified_flow", bool, False, "Train with the rectified-flow objective (v-prediction models only).",
+         {"planned": "#6"}),
+        ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).",
+         {"min": 0, "planned": "#6"}),
+        ("reflow_sample_steps", int, 0, "Euler steps when generating reflow pairs; 0 = sample_steps, else 50.",
+         {"min": 0, "planned": "#6"}),
+        ("reflow_train_epochs", int, 1, "Passes over the generated pairs per reflow iteration.", {"min": 1, "planned": "#6"}),
+        ("reflow_gen_batches", int, 1, "Training batches used as generation seeds per reflow iteration.",
+         {"min": 1, "planned": "#6"}),
+    ),
+    *_flags(
+        "EMA",
+        ("ema_decay_rate", float, None, "Keep an EMA copy of the weights with this decay (e.g. 0.999).",
+         {"min": 0, "max": 1, "planned": "#5"}),
+        ("ema_strength_target", float, None, "Derive the EMA decay from this strength over the whole run.",
+         {"min": 0, "max": 1, "planned": "#5"}),
+        ("ema_update_interval", int, 500, "Steps between EMA updates (times grad_accum).", {"min": 1}),
+        ("ema_device", str, "cpu", "Where the EMA copy lives.", {"choices": ("cpu", "cuda")}),
+        ("ema_sample_nonema_model", bool, False, "With EMA: also sample the training model.", {"planned": "#5"}),
+        ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model.", {"planned": "#5"}),
+        ("ema_resume_model", str, None, "EMA weights to start from (like resume_ckpt).", {"planned": "#5"}),
+    ),
+    *_flags(
+        "Samples",
+        ("sample_prompts", str, "sample_prompts.txt", "Prompts to sample during training: a .txt file, one per line. "
+         "Missing or empty = captions from the current batch."),
+        ("sample_steps", int, 250, "Sample every N steps; 0 = never.", {"min": 0}),
+    ),
+    *_flags(
+        "Logging and checkpoints",
+        ("project_name", str, "myproj", "Prefix of the log folder and checkpoint names."),
+        ("run_name", str, None, "Name of the log folder (after the project name) instead of a timestamp."),
+        ("logdir", str, "logs", "Parent folder of the per-run log folders."),
+        ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
+        ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
+        ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {}),
+        ("ckpt_every_n_minutes", int, None, "Save a checkpoint every N minutes; unset or <1 = never. "
+         "20 when neither cadence is set.", {}),
+        ("save_ckpts_from_n_epochs", int, 0, "No epoch-cadence saves before this epoch.", {"min": 0}),
+        ("save_full_precision", bool, False, "Write the single-file checkpoint in fp32 instead of fp16."),
+        ("save_optimizer", bool, False, "Also save optimizer state (optimizer_unet.pt, optimizer_te.pt) in the diffusers "
+         "folder; resuming from that folder loads it."),
+        ("no_save_ckpt", bool, False, "Save diffusers folders only, no single-file .safetensors."),
+        ("no_prepend_last", bool, False, "Do not prefix the final checkpoint with `last-`."),
+        ("plugins", object, None, "Plugin classes (`module.Class`) to load.", {"planned": "#7"}),
+        ("wandb", bool, False, "Also log to Weights & Biases.", {"planned": "#7"}),
+    ),
+]
+
+# Keys EveryDream2 configs carry that no longer do anything: accepted with a note so old configs still run.
+LEGACY_KEYS: dict[str, str] = {
+    "amp": "mixed precision is on unless disable_amp is set",
+    "notebook": "has no effect",
+    "lowvram": "has no effect; see cfgs/lowvram.json",
+    "disable_xformers": "use attn_type instead",
+    "useadam8bit": "choose the optimizer in optimizer_config instead",
+    "ed1_mode": "SD1 attention is detected from the model",
+}
+
+BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}

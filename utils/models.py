@@ -1,0 +1,217 @@
+"""Loading and saving Stable Diffusion models, offline.
+
+Loading takes a diffusers folder, or a single `.safetensors` / `.ckpt` file in the original (LDM) layout read
+by diffusers' own `from_single_file`, given configs that ship with this project (utils/model_configs) so no
+hub is needed. Which config fits a file is decided from its weights: SD1.x (768-wide cross-attention) or
+SD2.x (1024); SD2 768 v-prediction versus 512 epsilon from the file's metadata, a `.yaml` beside it, or
+failing both the model's own output (the test AUTOMATIC1111 uses). Files this trainer wrote carry their
+exact configs in the safetensors metadata, so any architecture, the tiny test model included, loads back.
+
+Saving writes a diffusers folder and a single file in LDM layout, each atomically.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, \
+    UNet2DConditionModel
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from utils import shipped
+from utils.checkpoint import atomic_dir, atomic_file
+from utils.ldm_convert import pipeline_to_ldm
+
+log = logging.getLogger(__name__)
+
+CONFIG_METADATA_KEY = "sd_trainer_configs"
+SD2_PROBE_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
+TRAIN_SAMPLERS = {"ddpm": DDPMScheduler, "pndm": PNDMScheduler, "ddim": DDIMScheduler}
+
+
+class ModelLoadError(Exception):
+    """A model file or folder that cannot be used; the message names it and says why."""
+
+
+@dataclass
+class StableDiffusion:
+    unet: UNet2DConditionModel
+    text_encoder: CLIPTextModel
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    scheduler: object  # the inference scheduler saved with the model
+    source: str
+
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.get("prediction_type", "epsilon")
+
+    @property
+    def family(self) -> str:
+        return "SD2.x" if self.unet.config.cross_attention_dim == 1024 else (
+            "SD1.x" if self.unet.config.cross_attention_dim == 768 else "custom")
+
+    def noise_scheduler(self, train_sampler: str):
+        """The scheduler that noises training latents (same betas and prediction type as the model's)."""
+        return TRAIN_SAMPLERS[train_sampler].from_config(self.scheduler.config)
+
+    def describe(self) -> str:
+        n_unet = sum(p.numel() for p in self.unet.parameters()) / 1e6
+        n_te = sum(p.numel() for p in self.text_encoder.parameters()) / 1e6
+        return (f"{self.family} {self.prediction_type} from {self.source} "
+                f"(UNet {n_unet:.1f}M params, text encoder {n_te:.1f}M)")
+
+
+def load(path: str | Path) -> StableDiffusion:
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path)
+    if path.suffix.lower() in (".safetensors", ".ckpt"):
+        return _load_single_file(path)
+    raise ModelLoadError(f"{path}: not a diffusers folder or a .safetensors/.ckpt file.")
+
+
+def _load_folder(path: Path) -> StableDiffusion:
+    missing = [part for part in ("model_index.json", "unet", "vae", "text_encoder", "scheduler")
+               if not (path / part).exists()]
+    if missing:
+        raise ModelLoadError(f"{path}: not a complete diffusers model folder (missing {', '.join(missing)}).")
+    try:
+        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        scheduler = _scheduler_class(path / "scheduler").from_pretrained(path, subfolder="scheduler")
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ModelLoadError(f"{path}: could not load the model: {e}") from None
+    if (path / "tokenizer" / "vocab.json").is_file():
+        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+    else:
+        tokenizer = shipped.load_tokenizer("sd2" if unet.config.cross_attention_dim == 1024 else "sd1")
+    return StableDiffusion(unet, text_encoder, vae, tokenizer, scheduler, str(path))
+
+
+def _scheduler_class(folder: Path):
+    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "PNDMScheduler")
+    import diffusers
+
+    return getattr(diffusers, name, PNDMScheduler)
+
+
+def _read_file_header(path: Path) -> tuple[dict, dict]:
+    """Returns (metadata, {key: shape}) without loading the weights; refuses pickled code in .ckpt files."""
+    try:
+        if path.suffix.lower() == ".safetensors":
+            with safe_open(path, framework="pt") as f:
+                return f.metadata() or {}, {k: f.get_slice(k).get_shape() for k in f.keys()}
+        # weights_only refuses any pickle that would import or call code.
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any failure here means an unusable file; say which and why
+        raise ModelLoadError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}). It may be truncated, "
+                             "not a Stable Diffusion checkpoint, or (for .ckpt) contain code, which is refused.") \
+            from None
+    state = state.get("state_dict", state)
+    return {}, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+
+
+def _config_folder_for(path: Path, metadata: dict, shapes: dict, scratch: Path) -> tuple[Path, str]:
+    """Picks (or writes, from our own metadata) the diffusers config folder for a single file."""
+    if CONFIG_METADATA_KEY in metadata:
+        configs = json.loads(metadata[CONFIG_METADATA_KEY])
+        for part in ("unet", "vae", "text_encoder", "scheduler"):
+            name = "scheduler_config.json" if part == "scheduler" else "config.json"
+            (scratch / part).mkdir(parents=True)
+            (scratch / part / name).write_text(json.dumps(configs[part]))
+        (scratch / "model_index.json").write_text(json.dumps(_model_index(configs["scheduler"]["_class_name"])))
+        return scratch, configs["tokenizer"]
+    if SD2_PROBE_KEY not in shapes:
+        raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no '{SD2_PROBE_KEY}'). SDXL, SD3 "
+                             "and other families are not supported.")
+    if shapes[SD2_PROBE_KEY][-1] == 768:
+        return shipped.config_dir("sd15"), "sd1"
+    yaml_beside = path.with_suffix(".yaml")
+    if yaml_beside.is_file():
+        is_v = "parameterization" in yaml_beside.read_text() and '"v"' in yaml_beside.read_text().replace("'", '"')
+        return shipped.config_dir("sd2-v" if is_v else "sd2-base"), "sd2"
+    return shipped.config_dir("sd2-base"), "sd2"  # prediction type settled by _probe_v_prediction
+
+
+def _model_index(scheduler_class: str) -> dict:
+    return {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", scheduler_class],
+            "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
+
+
+def _load_single_file(path: Path) -> StableDiffusion:
+    metadata, shapes = _read_file_header(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        config, tokenizer_kind = _config_folder_for(path, metadata, shapes, Path(scratch) / "config")
+        tokenizer = shipped.load_tokenizer(tokenizer_kind)
+        try:
+            pipe = StableDiffusionPipeline.from_single_file(
+                str(path), config=str(config), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                requires_safety_checker=False, local_files_only=True, torch_dtype=torch.float32)
+        except Exception as e:  # noqa: BLE001 - diffusers raises many types for a mismatched file
+            raise ModelLoadError(f"{path}: diffusers could not load it as a Stable Diffusion checkpoint "
+                                 f"({type(e).__name__}: {e}).") from None
+    model = StableDiffusion(pipe.unet, pipe.text_encoder, pipe.vae, tokenizer, pipe.scheduler, str(path))
+    needs_probe = CONFIG_METADATA_KEY not in metadata and model.family == "SD2.x" and \
+        not path.with_suffix(".yaml").is_file()
+    if needs_probe and _probe_v_prediction(model.unet):
+        model.scheduler = type(model.scheduler).from_pretrained(shipped.config_dir("sd2-v"), subfolder="scheduler")
+        model.unet.register_to_config(sample_size=96)
+    return model
+
+
+@torch.no_grad()
+def _probe_v_prediction(unet: UNet2DConditionModel) -> bool:
+    """SD2 768-v and 512-base share every shape; a v-model's output at t=999 on a flat input gives it away."""
+    x = torch.full((1, 4, 8, 8), 0.5)
+    cond = torch.full((1, 2, unet.config.cross_attention_dim), 0.5)
+    out = unet(x, torch.tensor([999]), encoder_hidden_states=cond).sample
+    is_v = (out - x).mean().item() < -1
+    log.info("SD2 checkpoint without metadata: detected %s from the model's output.",
+             "v-prediction (768)" if is_v else "epsilon (512)")
+    return is_v
+
+
+def _pipeline(model: StableDiffusion, unet, text_encoder) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
+                                   scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def save_diffusers(model: StableDiffusion, unet, text_encoder, folder: Path,
+                   optimizer_states: dict[str, dict] | None = None) -> None:
+    """Writes a complete diffusers pipeline folder (plus optimizer state when given), atomically."""
+    with atomic_dir(folder) as scratch:
+        _pipeline(model, unet, text_encoder).save_pretrained(scratch, safe_serialization=True)
+        for name, state in (optimizer_states or {}).items():
+            torch.save(state, scratch / f"optimizer_{'te' if name == 'text_encoder' else name}.pt")
+
+
+def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, full_precision: bool) -> None:
+    """Writes one .safetensors in the original SD layout, with our configs in its metadata, atomically."""
+    dtype = torch.float32 if full_precision else torch.float16
+    tensors = pipeline_to_ldm(unet, model.vae, text_encoder, dtype=dtype)
+    configs = {"unet": dict(unet.config), "vae": dict(model.vae.config), "text_encoder": text_encoder.config.to_dict(),
+               "scheduler": dict(model.scheduler.config),
+               "tokenizer": "sd2" if model.tokenizer.pad_token == "!" else "sd1"}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type}
+    with atomic_file(file) as scratch:
+        save_file(tensors, str(scratch), metadata=metadata)
+
+
+def load_optimizer_states(folder: Path) -> dict[str, dict]:
+    """Optimizer state saved with `save_optimizer` in a diffusers folder, if any."""
+    states = {}
+    for name, file in (("unet", "optimizer_unet.pt"), ("text_encoder", "optimizer_te.pt")):
+        if (Path(folder) / file).is_file():
+            states[name] = torch.load(Path(folder) / file, map_location="cpu", weights_only=True)
+    return states

@@ -1,0 +1,64 @@
+"""The run's log folder: text log, effective config copy, TensorBoard events, samples and checkpoints."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+from tqdm.auto import tqdm
+
+from utils.config import effective_options
+
+log = logging.getLogger("train")
+
+
+class _TqdmHandler(logging.Handler):
+    """Console output that does not tear the progress bars."""
+
+    def emit(self, record):
+        tqdm.write(self.format(record))
+
+
+def setup_console_logging() -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    handler = _TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    root.handlers[:] = [handler]
+    for noisy in ("diffusers", "transformers", "accelerate", "PIL", "urllib3", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+class RunDir:
+    """`<logdir>/<project_name>_<run_name or timestamp>/` and what goes in it."""
+
+    def __init__(self, args: SimpleNamespace):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        name = f"{args.project_name}_{args.run_name or stamp}"
+        path = Path(args.logdir) / name
+        if path.exists():  # never write into an earlier run's folder
+            path = path.with_name(f"{name}-{stamp}")
+        self.path = path
+        self.name = path.name
+        self.ckpts = path / "ckpts"
+        self.samples = path / "samples"
+        for folder in (self.path, self.ckpts, self.samples):
+            folder.mkdir(parents=True, exist_ok=True)
+        file_handler = logging.FileHandler(path / f"{self.name}.log", encoding="utf-8")
+        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%m/%d/%Y %I:%M:%S %p"))
+        logging.getLogger().addHandler(file_handler)
+        (path / f"{self.name}_main.json").write_text(json.dumps(effective_options(args), indent=2) + "\n")
+
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(log_dir=str(path), flush_secs=20)
+        options = effective_options(args)
+        self.tb.add_text("config", ", ".join(f"{k}={options[k]}" for k in sorted(options)))
+
+    def write_json(self, suffix: str, data) -> None:
+        (self.path / f"{self.name}_{suffix}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+
+    def close(self) -> None:
+        self.tb.close()
