@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- the loop ----------------------------------------------------------------------------------------------
     step_settings = StepSettings.from_args(args)
+    # On CPU the training step needs every core; workers would only fight it for them.
+    loader_workers = min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
     save_timer = SaveTimer(args.ckpt_every_n_minutes)
     sample_prompts_missing_warned = False
     global_step, epoch = 0, 0
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.write_schedule:
                 data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", plan, records)
             loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,
-                                            seed=args.seed, epoch=epoch, num_workers=min(4, os.cpu_count() or 1),
+                                            seed=args.seed, epoch=epoch, num_workers=loader_workers,
                                             pin_memory=accelerator.device.type == "cuda")
             epoch_loss = torch.zeros((), device=accelerator.device)
             steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
