@@ -1,0 +1,110 @@
+#!/usr/bin/env python
+"""Generate the small captioned demo image set (four shape concepts, drawn with PIL).
+
+Each concept ("a red circle", "a blue square", "a green triangle", "a yellow cross")
+gets ``n_square`` 128x128 images plus one 192x128 (landscape) and one 128x192 (portrait)
+image, so aspect-ratio buckets show up.  Shapes have random position, size and a random
+muted background colour.  Every image ``NAME.png`` has a caption sidecar ``NAME.txt``.
+Output is deterministic for a given seed.
+
+    python scripts/make_demo_data.py --out demo/data [--seed 0] [--n_square 8]
+
+Importable: ``render_image(concept, size, rng)``, ``render_dataset(seed, ...)`` (in memory)
+and ``make_demo_data(out_dir, seed, ...)``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# name -> (caption, base RGB colour of the shape)
+CONCEPTS: dict[str, tuple[str, tuple[int, int, int]]] = {
+    "red_circle": ("a red circle", (220, 30, 30)),
+    "blue_square": ("a blue square", (30, 60, 220)),
+    "green_triangle": ("a green triangle", (30, 180, 40)),
+    "yellow_cross": ("a yellow cross", (240, 210, 20)),
+}
+
+SQUARE = (128, 128)
+LANDSCAPE = (192, 128)  # (width, height)
+PORTRAIT = (128, 192)
+
+
+def _jitter(rgb: tuple[int, int, int], rng: random.Random, amount: int = 20) -> tuple[int, int, int]:
+    return tuple(max(0, min(255, c + rng.randint(-amount, amount))) for c in rgb)
+
+
+def _background(rng: random.Random) -> tuple[int, int, int]:
+    """A muted (low-saturation) colour, dark or light, that never looks like a shape colour."""
+    grey = rng.randint(40, 215)
+    return tuple(max(0, min(255, grey + rng.randint(-18, 18))) for _ in range(3))
+
+
+def render_image(concept: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """Draw one image of ``concept`` at ``size`` = (width, height) with randomness from ``rng``."""
+    _, color = CONCEPTS[concept]
+    w, h = size
+    img = Image.new("RGB", size, _background(rng))
+    draw = ImageDraw.Draw(img)
+    color = _jitter(color, rng)
+    s = rng.randint(int(0.3 * min(w, h)), int(0.6 * min(w, h)))  # shape extent in px
+    x0 = rng.randint(4, w - s - 4)
+    y0 = rng.randint(4, h - s - 4)
+    x1, y1 = x0 + s, y0 + s
+    if concept == "red_circle":
+        draw.ellipse([x0, y0, x1, y1], fill=color)
+    elif concept == "blue_square":
+        draw.rectangle([x0, y0, x1, y1], fill=color)
+    elif concept == "green_triangle":
+        draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
+    elif concept == "yellow_cross":
+        t = max(4, s // 4)  # bar thickness
+        cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+        draw.rectangle([x0, cy - t // 2, x1, cy + t // 2], fill=color)
+        draw.rectangle([cx - t // 2, y0, cx + t // 2, y1], fill=color)
+    else:  # pragma: no cover
+        raise ValueError(concept)
+    return img
+
+
+def render_dataset(seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_portrait: int = 1):
+    """Return a list of (file stem, caption, PIL image), deterministic for ``seed``."""
+    rng = random.Random(seed)
+    items = []
+    for concept, (caption, _) in CONCEPTS.items():
+        sizes = [SQUARE] * n_square + [LANDSCAPE] * n_landscape + [PORTRAIT] * n_portrait
+        for i, size in enumerate(sizes):
+            items.append((f"{concept}_{i:02d}", caption, render_image(concept, size, rng)))
+    return items
+
+
+def make_demo_data(out_dir: str | Path, seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_portrait: int = 1):
+    """Write ``NAME.png`` + ``NAME.txt`` pairs to ``out_dir``; returns the list of png paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for stem, caption, img in render_dataset(seed, n_square, n_landscape, n_portrait):
+        img.save(out / f"{stem}.png", optimize=True)
+        (out / f"{stem}.txt").write_text(caption + "\n")
+        paths.append(out / f"{stem}.png")
+    return paths
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="Generate the captioned shape demo data set.")
+    p.add_argument("--out", default="demo/data")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n_square", type=int, default=8, help="128x128 images per concept")
+    p.add_argument("--n_landscape", type=int, default=1, help="192x128 images per concept")
+    p.add_argument("--n_portrait", type=int, default=1, help="128x192 images per concept")
+    a = p.parse_args()
+    paths = make_demo_data(a.out, a.seed, a.n_square, a.n_landscape, a.n_portrait)
+    print(f"wrote {len(paths)} images (+ .txt captions) to {a.out}")
+
+
+if __name__ == "__main__":
+    main()
