@@ -46,9 +46,9 @@ class RunDir:
         self.samples = path / "samples"
         for folder in (self.path, self.ckpts, self.samples):
             folder.mkdir(parents=True, exist_ok=True)
-        file_handler = logging.FileHandler(path / f"{self.name}.log", encoding="utf-8")
-        file_handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%m/%d/%Y %I:%M:%S %p"))
-        logging.getLogger().addHandler(file_handler)
+        self.file_log = logging.FileHandler(path / f"{self.name}.log", encoding="utf-8")
+        self.file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%m/%d/%Y %I:%M:%S %p"))
+        logging.getLogger().addHandler(self.file_log)
         (path / f"{self.name}_main.json").write_text(json.dumps(effective_options(args), indent=2) + "\n")
 
         from torch.utils.tensorboard import SummaryWriter
@@ -62,3 +62,5 @@ class RunDir:
 
     def close(self) -> None:
         self.tb.close()
+        logging.getLogger().removeHandler(self.file_log)
+        self.file_log.close()

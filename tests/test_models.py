@@ -1,0 +1,122 @@
+"""Loading real-size SD1.5 / SD2 single files offline with the shipped configs, and refusing broken files.
+
+The SD-size models have random weights (loading does not care) and are built on the meta device and filled
+in place, so each costs seconds, not minutes.
+"""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from accelerate import init_empty_weights
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from safetensors.torch import save_file
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from tests.conftest import TINY_MODEL
+from utils import models, shipped
+from utils.ldm_convert import pipeline_to_ldm
+
+
+def random_sd(kind: str):
+    """UNet, VAE and text encoder of a shipped config, with seeded random fp16 weights."""
+    folder = shipped.config_dir(kind)
+    gen = torch.Generator().manual_seed(0)
+    with init_empty_weights():
+        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
+        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
+        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
+    for module in (unet, vae, text_encoder):
+        module.to_empty(device="cpu").half()
+        for tensor in module.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
+    return unet, vae, text_encoder
+
+
+def assert_same_weights(model: models.StableDiffusion, originals):
+    for name, original in zip(("unet", "vae", "text_encoder"), originals):
+        loaded = getattr(model, name).state_dict()
+        for key, value in original.state_dict().items():
+            if key.endswith("position_ids"):
+                continue
+            assert torch.equal(loaded[key].half(), value), f"{name}.{key}"
+
+
+@pytest.fixture(scope="module")
+def sd15_file(tmp_path_factory):
+    parts = random_sd("sd15")
+    folder = tmp_path_factory.mktemp("sd15")
+    tensors = pipeline_to_ldm(*parts, dtype=torch.float16)
+    save_file(tensors, folder / "sd15.safetensors")  # no metadata: like a file downloaded for A1111
+    torch.save({"state_dict": tensors}, folder / "sd15.ckpt")
+    return folder, parts
+
+
+def test_sd15_single_file_loads_offline_as_sd1_epsilon(sd15_file):
+    folder, parts = sd15_file
+    for name in ("sd15.safetensors", "sd15.ckpt"):
+        model = models.load(folder / name)
+        assert model.family == "SD1.x" and model.prediction_type == "epsilon"
+        assert model.tokenizer.pad_token == "<|endoftext|>"
+        assert_same_weights(model, parts)
+
+
+def test_sd2_single_file_with_v_yaml_loads_as_768_v_prediction(tmp_path):
+    parts = random_sd("sd2-v")
+    file = tmp_path / "sd21.safetensors"
+    save_file(pipeline_to_ldm(*parts, dtype=torch.float16), file)
+    file.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
+    model = models.load(file)
+    assert model.family == "SD2.x" and model.prediction_type == "v_prediction"
+    assert model.tokenizer.pad_token == "!"
+    assert model.text_encoder.config.num_hidden_layers == 23
+    assert_same_weights(model, parts)
+    file.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
+    assert models.load(file).prediction_type == "epsilon"
+
+
+def test_our_single_file_carries_its_configs(tmp_path):
+    """A single file saved by the trainer loads back exactly, even for an architecture no shipped config has."""
+    tiny = models.load(TINY_MODEL)
+    file = tmp_path / "tiny.safetensors"
+    models.save_single_file(tiny, tiny.unet, tiny.text_encoder, file, full_precision=True)
+    loaded = models.load(file)
+    assert loaded.unet.config.block_out_channels == tiny.unet.config.block_out_channels
+    assert loaded.prediction_type == tiny.prediction_type
+    for name in ("unet", "vae", "text_encoder"):
+        for key, value in getattr(tiny, name).state_dict().items():
+            assert torch.equal(getattr(loaded, name).state_dict()[key], value), f"{name}.{key}"
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+def test_ckpt_with_pickled_code_is_refused(tmp_path):
+    file = tmp_path / "evil.ckpt"
+    with open(file, "wb") as f:
+        pickle.dump({"state_dict": RunsCode()}, f)
+    with pytest.raises(models.ModelLoadError, match="evil.ckpt: cannot read this checkpoint"):
+        models.load(file)
+    assert not (tmp_path / "pwned").exists() and not os.path.exists("pwned")
+
+
+def test_broken_files_and_folders_get_clear_errors(tmp_path):
+    truncated = tmp_path / "cut.safetensors"
+    truncated.write_bytes((TINY_MODEL / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()[:5000])
+    with pytest.raises(models.ModelLoadError, match="cut.safetensors: cannot read this checkpoint"):
+        models.load(truncated)
+    sdxl_like = tmp_path / "other.safetensors"
+    save_file({"conditioner.embedders.0.weight": torch.zeros(2)}, sdxl_like)
+    with pytest.raises(models.ModelLoadError, match="not a Stable Diffusion 1.x/2.x checkpoint"):
+        models.load(sdxl_like)
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionPipeline"}))
+    with pytest.raises(models.ModelLoadError, match="missing unet, vae, text_encoder, scheduler"):
+        models.load(partial)

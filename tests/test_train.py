@@ -1,0 +1,166 @@
+"""End to end: the README's demo command trains the bundled tiny model; its outputs are checked as a user would.
+
+The demo runs once per session (a couple of minutes on CPU) and the tests below read what it wrote:
+TensorBoard events, the run folder, samples, and checkpoints loaded back by diffusers itself.
+"""
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import DEMO_DATA, REPO
+
+DEMO_COMMAND = "python train.py --config cfgs/demo.json"
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} | \
+        {"_images": events.Tags()["images"]}
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo command, with --logdir / --save_ckpt_dir pointed at a temporary folder."""
+    out = tmp_path_factory.mktemp("demo")
+    command = DEMO_COMMAND.replace("python", sys.executable, 1).split() + \
+        ["--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single")]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (run_dir,) = (out / "logs").iterdir()
+    return {"run": run_dir, "single": out / "single", "log": result.stdout + result.stderr}
+
+
+def test_readme_gives_the_demo_and_test_commands_that_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    blocks = re.findall(r"```bash\n(.*?)\n```", readme, re.S)
+    demo = next(b for b in blocks if "cfgs/demo.json" in b)
+    assert demo.endswith("&& " + DEMO_COMMAND) and "pip install -r requirements.txt" in demo
+    test = next(b for b in blocks if "pytest" in b)
+    test_command = test.split("&& ")[-1]
+    ci = (REPO / ".ci" / "run").read_text().strip().splitlines()
+    assert ci[-1] == test_command
+
+
+def test_demo_loss_falls(demo_run):
+    scalars = read_scalars(demo_run["run"])
+    epoch_losses = [v for _, v in scalars["loss/epoch"]]
+    demo_cfg = json.loads((REPO / "cfgs" / "demo.json").read_text())
+    assert len(epoch_losses) == demo_cfg["max_epochs"]
+    first, last = np.mean(epoch_losses[:2]), np.mean(epoch_losses[-2:])
+    assert last < 0.8 * first, epoch_losses
+
+
+def test_demo_logs_what_users_watch(demo_run):
+    run = demo_run["run"]
+    scalars = read_scalars(run)
+    for tag in ("loss/log_step", "loss/epoch", "hyperparameter/lr unet", "hyperparameter/lr text encoder",
+                "performance/images per second", "performance/minutes per epoch", "optimizer/unet_grad_norm"):
+        assert scalars[tag], tag
+    te_lrs = [v for _, v in scalars["hyperparameter/lr text encoder"]]
+    assert max(te_lrs) == pytest.approx(5e-4, rel=0.05) and te_lrs[-1] < 0.1 * max(te_lrs)  # cosine from demo_optimizer
+    assert any(tag.startswith("sample_") for tag in scalars["_images"])
+    options = json.loads((run / f"{run.name}_main.json").read_text())
+    assert options["resolution"] == json.loads((REPO / "cfgs" / "demo.json").read_text())["resolution"]
+    assert options["logdir"] == str(run.parent)
+    assert "Done:" in (run / f"{run.name}.log").read_text()
+    samples = sorted((run / "samples").glob("*.jpg"))
+    assert samples and all(s.with_suffix(".txt").is_file() for s in samples)
+    assert not list(run.rglob("*.partial"))
+
+
+def final_checkpoint(demo_run) -> Path:
+    (folder,) = (demo_run["run"] / "ckpts").glob("last-*")
+    return folder
+
+
+def test_saved_folder_loads_in_diffusers_and_generates(demo_run):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(final_checkpoint(demo_run), local_files_only=True)
+    image = pipe("a red circle", num_inference_steps=4, height=128, width=128,
+                 generator=torch.Generator().manual_seed(0), output_type="np").images[0]
+    assert image.shape == (128, 128, 3) and image.std() > 0.01
+
+
+def test_single_file_loads_in_diffusers_with_the_folders_weights(demo_run):
+    from diffusers import StableDiffusionPipeline
+
+    folder = final_checkpoint(demo_run)
+    single = demo_run["single"] / f"{folder.name}.safetensors"
+    assert single.is_file()
+    assert load_file(single)["model.diffusion_model.out.2.weight"].dtype == torch.float16  # fp16 by default
+    from_file = StableDiffusionPipeline.from_single_file(single, config=str(folder), local_files_only=True)
+    from_folder = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
+    for part in ("unet", "vae", "text_encoder"):
+        mine, theirs = getattr(from_file, part).state_dict(), getattr(from_folder, part).state_dict()
+        assert mine.keys() == theirs.keys()
+        for key, value in theirs.items():
+            assert torch.equal(mine[key].float(), value.half().float()), f"{part}.{key}"
+
+
+def caption_accuracy(model_path) -> float:
+    """Uses the model as a diffusion classifier: for each square demo image, the caption (of the four) under
+    which it predicts the noise best, over 8 fixed noise/timestep draws. Chance is 25%."""
+    import random
+
+    from data import assign_buckets, scan
+    from data.images import load_training_image
+    from utils import models
+    from utils.step import encode_images, encode_text
+
+    model = models.load(model_path)
+    records = [r for r in assign_buckets(scan(str(DEMO_DATA)).records, 128) if r.bucket == (128, 128)]
+    captions = sorted({r.caption.text() for r in records})
+    scheduler = model.noise_scheduler("ddpm")
+    with torch.no_grad():
+        ids = model.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
+                              return_tensors="pt").input_ids
+        embeddings = encode_text(model.text_encoder, ids)
+        pixels = torch.cat([load_training_image(r.path, r.bucket, random.Random(0), jitter=False)[None]
+                            for r in records])
+        latents = encode_images(model.vae, pixels)
+        generator = torch.Generator().manual_seed(0)
+        errors = torch.zeros(len(records), len(captions))
+        for _ in range(8):
+            noise = torch.randn(latents.shape, generator=generator)
+            t = torch.randint(100, 900, (len(records),), generator=generator)
+            noisy = scheduler.add_noise(latents, noise, t)
+            for j in range(len(captions)):
+                pred = model.unet(noisy, t, embeddings[j:j + 1].expand(len(records), -1, -1)).sample
+                errors[:, j] += ((pred - noise) ** 2).mean(dim=(1, 2, 3))
+    truth = torch.tensor([captions.index(r.caption.text()) for r in records])
+    return (errors.argmin(dim=1) == truth).float().mean().item()
+
+
+def test_caption_conditioning_is_learned(demo_run):
+    from tests.conftest import TINY_MODEL
+
+    before, after = caption_accuracy(TINY_MODEL), caption_accuracy(final_checkpoint(demo_run))
+    assert after >= 0.6 and after > before + 0.3, (before, after)
+
+
+def test_training_continues_from_a_single_file(demo_run, tmp_path):
+    """The saved .safetensors as resume_ckpt: loads, trains, and starts where the demo ended, not from scratch."""
+    import train
+
+    single = demo_run["single"] / f"{final_checkpoint(demo_run).name}.safetensors"
+    demo_epochs = [v for _, v in read_scalars(demo_run["run"])["loss/epoch"]]
+    status = train.main(["--config", str(REPO / "cfgs" / "demo.json"), "--resume_ckpt", str(single),
+                         "--max_epochs", "1", "--sample_steps", "0", "--logdir", str(tmp_path / "logs"),
+                         "--no_save_ckpt"])
+    assert status == 0
+    (run,) = (tmp_path / "logs").iterdir()
+    resumed = [v for _, v in read_scalars(run)["loss/epoch"]]
+    assert resumed[0] < 0.8 * demo_epochs[0]
+    assert list((run / "ckpts").glob("last-*/model_index.json"))
