@@ -164,3 +164,50 @@ def test_training_continues_from_a_single_file(demo_run, tmp_path):
     resumed = [v for _, v in read_scalars(run)["loss/epoch"]]
     assert resumed[0] < 0.8 * demo_epochs[0]
     assert list((run / "ckpts").glob("last-*/model_index.json"))
+
+
+def short_run(tmp_path, data_root, *extra: str) -> Path:
+    """A short in-process run on the tiny model; returns its run folder."""
+    import train
+
+    logdir = tmp_path / "logs"
+    status = train.main(["--resume_ckpt", str(REPO / "demo" / "tiny-sd"), "--data_root", str(data_root),
+                         "--resolution", "128", "--batch_size", "2", "--optimizer_config",
+                         str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
+                         "--logdir", str(logdir), "--no_save_ckpt", *extra])
+    assert status == 0
+    return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def test_frozen_text_encoder_optimizer_state_schedule_and_epoch_saves(tmp_path, small_dataset):
+    from utils import models
+
+    run = short_run(tmp_path, small_dataset, "--disable_textenc_training", "--save_optimizer", "--write_schedule",
+                    "--run_name", "frozen", "--max_epochs", "2", "--save_every_n_epochs", "1")
+    assert run.name == "myproj_frozen"
+    ckpts = sorted(p.name for p in (run / "ckpts").iterdir())
+    assert ckpts == ["last-myproj-ep02-gs00008", "myproj-ep01-gs00004"]  # 8 images, batch 2: 4 steps an epoch
+    last = run / "ckpts" / ckpts[0]
+    assert (last / "optimizer_unet.pt").is_file() and not (last / "optimizer_te.pt").exists()
+    original, trained = models.load(REPO / "demo" / "tiny-sd"), models.load(last)
+    for key, value in original.text_encoder.state_dict().items():
+        assert torch.equal(trained.text_encoder.state_dict()[key], value), key
+    assert any(not torch.equal(trained.unet.state_dict()[k], v) for k, v in original.unet.state_dict().items())
+    assert all(v == 0 for _, v in read_scalars(run)["hyperparameter/lr text encoder"])
+    schedule = (run / "ep1_batch_schedule.txt").read_text().splitlines()
+    assert len(schedule) == 8 and all(re.fullmatch(r"step:\d{5}, wh:\[\d+, \d+\], r:\d, path:.+", line)
+                                      for line in schedule)
+
+    resumed = short_run(tmp_path, small_dataset, "--resume_ckpt", str(last), "--max_epochs", "1")
+    assert "Loaded optimizer state" in (resumed / f"{resumed.name}.log").read_text()
+
+
+def test_gradient_checkpointing_and_sliced_attention_train_the_same(tmp_path, small_dataset):
+    def losses(*flags):
+        run = short_run(tmp_path / "_".join(flags or ("plain",)), small_dataset, "--max_epochs", "2", *flags)
+        return np.array([v for _, v in read_scalars(run)["loss/log_step"]])
+
+    plain = losses()
+    assert len(plain) == 8
+    np.testing.assert_allclose(losses("--gradient_checkpointing"), plain, rtol=1e-4)
+    np.testing.assert_allclose(losses("--attn_type", "slice"), plain, rtol=1e-4)
