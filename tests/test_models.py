@@ -11,30 +11,12 @@ import pickle
 
 import pytest
 import torch
-from accelerate import init_empty_weights
-from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
-from transformers import CLIPTextConfig, CLIPTextModel
 
+from scripts.make_random_sd import random_sd
 from tests.conftest import TINY_MODEL
-from utils import models, shipped
+from utils import models
 from utils.ldm_convert import pipeline_to_ldm
-
-
-def random_sd(kind: str):
-    """UNet, VAE and text encoder of a shipped config, with seeded random fp16 weights."""
-    folder = shipped.config_dir(kind)
-    gen = torch.Generator().manual_seed(0)
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(folder / "unet"))
-        vae = AutoencoderKL.from_config(AutoencoderKL.load_config(folder / "vae"))
-        text_encoder = CLIPTextModel(CLIPTextConfig.from_pretrained(folder / "text_encoder"))
-    for module in (unet, vae, text_encoder):
-        module.to_empty(device="cpu").half()
-        for tensor in module.state_dict().values():
-            if tensor.is_floating_point():
-                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.02)
-    return unet, vae, text_encoder
 
 
 def assert_same_weights(model: models.StableDiffusion, originals):
