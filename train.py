@@ -51,7 +51,8 @@ def prepare_models(model, args, accelerator):
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in trained:
-            model.text_encoder.gradient_checkpointing_enable()
+            te = model.text_encoder  # transformers 5 renamed the switch; 4.x only has the old name
+            getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
     if args.attn_type == "slice":
         model.unet.set_attention_slice("auto")
     elif args.attn_type == "xformers":
