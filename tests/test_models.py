@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 
 from scripts.make_random_sd import random_sd
 from tests.conftest import TINY_MODEL
-from utils import models
+from utils import models, shipped
 from utils.ldm_convert import pipeline_to_ldm
 
 
@@ -57,6 +57,10 @@ def test_sd2_single_file_with_v_yaml_loads_as_768_v_prediction(tmp_path):
     assert model.tokenizer.pad_token == "!"
     assert model.text_encoder.config.num_hidden_layers == 23
     assert_same_weights(model, parts)
+    saved = tmp_path / "saved" / "sd21-trained.safetensors"
+    models.save_single_file(model, model.unet, model.text_encoder, saved, full_precision=False)
+    shipped_v_yaml = shipped.MODEL_CONFIGS / "ldm" / "v2-inference-v.yaml"
+    assert saved.with_suffix(".yaml").read_text() == shipped_v_yaml.read_text()  # for image generators
     file.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     assert models.load(file).prediction_type == "epsilon"
 

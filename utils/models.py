@@ -136,9 +136,19 @@ def _config_folder_for(path: Path, metadata: dict, shapes: dict, scratch: Path) 
         return shipped.config_dir("sd15"), "sd1"
     yaml_beside = path.with_suffix(".yaml")
     if yaml_beside.is_file():
-        is_v = "parameterization" in yaml_beside.read_text() and '"v"' in yaml_beside.read_text().replace("'", '"')
-        return shipped.config_dir("sd2-v" if is_v else "sd2-base"), "sd2"
+        return shipped.config_dir("sd2-v" if _yaml_says_v(yaml_beside) else "sd2-base"), "sd2"
     return shipped.config_dir("sd2-base"), "sd2"  # prediction type settled by _probe_v_prediction
+
+
+def _yaml_says_v(path: Path) -> bool:
+    """Whether an original-SD inference yaml (as image generators keep beside a checkpoint) says v-prediction."""
+    import yaml
+
+    try:
+        params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {}).get("params", {})
+    except (yaml.YAMLError, AttributeError) as e:
+        raise ModelLoadError(f"{path}: not a readable model yaml ({e}). Fix or remove it.") from None
+    return params.get("parameterization") == "v"
 
 
 def _model_index(scheduler_class: str) -> dict:
@@ -206,6 +216,11 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
     metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type}
     with atomic_file(file) as scratch:
         save_file(tensors, str(scratch), metadata=metadata)
+    if unet.config.cross_attention_dim == 1024:
+        # Image generators need the original SD2 yaml beside the file to tell a v-model from an epsilon one.
+        yaml_name = "v2-inference-v.yaml" if model.prediction_type == "v_prediction" else "v2-inference.yaml"
+        with atomic_file(file.with_suffix(".yaml")) as scratch:
+            scratch.write_bytes((shipped.MODEL_CONFIGS / "ldm" / yaml_name).read_bytes())
 
 
 def load_optimizer_states(folder: Path) -> dict[str, dict]:
