@@ -118,8 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     opts = TrainingOptimizers(trained, settings)
     resumed_states = models.load_optimizer_states(resume) if resume.is_dir() else {}
     if resumed_states:
-        opts.load_state_dicts(resumed_states)
-        log.info("Loaded optimizer state from %s", resume)
+        try:
+            opts.load_state_dicts(resumed_states)
+            log.info("Loaded optimizer state from %s", resume)
+        except ValueError as e:  # e.g. saved with the text encoder frozen, now trained: start the optimizer afresh
+            log.warning("Optimizer state in %s does not fit this run (%s); starting with a fresh optimizer.", resume, e)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
     scaler = accelerator.scaler
