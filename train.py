@@ -90,9 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, data.DataError, FileNotFoundError) as e:
         log.error("error: %s", e)
         return 2
-    for path, reason in scan.problems:
-        log.warning("skipped %s: %s", path, reason)
+    for line in scan.summary_lines():
+        log.warning(line)
     records = data.assign_buckets(scan.records, args.resolution)
+    rated = data.RatedDataset(args.max_epochs, args.rated_dataset_target_dropout_percent) if args.rated_dataset else None
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
@@ -111,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------
     run = RunDir(args)
-    plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch=0)
+    for line in data.report_undersized(records, run.path):
+        log.warning(line)
+    plan = data.build_epoch_batches(records, args.batch_size, args.seed, 0, args.grad_accum, rated)
     steps_per_epoch = len(plan)
     settings = resolve_settings(optimizer_file, args, steps_per_epoch)
     run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
@@ -129,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
 
     effective_batch = args.batch_size * args.grad_accum * accelerator.num_processes
     log.info("Model: %s", model.describe())
-    for line in data.epoch_plan_summary(plan, args.batch_size).lines():
+    for line in data.epoch_plan_summary(plan, args.batch_size, records).lines():
         log.info("Data: %s", line)
     log.info("Training: %d epochs x %d steps = %d steps; batch %d x grad_accum %d x %d process(es) = %d images "
              "per update", args.max_epochs, steps_per_epoch, args.max_epochs * steps_per_epoch, args.batch_size,
@@ -156,12 +159,14 @@ def main(argv: list[str] | None = None) -> int:
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
             if epoch > 0:
-                plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch=epoch)
-            if args.write_schedule:
-                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", plan, records)
+                plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch, args.grad_accum, rated)
             loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,
                                             seed=args.seed, epoch=epoch, num_workers=loader_workers,
-                                            pin_memory=accelerator.device.type == "cuda")
+                                            pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
+                                            shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags,
+                                            skipped=scan.skipped)
+            if args.write_schedule:
+                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", loader.dataset)
             epoch_loss = torch.zeros((), device=accelerator.device)
             steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
             for local_step, batch in enumerate(steps_bar):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from typing import Iterable, Sequence
 
 from data.records import ImageRecord
@@ -143,3 +144,27 @@ def is_undersized(record: ImageRecord) -> bool:
     bw, bh = record.bucket
     return (record.width != bw and record.height != bh
             and record.width * record.height < 1.02 ** 2 * bw * bh)
+
+
+UNDERSIZED_FILE = "undersized_images.txt"
+# How many undersized images the console warning names; the file lists them all.
+_UNDERSIZED_SHOWN = 10
+
+
+def report_undersized(records: Sequence[ImageRecord], run_folder) -> list[str]:
+    """List the images smaller than their bucket (§2.1) in `<run_folder>/undersized_images.txt`, one
+    `path: WxH, bucket WxH` line each, and return the warning lines for the console (none, and no
+    file, when every image is large enough). They still train, upscaled to their bucket."""
+    small = [r for r in records if is_undersized(r)]
+    if not small:
+        return []
+    lines = [f"{r.path}: {r.width}x{r.height}, bucket {r.bucket[0]}x{r.bucket[1]}" for r in small]
+    path = os.path.join(run_folder, UNDERSIZED_FILE)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+    out = [f"{len(small)} image(s) are smaller than their bucket and are upscaled, which blurs them; "
+           f"use larger originals where you can (all listed in {path}):"]
+    out += [f"  {line}" for line in lines[:_UNDERSIZED_SHOWN]]
+    if len(small) > _UNDERSIZED_SHOWN:
+        out.append(f"  ... and {len(small) - _UNDERSIZED_SHOWN} more")
+    return out

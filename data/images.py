@@ -14,6 +14,16 @@ from PIL import Image
 
 from data.records import DataError
 
+# Images with more pixels than this are skipped by the scan. PIL's own guard (warn above its limit,
+# refuse above twice that) is set to the same number so that a file which slips past the scan (it
+# changed on disk) is refused by PIL in the loader rather than decoded. 200 megapixels is above any
+# camera photo or scan a dataset plausibly holds (a 100 MP medium-format photo is 11648x8736), and
+# still decodes within ~0.8 GB (RGBA) per data-loader worker. A "decompression bomb" (a small file
+# whose header claims e.g. 100000x100000 pixels) is caught from its header alone, before any memory
+# is spent on it.
+MAX_IMAGE_PIXELS = 200_000_000
+Image.MAX_IMAGE_PIXELS = MAX_IMAGE_PIXELS
+
 _EXIF_ORIENTATION_TAG = 0x0112
 
 # How each EXIF orientation is undone (the same mapping as PIL.ImageOps.exif_transpose).
@@ -141,18 +151,20 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
 
 
 def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
-                        jitter: bool = True) -> torch.Tensor:
+                        jitter: bool = True, flip: bool = False) -> torch.Tensor:
     """Decode `path` into a [3, bucket_h, bucket_w] float tensor in [-1, 1] (REFERENCE §2.9).
 
     Crop and resize happen in one PIL resize call (default filter), which also upscales images
-    smaller than the bucket. A file that passed the scan but cannot be decoded (e.g. truncated
-    data after a valid header) raises DataError naming it.
+    smaller than the bucket; `flip` then mirrors it left to right. A file that passed the scan but
+    cannot be decoded (e.g. truncated data after a valid header) raises DataError naming it.
     """
     bw, bh = bucket
     try:
         img = open_oriented_rgb(path, min_size=(_DRAFT_MARGIN * bw, _DRAFT_MARGIN * bh))
         box = crop_box(img.size, bucket, rng, jitter)
         img = img.resize((bw, bh), box=box)
+        if flip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise DataError(f"cannot decode image '{path}' ({type(e).__name__}: {e}); "
                         f"re-save it with an image editor or remove it from the dataset") from e

@@ -3,25 +3,31 @@
 One item = one planned batch, so data-loader workers decode whole batches in parallel and a batch
 can never mix buckets (the DataLoader does no batching of its own: batch_size=None).
 
-Reproducibility: each sample draws from its own `random.Random` seeded from (seed, epoch, step,
-slot, purpose) as a string (str seeds are hashed with SHA-512, not Python's per-process hash), so
-crops and caption dropout are the same whatever the worker count, worker order or restarts.
-Separate purposes ("crop", "dropout") keep one stream's draws from shifting another's when a later
-version adds a draw (flip, tag shuffling).
+Reproducibility: every random choice about a sample — crop, flip, tag order, caption dropout — is
+drawn from its own `random.Random` seeded from (seed, epoch, step, slot, purpose) as a string (str
+seeds are hashed with SHA-512, not Python's per-process hash). So the choices are the same whatever
+the worker count, worker order or restarts, and `write_schedule` can show exactly what each slot is
+trained with by calling the same `EpochBatches.sample` the workers call. Separate purposes keep one
+stream's draws from shifting another's.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from data.batching import Batch
+from data.captions import assemble_caption
 from data.images import load_training_image
-from data.records import ImageRecord
+from data.records import DataError, ImageRecord, SkippedFiles
+
+log = logging.getLogger(__name__)
 
 # What cond_dropout replaces a caption with (REFERENCE §2.6): a single space, not an empty string.
 DROPPED_CAPTION = " "
@@ -31,47 +37,127 @@ def sample_rng(seed: int, epoch: int, step: int, slot: int, purpose: str) -> ran
     return random.Random(f"{seed}:{epoch}:{step}:{slot}:{purpose}")
 
 
+@dataclass(frozen=True)
+class SampleOptions:
+    """The run-wide settings of per-sample randomness. Per-image values (flip_p, cond_dropout,
+    shuffle_tags from folder files and sidecars) override the first three image by image."""
+
+    cond_dropout: float = 0.0
+    flip_p: float = 0.0
+    shuffle_tags: bool = False
+    keep_tags: int = 0
+    crop_jitter: bool = True   # off for validation (§2.9)
+
+
 class EpochBatches(Dataset):
     """The batches of one epoch plan; `dataset[step]` is the whole batch for that step."""
 
     def __init__(self, plan: Sequence[Batch], records: Sequence[ImageRecord], tokenizer,
-                 cond_dropout: float, seed: int, epoch: int, crop_jitter: bool = True):
+                 options: SampleOptions, seed: int, epoch: int):
         self.plan = list(plan)
         self.records = records
         self.tokenizer = tokenizer
-        self.cond_dropout = float(cond_dropout)
+        self.options = options
         self.seed = seed
         self.epoch = epoch
-        self.crop_jitter = crop_jitter  # off for validation (§2.9)
 
     def __len__(self) -> int:
         return len(self.plan)
 
-    def caption_for(self, step: int, slot: int, record: ImageRecord) -> str:
-        p = self.cond_dropout if record.cond_dropout is None else record.cond_dropout
-        if p > 0 and sample_rng(self.seed, self.epoch, step, slot, "dropout").random() < p:
-            return DROPPED_CAPTION
-        return str(record.caption)
+    def _rng(self, step: int, slot: int, purpose: str) -> random.Random:
+        return sample_rng(self.seed, self.epoch, step, slot, purpose)
+
+    def sample(self, step: int, slot: int, index: int) -> tuple[str, bool]:
+        """(caption as trained, flipped?) for record `index` in slot `slot` of step `step`."""
+        record, opts = self.records[index], self.options
+        flip_p = opts.flip_p if record.flip_p is None else record.flip_p
+        flip = flip_p > 0 and self._rng(step, slot, "flip").random() < flip_p
+        dropout = opts.cond_dropout if record.cond_dropout is None else record.cond_dropout
+        if dropout > 0 and self._rng(step, slot, "dropout").random() < dropout:
+            return DROPPED_CAPTION, flip
+        shuffle = opts.shuffle_tags or record.shuffle_tags
+        caption = assemble_caption(record.caption, shuffle, opts.keep_tags,
+                                   record.max_caption_length,
+                                   self._rng(step, slot, "tags") if shuffle else None)
+        return caption, flip
+
+    def _load(self, step: int, slot: int, index: int, bucket) -> tuple[torch.Tensor, str, float]:
+        caption, flip = self.sample(step, slot, index)
+        record = self.records[index]
+        pixels = load_training_image(record.path, bucket, self._rng(step, slot, "crop"),
+                                     self.options.crop_jitter, flip)
+        return pixels, caption, record.loss_scale
 
     def __getitem__(self, step: int) -> dict:
         batch = self.plan[step]
-        pixels, captions, loss_scale = [], [], []
+        slots: list[Optional[tuple]] = []
+        skipped: list[tuple[str, str]] = []
         for slot, index in enumerate(batch.indices):
-            record = self.records[index]
-            rng = sample_rng(self.seed, self.epoch, step, slot, "crop")
-            pixels.append(load_training_image(record.path, batch.bucket, rng, self.crop_jitter))
-            captions.append(self.caption_for(step, slot, record))
-            loss_scale.append(record.loss_scale)
+            try:
+                slots.append(self._load(step, slot, index, batch.bucket))
+            except DataError as e:
+                skipped.append((self.records[index].path, str(e)))
+                slots.append(None)
+        if skipped:
+            slots = self._fill_failed(step, batch, slots, skipped)
+        pixels, captions, loss_scale = zip(*slots)
         input_ids = self.tokenizer(
-            captions, padding="max_length", truncation=True,
+            list(captions), padding="max_length", truncation=True,
             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
         return {
             "pixel_values": torch.stack(pixels),
             "input_ids": input_ids.long(),
-            "captions": captions,
+            "captions": list(captions),
             "runt_size": batch.runt_size,
             "loss_scale": torch.tensor(loss_scale, dtype=torch.float32),
+            "skipped": skipped,
         }
+
+    def _fill_failed(self, step: int, batch: Batch, slots: list, skipped: list) -> list:
+        """A file that passed the header scan but cannot be decoded (truncated or corrupt data)
+        must not stop training: its slot takes a duplicate of an image of the batch that did
+        decode, as runt padding does; if none did, of another image of the same bucket."""
+        good = [s for s in slots if s is not None]
+        if not good:
+            failed = {path for path, _ in skipped}
+            for index, record in enumerate(self.records):
+                if record.bucket != batch.bucket or record.path in failed:
+                    continue
+                try:
+                    good = [self._load(step, 0, index, batch.bucket)]
+                    break
+                except DataError as e:
+                    skipped.append((record.path, str(e)))
+                    failed.add(record.path)
+            else:
+                w, h = batch.bucket
+                raise DataError(f"no image of bucket {w}x{h} can be decoded (e.g. {skipped[0][0]}: "
+                                f"{skipped[0][1]}); fix or remove those files")
+        return [s if s is not None else good[n % len(good)] for n, s in enumerate(slots)]
+
+
+class EpochLoader:
+    """The epoch's DataLoader, which also reports each image that fails to decode, once per run
+    (workers find a broken file again every epoch; `skipped` remembers it)."""
+
+    def __init__(self, loader: DataLoader, skipped: SkippedFiles):
+        self.loader = loader
+        self.skipped = skipped
+
+    @property
+    def dataset(self) -> EpochBatches:
+        return self.loader.dataset
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[dict]:
+        for batch in self.loader:
+            for path, reason in batch.pop("skipped"):
+                if self.skipped.add(path, reason):
+                    log.warning("skipped %s: %s; its batches use a duplicate of another image "
+                                "instead", path, reason)
+            yield batch
 
 
 def _init_worker(worker_id: int) -> None:
@@ -82,15 +168,18 @@ def _init_worker(worker_id: int) -> None:
 
 def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tokenizer,
                       cond_dropout: float, seed: int, epoch: int, num_workers: int = 0,
-                      pin_memory: bool = False, crop_jitter: bool = True) -> DataLoader:
-    """A DataLoader yielding the plan's batches in order, one dict per step (see EpochBatches).
+                      pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
+                      shuffle_tags: bool = False, keep_tags: int = 0,
+                      skipped: Optional[SkippedFiles] = None) -> EpochLoader:
+    """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
     Workers are not persistent: a new plan is built every epoch, so each epoch gets a new loader.
     The loader has its own torch.Generator, so creating and iterating it draws nothing from the
     global torch RNG (training noise/timesteps stay reproducible) and worker seeds are fixed for
     (seed, epoch); torch then gives every worker a distinct seed (base + worker id) for torch,
     random and numpy, so workers never share an RNG stream. Our own randomness ignores those
-    anyway (see sample_rng).
+    anyway (see sample_rng). Pass the scan's `skipped` so decode failures join its list and are
+    reported once per run rather than once per loader.
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -98,8 +187,11 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     generator = torch.Generator()
     generator.manual_seed((seed * 1_000_003 + epoch) % 2**63)
-    return DataLoader(
-        EpochBatches(plan, records, tokenizer, cond_dropout, seed, epoch, crop_jitter),
+    options = SampleOptions(cond_dropout=float(cond_dropout), flip_p=float(flip_p),
+                            shuffle_tags=bool(shuffle_tags), keep_tags=int(keep_tags),
+                            crop_jitter=crop_jitter)
+    loader = DataLoader(
+        EpochBatches(plan, records, tokenizer, options, seed, epoch),
         batch_size=None,
         shuffle=False,
         num_workers=num_workers,
@@ -108,14 +200,20 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
         worker_init_fn=_init_worker if num_workers > 0 else None,
         generator=generator,
     )
+    return EpochLoader(loader, SkippedFiles() if skipped is None else skipped)
 
 
-def write_schedule(path: str, plan: Sequence[Batch], records: Sequence[ImageRecord]) -> None:
-    """REFERENCE §3.5: one line per item in training order,
-    `step:00000, wh:[w, h], r:<runt_size>, path:<absolute path>`."""
+def write_schedule(path, batches: EpochBatches) -> None:
+    """REFERENCE §3.5, extended: one line per slot in training order,
+    `step:00000, wh:[w, h], r:<runt_size>, path:<absolute path>, batch_id:<id>, flip:<0|1>,
+    caption:<caption as trained>`. The caption comes last because it may contain commas; it is
+    one line since captions are whitespace-normalised when read. Written from `batches.sample`,
+    the function the loader trains with, so it shows exactly what each step trains."""
     with open(path, "w", encoding="utf-8") as f:
-        for step, batch in enumerate(plan):
+        for step, batch in enumerate(batches.plan):
             w, h = batch.bucket
-            for index in batch.indices:
+            for slot, index in enumerate(batch.indices):
+                caption, flip = batches.sample(step, slot, index)
                 f.write(f"step:{step:05d}, wh:[{w}, {h}], r:{batch.runt_size}, "
-                        f"path:{os.path.abspath(records[index].path)}\n")
+                        f"path:{os.path.abspath(batches.records[index].path)}, "
+                        f"batch_id:{batch.batch_id}, flip:{int(flip)}, caption:{caption}\n")

@@ -1,23 +1,30 @@
-"""Find the training images under a folder and describe each one (REFERENCE §2.1, §2.2, §3.2).
+"""Find the training images and describe each one (REFERENCE §2.1-§2.4, §2.8, §3.2).
 
-Only file headers are read here: decoding every image at start-up would cost minutes on a large
-dataset. Pixels are decoded per epoch by `data.images`.
+`data_root` is a folder (walked recursively) or a manifest `.json` file. Only file headers are read
+here: decoding every image at start-up would cost minutes on a large dataset. Pixels are decoded per
+epoch by `data.images`, in data-loader workers.
+
+Nothing here stops for one bad file: an image that cannot be read, or whose own caption file is
+broken, is skipped; a broken folder file (local.yaml, multiply.txt, ...) is ignored as if absent.
+Both are listed in `ScanResult.skipped` with the reason, for the start-up summary.
 """
 
 from __future__ import annotations
 
-import logging
+import math
 import os
+import warnings
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Optional
 
 from PIL import Image
 
-from data.captions import caption_for_image
-from data.images import exif_orientation
-from data.records import DataError, ImageRecord
-
-log = logging.getLogger(__name__)
+from data.images import MAX_IMAGE_PIXELS, exif_orientation
+from data.records import Caption, DataError, ImageRecord, SkippedFiles, Tag
+from data.settings import (GLOBAL_FILES, LOCAL_FILES, SIDECAR_EXTENSIONS, Notify, Settings,
+                           SettingsError, manifest_entry, merge, read_folder_file, read_manifest,
+                           read_sidecar, record_fields)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jfif")
 
@@ -25,93 +32,304 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jfif")
 _SWAPS_AXES = {5, 6, 7, 8}
 
 
+class Notices:
+    """Warnings about files that are still used (unlike skipped ones), grouped by message so that
+    10,000 images with the same problem make one line, not 10,000."""
+
+    def __init__(self) -> None:
+        self._paths: dict[str, dict[str, None]] = {}
+
+    def add(self, message: str, path: str) -> None:
+        self._paths.setdefault(message, {})[path] = None
+
+    def lines(self, examples: int = 3) -> list[str]:
+        out = []
+        for message, paths in self._paths.items():
+            if len(paths) == 1:
+                out.append(f"{next(iter(paths))}: {message}")
+            else:
+                shown = ", ".join(list(paths)[:examples])
+                out.append(f"{message}: {len(paths)} files, e.g. {shown}")
+        return out
+
+
 @dataclass
 class ScanResult:
     data_root: str
     records: list[ImageRecord] = field(default_factory=list)
-    # (path, reason) for every image file that was skipped; the caller shows or writes them
-    problems: list[tuple[str, str]] = field(default_factory=list)
+    skipped: SkippedFiles = field(default_factory=SkippedFiles)
+    notices: Notices = field(default_factory=Notices)
+
+    @property
+    def problems(self) -> list[tuple[str, str]]:
+        """(path, reason) of every skipped file, in the order met."""
+        return self.skipped.items()
+
+    def summary_lines(self) -> list[str]:
+        """The start-up warnings: every skipped file once with its reason, then grouped notices."""
+        lines = []
+        if self.skipped:
+            lines.append(f"{len(self.skipped)} file(s) skipped (the rest of the dataset trains):")
+            lines += [f"  {path}: {reason}" for path, reason in self.skipped.items()]
+        return lines + self.notices.lines()
 
     def require_images(self) -> None:
         """Raise DataError if nothing trainable was found (§2.1: an empty dataset aborts)."""
-        if self.records:
-            return
-        detail = (f" {len(self.problems)} image file(s) could not be read, e.g. "
-                  f"{self.problems[0][0]}: {self.problems[0][1]}." if self.problems else "")
-        raise DataError(
-            f"No usable training images in data_root '{self.data_root}'.{detail} Put image files "
-            f"({' '.join(IMAGE_EXTENSIONS)}) with optional .txt/.caption captions in that folder "
-            f"or its subfolders, or point data_root at the folder that has them.")
+        if not self.records:
+            detail = ""
+            if self.skipped:
+                path, reason = self.skipped.items()[0]
+                detail = (f" {len(self.skipped)} file(s) could not be used, e.g. {path}: {reason}.")
+            raise DataError(
+                f"No usable training images in data_root '{self.data_root}'.{detail} Put image files "
+                f"({' '.join(IMAGE_EXTENSIONS)}) with optional .txt/.caption/.yaml captions in that "
+                f"folder or its subfolders, or point data_root at the folder (or manifest .json) "
+                f"that has them.")
+        total = math.fsum(r.multiply for r in self.records)
+        if total < 1:
+            raise DataError(
+                f"The multiply values of the {len(self.records)} usable image(s) in '{self.data_root}' "
+                f"add up to {total:g}: less than one image per epoch. Raise multiply (multiply.txt or "
+                f"the yaml 'multiply' key) so that they add up to at least 1.")
 
 
-def iter_image_files(data_root: str) -> Iterator[str]:
-    """Image paths under `data_root`, depth-first: a folder's files, then its subfolders (§2.1).
+def scan(data_root: str) -> ScanResult:
+    """Records for every usable image of `data_root` (a folder or a manifest .json), plus what was
+    skipped and why. A data_root that is neither, or a manifest that is not a JSON array, is a
+    DataError at once."""
+    if os.path.isfile(data_root) and data_root.lower().endswith(".json"):
+        return _scan_manifest(data_root)
+    if not os.path.isdir(data_root):
+        raise DataError(f"data_root '{data_root}' is neither a folder nor a manifest .json file: set "
+                        f"data_root to the folder that holds the training images.")
+    result = ScanResult(data_root=os.path.abspath(data_root))
+    walker = _Walker(result)
+    walker.folder(result.data_root, Settings())
+    _describe_all(result, walker.jobs)
+    return result
 
-    Names starting with '.' are skipped, files and folders alike. Entries are sorted by name so the
-    order, and everything seeded from it, is the same on every filesystem. Symlinked folders are
-    followed once each (a link back to an ancestor would otherwise loop forever).
-    """
-    seen_dirs: set[str] = set()
 
-    def walk(folder: str) -> Iterator[str]:
-        real = os.path.realpath(folder)
-        if real in seen_dirs:
-            return
-        seen_dirs.add(real)
+# Scans of at least this many images read captions and headers in worker processes (one per core,
+# at most _MAX_PROCESSES); below it, starting them costs more than it saves. The work is Python
+# (PIL's header parsers, yaml) and so GIL-bound: threads would not help.
+PARALLEL_MIN_IMAGES = 4000
+_MAX_PROCESSES = 8
+_CHUNK = 500
+
+# One image to describe: (image path, its sidecar paths in reading order, its folder's settings).
+_Job = tuple[str, tuple[str, ...], Settings]
+
+
+def _describe_all(result: ScanResult, jobs: list[_Job]) -> None:
+    chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
+    processes = min(_MAX_PROCESSES, os.cpu_count() or 1)
+    if len(jobs) >= PARALLEL_MIN_IMAGES and processes > 1:
+        with ProcessPoolExecutor(max_workers=processes) as pool:
+            outcomes = list(pool.map(_describe_chunk, chunks))
+    else:
+        outcomes = [_describe_chunk(chunk) for chunk in chunks]
+    for described, notices in outcomes:  # in scan order, whichever process did the work
+        for path, outcome in described:
+            if isinstance(outcome, str):
+                result.skipped.add(path, outcome)
+            else:
+                result.records.append(_record(path, outcome))
+        for message, path in notices:
+            result.notices.add(message, path)
+
+
+def _describe_chunk(jobs: list[_Job]) -> tuple[list, list[tuple[str, str]]]:
+    """(path, `_describe` outcome) per image, plus (message, path) notices. Runs in a worker
+    process for large scans, so it returns everything it finds."""
+    notices: list[tuple[str, str]] = []
+
+    def notify(message: str, path: str) -> None:
+        notices.append((message, path))
+
+    described = []
+    for path, sidecars, folder_settings in jobs:
         try:
-            entries = sorted(os.scandir(folder), key=lambda e: e.name)
-        except OSError as e:
-            log.warning("cannot list folder %s: %s", folder, e)
+            sources = [folder_settings] + [read_sidecar(p, notify) for p in sidecars]
+        except SettingsError as e:
+            described.append((path, f"its caption file is unusable: {e}"))
+            continue
+        described.append((path, _describe(path, merge(sources), notify)))
+    return described, notices
+
+
+def _describe(path: str, settings: Settings, notify: Notify):
+    """The reason the image at `path` cannot be used, or its record's values for `_record`:
+    plain values, since pickling ImageRecords (with their Caption and Tags) back from a worker
+    process costs more than the header read itself."""
+    try:
+        width, height = oriented_size(path)
+    except Exception as e:  # noqa: BLE001 - any failure to read a header means "skip this file"
+        return unreadable_reason(path, e)
+    fields = record_fields(settings, path)
+    caption = fields.pop("caption")
+    if not caption.text():
+        notify("empty caption (no caption file, folder file or file name gives any text): trained "
+               "as an unconditional sample; add a .txt caption", path)
+    return width, height, caption.main_prompt, [tuple(t) for t in caption.tags], fields
+
+
+def _record(path: str, values: tuple) -> ImageRecord:
+    width, height, main_prompt, tags, fields = values
+    return ImageRecord(path=path, caption=Caption(main_prompt, tuple(Tag(*t) for t in tags)),
+                       width=width, height=height, **fields)
+
+
+@dataclass
+class _Folder:
+    images: list[str] = field(default_factory=list)
+    subfolders: list[str] = field(default_factory=list)
+    sidecars: dict[tuple[str, str], str] = field(default_factory=dict)   # (stem, .ext) -> path
+    folder_files: dict[str, str] = field(default_factory=dict)           # lower-case name -> path
+
+
+class _Walker:
+    """Depth-first walk (§2.1): a folder's images, then its subfolders, each in name order so the
+    order, and everything seeded from it, is the same on every filesystem. Names starting with '.'
+    are skipped. Symlinked folders are followed once each (a link back to an ancestor would
+    otherwise loop forever). Folder files are read here; each image becomes a `_Job`."""
+
+    def __init__(self, result: ScanResult):
+        self.result = result
+        self.seen_dirs: set[str] = set()
+        self.jobs: list[_Job] = []
+
+    def folder(self, path: str, inherited: Settings) -> None:
+        real = os.path.realpath(path)
+        if real in self.seen_dirs:
             return
-        subfolders = []
+        self.seen_dirs.add(real)
+        listing = self._list(path)
+        if listing is None:
+            return
+        # global.yaml applies here and below, over the parents' (§2.4); folder files apply here only.
+        inherited_here = merge([inherited, *self._folder_files(listing, GLOBAL_FILES)])
+        folder_settings = merge([inherited_here, *self._folder_files(listing, LOCAL_FILES)])
+        for image in listing.images:
+            stem = os.path.splitext(os.path.basename(image))[0]
+            sidecars = tuple(p for p in (listing.sidecars.get((stem, ext)) for ext in SIDECAR_EXTENSIONS)
+                             if p)
+            self.jobs.append((image, sidecars, folder_settings))
+        for sub in listing.subfolders:
+            self.folder(sub, inherited_here)
+
+    def _list(self, path: str) -> Optional[_Folder]:
+        try:
+            entries = sorted(os.scandir(path), key=lambda e: e.name)
+        except OSError as e:
+            self.result.skipped.add(path, f"cannot list folder ({e.strerror or e}); check its "
+                                          f"permissions")
+            return None
+        listing = _Folder()
         for entry in entries:
-            if entry.name.startswith("."):
+            name = entry.name
+            if name.startswith("."):
                 continue
             if entry.is_dir():
-                subfolders.append(entry.path)
-            elif entry.is_file() and entry.name.lower().endswith(IMAGE_EXTENSIONS):
-                yield entry.path
-        for sub in subfolders:
-            yield from walk(sub)
+                listing.subfolders.append(entry.path)
+                continue
+            stem, ext = os.path.splitext(name)
+            ext = ext.lower()
+            if ext in IMAGE_EXTENSIONS:
+                if entry.is_file():
+                    listing.images.append(entry.path)
+            elif ext in SIDECAR_EXTENSIONS:
+                # Extensions match in any case (photo.TXT), as on the Windows machines many
+                # EveryDream2 datasets were built on; the base name must match exactly.
+                listing.sidecars[(stem, ext)] = entry.path
+                listing.folder_files[name.lower()] = entry.path
+        return listing
 
-    yield from walk(data_root)
+    def _folder_files(self, listing: _Folder, names: tuple[str, ...]) -> list[Settings]:
+        out = []
+        for name in names:
+            path = listing.folder_files.get(name)
+            if path is None:
+                continue
+            try:
+                out.append(read_folder_file(path, name, self.result.notices.add))
+            except SettingsError as e:
+                self.result.skipped.add(path, f"{e} (the file is ignored)")
+        return out
 
 
 def oriented_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed, from the header only: `Image.open` reads the header and the
-    EXIF block but decodes no pixels. Raises for a file PIL cannot identify."""
-    with Image.open(path) as img:
-        width, height = img.size
-        if exif_orientation(img) in _SWAPS_AXES:
-            width, height = height, width
+    EXIF block but decodes no pixels. Raises for a file PIL cannot identify, and ValueError for
+    one above MAX_IMAGE_PIXELS."""
+    with warnings.catch_warnings():
+        # PIL warns between its limit and twice that; the check below turns it into a skip.
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_IMAGE_PIXELS:
+                raise ValueError(f"{width}x{height} is {width * height / 1e6:.0f} megapixels")
+            if exif_orientation(img) in _SWAPS_AXES:
+                width, height = height, width
     if width <= 0 or height <= 0:
         raise ValueError(f"image has no pixels ({width}x{height})")
     return width, height
 
 
-def scan(data_root: str) -> ScanResult:
-    """Records for every readable image under `data_root`, plus the files that were skipped.
+def unreadable_reason(path: str, error: Exception) -> str:
+    """Why an image file cannot be used, and what to do about it."""
+    try:
+        empty = os.path.getsize(path) == 0
+    except OSError:
+        empty = False
+    if empty:
+        return "empty file (0 bytes); replace it with the image or remove it"
+    text = str(error)
+    if isinstance(error, Image.DecompressionBombError) or "megapixels" in text:
+        return (f"too large ({text}); images above {MAX_IMAGE_PIXELS // 1_000_000} megapixels are "
+                f"skipped as a guard against decompression bombs; downscale it")
+    if isinstance(error, Image.UnidentifiedImageError):
+        return ("not a readable image (corrupt, or another format with an image extension); "
+                "re-save it as JPEG or PNG, or remove it")
+    return f"cannot read the image ({type(error).__name__}: {text}); re-save it or remove it"
 
-    An image whose header cannot be read (corrupt, empty, not really an image) or whose caption
-    file cannot be read is skipped, logged and listed in `problems`; it never stops the scan.
-    A data_root that is not a folder is a DataError at once.
-    """
-    if not os.path.isdir(data_root):
-        raise DataError(f"data_root '{data_root}' is not a folder: set data_root to the folder "
-                        f"that holds the training images.")
-    result = ScanResult(data_root=os.path.abspath(data_root))
-    for path in iter_image_files(result.data_root):
+
+# ---------------------------------------------------------------- manifests
+
+def _scan_manifest(path: str) -> ScanResult:
+    """§2.8: a JSON array of §2.3 entries, each naming its `image`. No folder files apply. Relative
+    image paths resolve against the working directory (as EveryDream2), else the manifest's folder
+    (where a hand-written manifest's paths usually point)."""
+    result = ScanResult(data_root=os.path.abspath(path))
+    try:
+        text, entries = read_manifest(path)
+    except SettingsError as e:
+        raise DataError(f"data_root manifest unusable: {e}") from None
+    base = os.path.dirname(os.path.abspath(path))
+    for index, entry in enumerate(entries):
+        label = f"{path} (entry {index + 1})"
         try:
-            width, height = oriented_size(path)
-            caption = caption_for_image(path)
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-            # PIL raises OSError (UnidentifiedImageError) for unknown data, SyntaxError/ValueError
-            # for some malformed headers; the exception text is the most useful reason we have.
-            reason = f"{type(e).__name__}: {e}"
-            log.error("skipping %s: %s", path, reason)
-            result.problems.append((path, reason))
+            image, settings = manifest_entry(entry, index, path, text, result.notices.add)
+        except SettingsError as e:
+            result.skipped.add(label, str(e))
             continue
-        result.records.append(ImageRecord(path=path, caption=caption, width=width, height=height))
-    log.info("scanned %s: %d images, %d skipped",
-             result.data_root, len(result.records), len(result.problems))
+        if not image:
+            result.skipped.add(label, "has no 'image' key naming the image file; add one")
+            continue
+        found = _resolve(image, base)
+        if found is None:
+            result.skipped.add(label, f"image '{image}' not found (relative paths resolve against "
+                                      f"the working directory, then the manifest's folder)")
+            continue
+        outcome = _describe(found, settings, result.notices.add)
+        if isinstance(outcome, str):
+            result.skipped.add(found, outcome)
+        else:
+            result.records.append(_record(found, outcome))
     return result
+
+
+def _resolve(image: str, base: str) -> Optional[str]:
+    for candidate in (image, os.path.join(base, image)):
+        if os.path.isfile(candidate):
+            return os.path.abspath(candidate)
+    return None

@@ -7,11 +7,13 @@ tokenizer; nothing of ours is mocked.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import random
 import re
 import string
 import struct
 import zlib
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -19,11 +21,13 @@ import torch
 from PIL import Image
 from transformers import CLIPTokenizer
 
-from data import (Caption, DataError, ImageRecord, assign_buckets, build_epoch_batches,
-                  buckets_for, epoch_plan_summary, is_undersized, make_epoch_loader,
-                  nearest_bucket, scan, write_schedule)
+from data import (Caption, DataError, EpochBatches, ImageRecord, RatedDataset, SampleOptions, Tag,
+                  assign_buckets, build_epoch_batches, buckets_for, epoch_plan_summary, is_undersized,
+                  make_epoch_loader, nearest_bucket, scan, write_schedule)
 from data.buckets import BUCKET_TABLES
+from data.captions import assemble_caption
 from data.images import crop_box, load_training_image, open_oriented_rgb
+from data.loader import sample_rng
 
 # REFERENCE §3.1: resolution -> number of buckets
 REFERENCE_COUNTS = {256: 5, 320: 7, 384: 7, 448: 7, 512: 11, 576: 11, 640: 15, 704: 15, 768: 17,
@@ -163,7 +167,7 @@ def test_empty_scan_is_a_data_error_naming_the_folder(tmp_path):
     assert result.records == [] and len(result.problems) == 1
     with pytest.raises(DataError, match=re.escape(str(tmp_path))):
         result.require_images()
-    with pytest.raises(DataError, match="not a folder"):
+    with pytest.raises(DataError, match="neither a folder nor a manifest"):
         scan(str(tmp_path / "missing"))
 
 
@@ -366,22 +370,27 @@ def test_plan_summary():
     assert s.lines()[0].startswith("12 images, 6 steps per epoch")
 
 
+SCHEDULE_LINE = re.compile(r"step:(\d{5}), wh:\[(\d+), (\d+)\], r:(\d+), path:(/.+), "
+                           r"batch_id:(.+), flip:([01]), caption:(.*)")
+
+
 def test_write_schedule(tmp_path):
     records = plan_records()
     plan = build_epoch_batches(records, batch_size=3, seed=0, epoch=0)
     out = tmp_path / "ep0_batch_schedule.txt"
-    write_schedule(str(out), plan, records)
+    write_schedule(str(out), EpochBatches(plan, records, None, SampleOptions(), seed=0, epoch=0))
     lines = out.read_text().splitlines()
     assert len(lines) == 18
-    pattern = re.compile(r"step:(\d{5}), wh:\[(\d+), (\d+)\], r:(\d+), path:(/.+)")
     for n, line in enumerate(lines):
-        m = pattern.fullmatch(line)
+        m = SCHEDULE_LINE.fullmatch(line)
         assert m, line
         step = int(m[1])
         assert step == n // 3
         assert (int(m[2]), int(m[3])) == plan[step].bucket
         assert int(m[4]) == plan[step].runt_size
         assert m[5] == records[plan[step].indices[n % 3]].path
+        assert (m[6], m[7]) == ("default_batch", "0")
+        assert m[8] == str(records[plan[step].indices[n % 3]].caption)
 
 
 # ---------------------------------------------------------------- loader
@@ -458,3 +467,170 @@ def test_loader_is_reproducible_and_independent_of_workers(small_dataset, tokeni
                                             **{**args, "epoch": 2}))
     assert any(not torch.equal(a["pixel_values"], b["pixel_values"])
                for a, b in zip(single, other_epoch))
+
+
+# ---------------------------------------------------------------- multiply, rated_dataset, batch_id, grad_accum
+
+def real_indices(plan):
+    return [i for b in plan for i in (b.indices[:b.runt_size] if b.runt_size else b.indices)]
+
+
+def test_multiply_repeats_whole_part_and_draws_the_fraction_each_epoch():
+    records = [record(0, BUCKETS[0], multiply=3.0), record(1, BUCKETS[0], multiply=1.5),
+               record(2, BUCKETS[0], multiply=0.5), record(3, BUCKETS[0])]
+    extras = Counter()
+    for epoch in range(200):
+        counts = Counter(real_indices(build_epoch_batches(records, 2, seed=3, epoch=epoch)))
+        assert sum(counts.values()) == 6                      # floor(3 + 1.5 + 0.5 + 1)
+        assert counts[0] == 3 and counts[3] == 1
+        assert counts[1] + counts[2] == 2 and counts[1] >= 1
+        extras[2 if counts[2] else 1] += 1
+    assert extras[1] > 40 and extras[2] > 40                  # the fraction really is drawn, per epoch
+    thirds = [record(i, BUCKETS[0], multiply=1 / 3) for i in range(3)]
+    assert len(real_indices(build_epoch_batches(thirds, 1, seed=0, epoch=0))) == 1
+
+
+def test_rated_dataset_keeps_a_shrinking_rating_weighted_subset():
+    rated = RatedDataset(max_epochs=10, target_dropout_percent=50)
+    assert [rated.fraction(e) for e in (0, 1, 2, 9)] == [1.0, 1.0, 0.95, 0.6]
+    records = [record(i, BUCKETS[0], rating=10.0 if i < 10 else 1.0, multiply=2.0) for i in range(20)]
+    assert len(real_indices(build_epoch_batches(records, 2, 0, epoch=1, rated=rated))) == 40  # full, multiplied
+    high = 0
+    for seed in range(50):
+        picked = real_indices(build_epoch_batches(records, 2, seed, epoch=9, rated=rated))
+        assert len(picked) == len(set(picked)) == 12          # ceil(20 x 0.6), multiply ignored
+        high += sum(i < 10 for i in picked)
+    assert high / (50 * 12) > 0.75                            # rating 10 beats rating 1
+
+
+def test_batch_ids_never_mix_and_their_surplus_trains_in_default_batches():
+    records = ([record(i, BUCKETS[0], batch_id="horses") for i in range(5)]
+               + [record(i, BUCKETS[0]) for i in range(5, 8)]
+               + [record(i, BUCKETS[1], batch_id="cats") for i in range(8, 12)])
+    for epoch in range(5):
+        plan = build_epoch_batches(records, batch_size=2, seed=1, epoch=epoch)
+        assert len(plan) == 6 and not any(b.runt_size for b in plan)
+        demoted = 0
+        for b in plan:
+            own = {records[i].batch_id for i in b.indices}
+            if b.batch_id == "default_batch":
+                demoted += sum(records[i].batch_id == "horses" for i in b.indices)
+            else:
+                assert own == {b.batch_id}
+        assert demoted == 1                                   # 5 horses = 2 batches + 1 surplus
+    summary = epoch_plan_summary(plan, 2, records)
+    assert summary.demoted == [("horses", BUCKETS[0], 1, 5)]
+    assert any("batch_id 'horses' has 5 samples in bucket 512x512" in line and "1 of them train in "
+               "default_batch" in line for line in summary.lines())
+
+
+def test_grad_accum_packs_a_batch_id_into_the_same_updates():
+    records = ([record(i, BUCKETS[0], batch_id="x") for i in range(4)]
+               + [record(i, BUCKETS[1], batch_id="y") for i in range(4, 6)]
+               + [record(i, BUCKETS[2]) for i in range(6, 11)])
+    for epoch in range(10):
+        plan = build_epoch_batches(records, batch_size=1, seed=2, epoch=epoch, grad_accum=3)
+        assert len(plan) == 11
+        windows = [{b.batch_id for b in plan[i:i + 3]} for i in range(0, 11, 3)]
+        # x's 4 chunks: one whole update plus one slot; y's 2 chunks share one update
+        assert windows.count({"x"}) == 1 and sum("y" in w for w in windows) == 1
+        assert sum("x" in w for w in windows) == 2
+        assert windows[-1] == {"default_batch"}               # the incomplete update comes last
+    assert build_epoch_batches(records, 1, 2, 0, grad_accum=3) != build_epoch_batches(records, 1, 2, 1, grad_accum=3)
+
+
+# ---------------------------------------------------------------- flips, tag shuffling, schedule, broken files
+
+def loader_batches(records, plan, tokenizer, **kw):
+    args = dict(cond_dropout=0.0, seed=5, epoch=0, num_workers=0)
+    return collect(make_epoch_loader(plan, records, tokenizer, **{**args, **kw}))
+
+
+def test_flip_mirrors_after_crop_and_per_image_values_win(small_dataset, tokenizer):
+    records = small_dataset
+    plan = build_epoch_batches(records, batch_size=1, seed=5, epoch=0)
+    plain = loader_batches(records, plan, tokenizer)
+    flipped = loader_batches(records, plan, tokenizer, flip_p=1.0)
+    for a, b in zip(plain, flipped, strict=True):
+        assert torch.equal(b["pixel_values"], torch.flip(a["pixel_values"], dims=[-1]))
+        assert not torch.equal(a["pixel_values"], b["pixel_values"])   # random pixels are not symmetric
+    never = [dataclasses.replace(r, flip_p=0.0) for r in records]
+    for a, b in zip(plain, loader_batches(never, plan, tokenizer, flip_p=1.0), strict=True):
+        assert torch.equal(a["pixel_values"], b["pixel_values"])
+
+
+def test_shuffle_tags_keeps_main_prompt_and_first_tags_in_place():
+    caption = Caption("main", tuple(Tag(f"t{i}") for i in range(6)))
+    orders = set()
+    for seed in range(30):
+        text = assemble_caption(caption, True, 2, 2048, random.Random(seed))
+        parts = text.split(", ")
+        assert parts[:3] == ["main", "t0", "t1"] and sorted(parts[3:]) == ["t2", "t3", "t4", "t5"]
+        orders.add(text)
+    assert len(orders) > 5
+    assert assemble_caption(caption, False, 0, 2048, None) == "main, t0, t1, t2, t3, t4, t5"
+
+
+def test_weighted_tags_are_drawn_by_weight_within_the_length_budget():
+    caption = Caption("m", (Tag("heavy", 8.0), Tag("light", 1.0), Tag("mid", 3.0), Tag("other", 1.0)))
+    firsts = Counter()
+    for seed in range(400):
+        tags = assemble_caption(caption, True, 2, 8, random.Random(seed)).split(", ")[1:]
+        # budget 8 - len("m") = 7: a tag is added while the tag text is shorter; the last may overshoot
+        assert len(", ".join(tags[:-1])) < 7 and len(set(tags)) == len(tags)
+        firsts[tags[0]] += 1
+    assert firsts["heavy"] > firsts["mid"] > firsts["light"]
+    assert firsts["heavy"] / 400 == pytest.approx(8 / 13, abs=0.08)
+
+
+def test_schedule_shows_what_each_step_trains(small_dataset, tokenizer, tmp_path):
+    records = [dataclasses.replace(r, caption=Caption(f"photo {n}", tuple(Tag(f"t{k}") for k in range(4))))
+               for n, r in enumerate(small_dataset)]
+    plan = build_epoch_batches(records, batch_size=2, seed=5, epoch=1)
+    kw = dict(cond_dropout=0.3, seed=5, epoch=1, flip_p=0.5, shuffle_tags=True, keep_tags=1)
+    loader = make_epoch_loader(plan, records, tokenizer, **kw)
+    write_schedule(tmp_path / "s.txt", loader.dataset)
+    lines = [SCHEDULE_LINE.fullmatch(line) for line in (tmp_path / "s.txt").read_text().splitlines()]
+    trained = [(c, batch["pixel_values"][slot]) for batch in loader for slot, c in enumerate(batch["captions"])]
+    assert len(lines) == len(trained) == 2 * len(plan)
+    flips = {m[7] for m in lines}
+    assert flips == {"0", "1"} and {m[8] for m in lines} >= {" "}    # flips and dropouts both happen
+    for n, (m, (caption, pixels)) in enumerate(zip(lines, trained)):
+        assert m[8] == caption
+        step, slot = divmod(n, 2)
+        record_ = records[plan[step].indices[slot]]
+        unflipped = load_training_image(record_.path, plan[step].bucket, sample_rng(5, 1, step, slot, "crop"))
+        assert torch.equal(pixels, torch.flip(unflipped, [-1]) if m[7] == "1" else unflipped)
+
+
+def test_undecodable_image_is_replaced_and_reported_once(tmp_path, tokenizer, caplog):
+    rng = np.random.default_rng(0)
+    for n in range(3):
+        Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / f"ok{n}.png")
+    Image.fromarray(rng.integers(0, 256, (128, 128, 3), dtype=np.uint8)).save(tmp_path / "cut.png")
+    (tmp_path / "cut.png").write_bytes((tmp_path / "cut.png").read_bytes()[:3000])  # header intact
+    result = scan(str(tmp_path))
+    records = assign_buckets(result.records, 128)
+    assert len(records) == 4 and not result.problems
+    cut = next(i for i, r in enumerate(records) if r.path.endswith("cut.png"))
+    caplog.set_level(logging.WARNING)
+    for epoch, batch_size in ((0, 2), (1, 2), (2, 1)):
+        plan = build_epoch_batches(records, batch_size, seed=1, epoch=epoch)
+        loader = make_epoch_loader(plan, records, tokenizer, 0.0, seed=1, epoch=epoch, skipped=result.skipped)
+        batches = collect(loader)
+        assert len(batches) == len(plan) and all(b["pixel_values"].shape[0] == batch_size for b in batches)
+        for planned, batch in zip(plan, batches):
+            if cut in planned.indices:      # its slot holds a duplicate of an image that decoded
+                slot = planned.indices.index(cut)
+                others = load_all(records, cut, planned.bucket)
+                assert any(torch.equal(batch["pixel_values"][slot], t) for t in others)
+    assert [p for p, _ in result.problems] == [records[cut].path]
+    assert [r.message for r in caplog.records].count(
+        f"skipped {records[cut].path}: {result.problems[0][1]}; its batches use a duplicate of another image "
+        f"instead") == 1
+
+
+def load_all(records, excluded, bucket):
+    """Every other image of the bucket, as the loader decodes it (128x128 into a 128x128 bucket: no crop)."""
+    return [load_training_image(r.path, bucket, random.Random(0), jitter=False)
+            for i, r in enumerate(records) if i != excluded and r.bucket == bucket]

@@ -43,14 +43,15 @@ FLAGS: list[Flag] = [
         ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
          {"min": 64, "max": 2048}),
         ("batch_size", int, 2, "Images per step.", {"min": 1}),
-        ("flip_p", float, 0.0, "Probability of flipping each image horizontally.", {"min": 0, "max": 1, "planned": "#4"}),
-        ("shuffle_tags", bool, False, "Shuffle the comma-separated tags of every caption (first part stays first).",
-         {"planned": "#4"}),
-        ("keep_tags", int, 0, "With shuffle_tags: keep the first N tags in place.", {"min": 0, "planned": "#4"}),
+        ("flip_p", float, 0.0, "Probability of flipping each image horizontally, for images whose folder "
+         "(flip_p.txt, yaml) or sidecar sets none.", {"min": 0, "max": 1}),
+        ("shuffle_tags", bool, False, "Shuffle the comma-separated tags of every caption each epoch (first part "
+         "stays first); tags with yaml weights are drawn by weight instead."),
+        ("keep_tags", int, 0, "With tag shuffling: keep the first N tags in place.", {"min": 0}),
         ("write_schedule", bool, False, "Write logdir/<run>/ep<N>_batch_schedule.txt: the order images are trained in."),
-        ("rated_dataset", bool, False, "Train fewer, better-rated images as epochs go by.", {"planned": "#4"}),
-        ("rated_dataset_target_dropout_percent", int, 50, "With rated_dataset: percent of images kept in the last epoch.",
-         {"min": 0, "max": 100, "planned": "#4"}),
+        ("rated_dataset", bool, False, "Train fewer, better-rated images as epochs go by (yaml `rating`)."),
+        ("rated_dataset_target_dropout_percent", int, 50, "With rated_dataset: the percent of images that later "
+         "epochs shrink towards (see doc/DATA.md for the exact schedule).", {"min": 0, "max": 100}),
         ("validation_config", str, None, "Validation settings JSON; unset = no validation.", {"planned": "#4"}),
     ),
     *_flags(
