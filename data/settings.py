@@ -109,8 +109,9 @@ def record_fields(settings: Settings, image_path: str) -> dict:
     The file name supplies the main prompt only when no source did (§2.2); its own tags then join as
     the least specific source. multiply and rating of 0 or unset mean 1 (compat), as do ratings below
     0 (§2.7)."""
-    if not settings.main_prompt:
-        settings = merge([caption_settings(caption_from_filename(image_path)), settings])
+    # merge also sorts the tags by weight, which a manifest entry (a single source) still needs
+    settings = merge([caption_settings(caption_from_filename(image_path)), settings]
+                     if not settings.main_prompt else [settings])
     return dict(
         caption=Caption(settings.main_prompt or "", settings.tags),
         multiply=settings.multiply or 1.0,
