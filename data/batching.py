@@ -198,7 +198,7 @@ class PlanSummary:
                f"buckets whose count is not a multiple of the batch size; no image dropped"]
         for (batch_id, (w, h)), count in self.buckets:
             label = "" if batch_id == DEFAULT_BATCH_ID else f" [{batch_id}]"
-            out.append(f"  bucket {w}x{h}{label}: {count} samples")
+            out.append(f"  bucket {w}x{h}{label}: {count} sample{'' if count == 1 else 's'}")
         for batch_id, (w, h), moved, size in self.demoted:
             out.append(f"  batch_id '{batch_id}' has {size} samples in bucket {w}x{h}, not a "
                        f"multiple of batch size {self.batch_size}: {moved} of them train in "

@@ -166,6 +166,6 @@ def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"cannot decode image '{path}' ({type(e).__name__}: {e}); "
+        raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); "
                         f"re-save it with an image editor or remove it from the dataset") from e
     return to_tensor(img)

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from data.batching import Batch
 from data.captions import assemble_caption
 from data.images import load_training_image
-from data.records import DataError, ImageRecord, SkippedFiles
+from data.records import DataError, ImageRecord, SkippedFiles, without_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +96,8 @@ class EpochBatches(Dataset):
             try:
                 slots.append(self._load(step, slot, index, batch.bucket))
             except DataError as e:
-                skipped.append((self.records[index].path, str(e)))
+                path = self.records[index].path
+                skipped.append((path, without_path(str(e), path)))
                 slots.append(None)
         if skipped:
             slots = self._fill_failed(step, batch, slots, skipped)
@@ -127,7 +128,7 @@ class EpochBatches(Dataset):
                     good = [self._load(step, 0, index, batch.bucket)]
                     break
                 except DataError as e:
-                    skipped.append((record.path, str(e)))
+                    skipped.append((record.path, without_path(str(e), record.path)))
                     failed.add(record.path)
             else:
                 w, h = batch.bucket

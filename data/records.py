@@ -64,6 +64,15 @@ class ImageRecord:
     max_caption_length: int = DEFAULT_MAX_CAPTION_LENGTH
 
 
+def without_path(message: str, path: str) -> str:
+    """`message` without a leading "<path>: " or "<path> ": the skipped-file summary names the file
+    already, and the message (written to name it when it stands alone) need not say it twice."""
+    for prefix in (f"{path}: ", f"{path} "):
+        if message.startswith(prefix):
+            return message[len(prefix):]
+    return message
+
+
 class SkippedFiles:
     """Files left out of training, each with its reason; a file is reported once however often it
     is met (a broken image is met again every epoch, in whichever worker decodes it)."""

@@ -21,7 +21,7 @@ from typing import Optional
 from PIL import Image
 
 from data.images import MAX_IMAGE_PIXELS, exif_orientation
-from data.records import Caption, DataError, ImageRecord, SkippedFiles, Tag
+from data.records import Caption, DataError, ImageRecord, SkippedFiles, Tag, without_path
 from data.settings import (GLOBAL_FILES, LOCAL_FILES, SIDECAR_EXTENSIONS, Notify, Settings,
                            SettingsError, manifest_entry, merge, read_folder_file, read_manifest,
                            read_sidecar, record_fields)
@@ -253,21 +253,25 @@ class _Walker:
             try:
                 out.append(read_folder_file(path, name, self.result.notices.add))
             except SettingsError as e:
-                self.result.skipped.add(path, f"{e} (the file is ignored)")
+                self.result.skipped.add(path, f"{without_path(str(e), path)} (the file is ignored)")
         return out
+
+
+class _TooLarge(ValueError):
+    pass
 
 
 def oriented_size(path: str) -> tuple[int, int]:
     """(width, height) as displayed, from the header only: `Image.open` reads the header and the
-    EXIF block but decodes no pixels. Raises for a file PIL cannot identify, and ValueError for
-    one above MAX_IMAGE_PIXELS."""
+    EXIF block but decodes no pixels. Raises for a file PIL cannot identify, and _TooLarge for one
+    above MAX_IMAGE_PIXELS."""
     with warnings.catch_warnings():
         # PIL warns between its limit and twice that; the check below turns it into a skip.
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(path) as img:
             width, height = img.size
             if width * height > MAX_IMAGE_PIXELS:
-                raise ValueError(f"{width}x{height} is {width * height / 1e6:.0f} megapixels")
+                raise _TooLarge(f"{width}x{height} is {width * height / 1e6:.0f} megapixels")
             if exif_orientation(img) in _SWAPS_AXES:
                 width, height = height, width
     if width <= 0 or height <= 0:
@@ -284,9 +288,13 @@ def unreadable_reason(path: str, error: Exception) -> str:
     if empty:
         return "empty file (0 bytes); replace it with the image or remove it"
     text = str(error)
-    if isinstance(error, Image.DecompressionBombError) or "megapixels" in text:
-        return (f"too large ({text}); images above {MAX_IMAGE_PIXELS // 1_000_000} megapixels are "
-                f"skipped as a guard against decompression bombs; downscale it")
+    limit = f"images above {MAX_IMAGE_PIXELS // 1_000_000} megapixels are skipped as a guard " \
+            f"against decompression bombs; downscale it"
+    if isinstance(error, Image.DecompressionBombError):
+        # PIL refuses at twice its limit, before the size is known to us
+        return f"too large (its header claims over {2 * MAX_IMAGE_PIXELS // 1_000_000} megapixels); {limit}"
+    if isinstance(error, _TooLarge):
+        return f"too large ({text}); {limit}"
     if isinstance(error, Image.UnidentifiedImageError):
         return ("not a readable image (corrupt, or another format with an image extension); "
                 "re-save it as JPEG or PNG, or remove it")
