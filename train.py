@@ -104,10 +104,17 @@ def main(argv: list[str] | None = None) -> int:
     accelerator = make_accelerator(args)
     try:
         model = models.load(resume)
+        if args.enable_zero_terminal_snr:
+            model.use_zero_terminal_snr()
+        noise_scheduler = model.noise_scheduler(args.train_sampler)
     except models.ModelLoadError as e:
         log.error("error: %s", e)
         return 2
-    noise_scheduler = model.noise_scheduler(args.train_sampler)
+    if args.clip_skip > model.text_encoder.config.num_hidden_layers:
+        log.error("error: %s: clip_skip %d reaches past the text encoder's %d layers; use at most %d (0 or 1 = the "
+                  "last layer).", args.sources.get("clip_skip", "defaults"), args.clip_skip,
+                  model.text_encoder.config.num_hidden_layers, model.text_encoder.config.num_hidden_layers)
+        return 2
     trained = prepare_models(model, args, accelerator)
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------

@@ -85,14 +85,18 @@ FLAGS: list[Flag] = [
         ("train_sampler", str, "ddpm", "Noise scheduler used to noise training latents.",
          {"choices": ("ddpm", "pndm", "ddim")}),
         ("zero_frequency_noise_ratio", float, 0.02, "Offset-noise strength (0 = off).", {"min": 0}),
-        ("pyramid_noise_discount", float, None, "Pyramid (multi-resolution) noise discount; unset or 0 = off.",
-         {"min": 0, "planned": "#5"}),
-        ("embedding_perturbation", float, 0.0, "Gaussian noise on text embeddings, std = value / sqrt(width).",
-         {"min": 0, "planned": "#5"}),
-        ("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (e.g. 5); unset = off.", {"min": 0, "planned": "#5"}),
-        ("enable_zero_terminal_snr", bool, False, "Rescale betas to zero terminal SNR.", {"planned": "#5"}),
-        ("clip_skip", int, 0, "Use the text encoder's hidden state N layers from the end (0 and 1 = last).",
-         {"min": 0, "max": 4, "planned": "#5"}),
+        ("pyramid_noise_discount", float, None, "Pyramid (multi-resolution) noise: each coarser level of noise "
+         "is weighted by this discount once more (e.g. 0.4-0.8); unset or 0 = off.", {"min": 0}),
+        ("embedding_perturbation", float, 0.0, "Gaussian noise added to the text encoder's output while training, "
+         "std = value / sqrt(embedding width); 0 = off.", {"min": 0}),
+        ("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (e.g. 5): per-image weight min(SNR, gamma)/SNR "
+         "(epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction); unset or 0 = off.", {"min": 0}),
+        ("enable_zero_terminal_snr", bool, False, "Rescale betas so the last timestep has zero SNR (v-prediction "
+         "models only). Samples use trailing DDIM steps and guidance rescale 0.7; saved checkpoints keep the "
+         "rescaled scheduler."),
+        ("clip_skip", int, 0, "Condition on the text encoder's hidden state N layers from the end, through its "
+         "final layer norm: 2 = penultimate on SD1.x, one further back than the default on SD2.x; 0 and 1 = last.",
+         {"min": 0, "max": 4}),
         ("load_settings_every_epoch", bool, False, "Re-read the config file at each epoch start.", {"planned": "#5"}),
         ("rectified_flow", bool, False, "Train with the rectified-flow objective (v-prediction models only).",
          {"planned": "#6"}),

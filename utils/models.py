@@ -11,6 +11,7 @@ Saving writes a diffusers folder and a single file in LDM layout, each atomicall
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import tempfile
@@ -59,13 +60,40 @@ class StableDiffusion:
 
     def noise_scheduler(self, train_sampler: str):
         """The scheduler that noises training latents (same betas and prediction type as the model's)."""
-        return TRAIN_SAMPLERS[train_sampler].from_config(self.scheduler.config)
+        scheduler_class = TRAIN_SAMPLERS[train_sampler]
+        if self.scheduler.config.get("rescale_betas_zero_snr") and not _can_rescale_to_zero_snr(scheduler_class):
+            # from_config would drop the setting without a word and train on the original betas.
+            raise ModelLoadError(f"train_sampler '{train_sampler}' cannot use zero-terminal-SNR betas (set by "
+                                 f"enable_zero_terminal_snr, or saved with {self.source}). Use train_sampler ddpm "
+                                 "or ddim.")
+        return scheduler_class.from_config(self.scheduler.config)
+
+    def use_zero_terminal_snr(self) -> None:
+        """Rescales the betas so the last timestep has zero SNR (Lin et al. 2023, Algorithm 1, as diffusers'
+        rescale_betas_zero_snr) and spaces sampling timesteps "trailing" so sampling starts from that timestep
+        (§3.3), in the scheduler saved with the model: the training noise scheduler, the sampler and every saved
+        checkpoint then use the same schedule."""
+        if self.prediction_type != "v_prediction":
+            raise ModelLoadError(
+                f"enable_zero_terminal_snr needs a v-prediction model; {self.source} predicts {self.prediction_type}. "
+                "At zero SNR the noisy latent is pure noise, so predicting that noise says nothing about the image "
+                "and samplers divide by zero at the last timestep (the saved model would sample NaN images). Use a "
+                "v-prediction model (e.g. SD 2.x 768-v) or turn enable_zero_terminal_snr off.")
+        scheduler_class = type(self.scheduler)
+        if not _can_rescale_to_zero_snr(scheduler_class):
+            scheduler_class = DDIMScheduler  # e.g. PNDM has no such option; DDIM is what the paper samples with
+        self.scheduler = scheduler_class.from_config(self.scheduler.config, rescale_betas_zero_snr=True,
+                                                     timestep_spacing="trailing")
 
     def describe(self) -> str:
         n_unet = sum(p.numel() for p in self.unet.parameters()) / 1e6
         n_te = sum(p.numel() for p in self.text_encoder.parameters()) / 1e6
         return (f"{self.family} {self.prediction_type} from {self.source} "
                 f"(UNet {n_unet:.1f}M params, text encoder {n_te:.1f}M)")
+
+
+def _can_rescale_to_zero_snr(scheduler_class) -> bool:
+    return "rescale_betas_zero_snr" in inspect.signature(scheduler_class.__init__).parameters
 
 
 def load(path: str | Path) -> StableDiffusion:

@@ -1,18 +1,52 @@
 """What the UNet learns: noise, timesteps, targets and the loss (REFERENCE.md §8.5, ADVANCED_TWEAKING.md)."""
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
 
-def sample_noise(latents: torch.Tensor, zero_frequency_noise_ratio: float, generator=None) -> torch.Tensor:
-    """Gaussian noise plus offset noise: one extra N(0,1) value per (sample, channel) times the ratio."""
+def sample_noise(latents: torch.Tensor, zero_frequency_noise_ratio: float, pyramid_noise_discount: float | None = None,
+                 generator=None) -> torch.Tensor:
+    """Gaussian noise, made pyramid noise when a discount is set, plus offset noise: one extra N(0,1) value per
+    (sample, channel) times the ratio (Guttenberg's offset noise), in that order as EveryDream2 does."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device, dtype=latents.dtype)
+    if pyramid_noise_discount:
+        noise = add_pyramid_noise(noise, pyramid_noise_discount, generator)
     if zero_frequency_noise_ratio > 0:
         offset = torch.randn((*latents.shape[:2], 1, 1), generator=generator, device=latents.device,
                              dtype=latents.dtype)
         noise = noise + zero_frequency_noise_ratio * offset
     return noise
+
+
+def add_pyramid_noise(noise: torch.Tensor, discount: float, generator=None) -> torch.Tensor:
+    """Multi-resolution noise (Whitaker's report): for i = 1, 2, ... adds discount**i times Gaussian noise drawn at
+    (H // 2**i, W // 2**i) and upsampled bilinearly to (H, W), until a side reaches 1; then divides by the whole
+    batch's std so the noise scale the schedule expects is kept.
+
+    The report and EveryDream2 shrink by a random factor in [2, 4) per level; a fixed 2 keeps runs repeatable
+    from the seed alone, with a similar low-frequency emphasis.
+    """
+    b, c, h, w = noise.shape
+    i, level_h, level_w = 0, h, w
+    while level_h > 1 and level_w > 1:
+        i += 1
+        level_h, level_w = max(1, h >> i), max(1, w >> i)
+        level = torch.randn((b, c, level_h, level_w), generator=generator, device=noise.device, dtype=noise.dtype)
+        noise = noise + discount ** i * F.interpolate(level, size=(h, w), mode="bilinear", align_corners=False)
+    return noise / noise.std()
+
+
+def perturb_embedding(hidden_states: torch.Tensor, gamma: float, generator=None) -> torch.Tensor:
+    """Conditional embedding perturbation (arXiv 2405.20494): adds N(0, (gamma / sqrt(d))^2) to every value of
+    the text encoder's output, d its width (768 for SD1.x, 1024 for SD2.x)."""
+    if gamma <= 0:
+        return hidden_states
+    noise = torch.randn(hidden_states.shape, generator=generator, device=hidden_states.device,
+                        dtype=hidden_states.dtype)
+    return hidden_states + gamma / math.sqrt(hidden_states.shape[-1]) * noise
 
 
 def sample_timesteps(batch: int, start: int, end: int, device, generator=None) -> torch.Tensor:
@@ -29,12 +63,25 @@ def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:
     raise ValueError(f"prediction_type '{prediction_type}' is not supported; use an epsilon or v_prediction model.")
 
 
+def min_snr_weight(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weight per sample (arXiv 2303.09556), SNR(t) = alpha_bar_t / (1 - alpha_bar_t):
+    min(SNR, gamma) / SNR for epsilon models, min(SNR, gamma) / (SNR + 1) for v-prediction (the paper's v form).
+    Prediction types other than these two are refused by training_target."""
+    alpha_bar = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].float()
+    snr = alpha_bar / (1 - alpha_bar)
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        return snr.clamp(max=gamma) / (snr + 1)
+    # min(SNR, gamma) / SNR written as min(1, gamma / SNR): equal for SNR > 0, and its limit 1 instead of 0/0 at
+    # the last timestep of a zero-terminal-SNR schedule.
+    return (gamma / snr).clamp(max=1.0)
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, loss_type: str,
                    loss_scale: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
     """Per-sample weighted loss, averaged over the batch.
 
     mse_huber goes from pure MSE at timestep 0 to pure Huber (delta 1) at the last timestep, linearly in t;
-    huber_mse is the reverse. Each sample's loss is multiplied by its loss_scale.
+    huber_mse is the reverse. Each sample's loss is multiplied by its loss_scale (which carries any min-SNR weight).
     """
     pred, target = pred.float(), target.float()
     if loss_type == "mse":

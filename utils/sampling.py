@@ -14,6 +14,9 @@ log = logging.getLogger(__name__)
 
 GUIDANCE_SCALES = (7.0, 4.0, 1.01)
 INFERENCE_STEPS = 30
+# Lin et al. 2023 §3.4: classifier-free guidance rescaled against the overexposure zero-terminal-SNR models show
+# at high guidance; 0.7 as the paper and EveryDream2 use.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 
 def read_prompts(path: str | Path) -> list[str]:
@@ -50,6 +53,8 @@ def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int
                                    scheduler=DDIMScheduler.from_config(model.scheduler.config), safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
+    # The sampler follows the model's scheduler config (its betas and timestep spacing), as the saved model will.
+    guidance_rescale = ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     was_training = (unet.training, text_encoder.training)
     unet.eval()
     text_encoder.eval()
@@ -60,7 +65,7 @@ def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int
         for scale in GUIDANCE_SCALES:
             generators = [torch.Generator(device).manual_seed(seed) for _ in prompts]
             images = pipe(prompts, height=size, width=size, num_inference_steps=INFERENCE_STEPS,
-                          guidance_scale=scale, generator=generators).images
+                          guidance_scale=scale, guidance_rescale=guidance_rescale, generator=generators).images
             for strip, image in zip(strips, images):
                 strip.append(_label(image, f"cfg:{scale:.1f}"))
     unet.train(was_training[0])

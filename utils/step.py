@@ -5,7 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.objectives import diffusion_loss, runt_weight, sample_noise, sample_timesteps, training_target
+from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
+    sample_timesteps, training_target
 
 
 @dataclass
@@ -16,11 +17,16 @@ class StepSettings:
     timestep_start: int
     timestep_end: int
     batch_size: int
+    pyramid_noise_discount: float | None
+    embedding_perturbation: float
+    min_snr_gamma: float | None
+    clip_skip: int
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
         return cls(args.loss_type, args.zero_frequency_noise_ratio, args.timestep_start, args.timestep_end,
-                   args.batch_size)
+                   args.batch_size, args.pyramid_noise_discount, args.embedding_perturbation, args.min_snr_gamma,
+                   args.clip_skip)
 
 
 @torch.no_grad()
@@ -30,19 +36,32 @@ def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
     return vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
 
 
-def encode_text(text_encoder, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device, non_blocking=True))[0]
+def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+    """The UNet's conditioning: the text encoder's last hidden state, or with clip_skip N >= 2 the hidden state
+    N layers back counting the last as 1, passed through the final layer norm as the last one is (EveryDream2's
+    and AUTOMATIC1111's clip skip). Diffusers' SD2.x text encoders already stop one layer short of the original
+    24, so there N goes that much further back."""
+    input_ids = input_ids.to(text_encoder.device, non_blocking=True)
+    if clip_skip < 2:
+        return text_encoder(input_ids)[0]
+    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+    # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model.
+    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
 def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings) -> torch.Tensor:
     """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor)."""
     latents = encode_images(vae, batch["pixel_values"]).float()
-    encoder_hidden_states = encode_text(text_encoder, batch["input_ids"])
-    noise = sample_noise(latents, settings.zero_frequency_noise_ratio)
+    encoder_hidden_states = perturb_embedding(encode_text(text_encoder, batch["input_ids"], settings.clip_skip),
+                                              settings.embedding_perturbation)
+    noise = sample_noise(latents, settings.zero_frequency_noise_ratio, settings.pyramid_noise_discount)
     timesteps = sample_timesteps(latents.shape[0], settings.timestep_start, settings.timestep_end, latents.device)
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, batch["loss_scale"],
+    weight = batch["loss_scale"].to(latents.device)
+    if settings.min_snr_gamma:
+        weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
+    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight,
                           noise_scheduler.config.num_train_timesteps)
     return loss * runt_weight(batch["runt_size"], settings.batch_size)
