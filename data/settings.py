@@ -104,14 +104,13 @@ def merge(sources: Sequence[Settings]) -> Settings:
 
 
 def record_fields(settings: Settings, image_path: str) -> dict:
-    """ImageRecord keyword arguments for an image with these merged settings.
+    """ImageRecord keyword arguments for an image with these settings, the result of `merge`.
 
     The file name supplies the main prompt only when no source did (§2.2); its own tags then join as
     the least specific source. multiply and rating of 0 or unset mean 1 (compat), as do ratings below
     0 (§2.7)."""
-    # merge also sorts the tags by weight, which a manifest entry (a single source) still needs
-    settings = merge([caption_settings(caption_from_filename(image_path)), settings]
-                     if not settings.main_prompt else [settings])
+    if not settings.main_prompt:
+        settings = merge([caption_settings(caption_from_filename(image_path)), settings])
     return dict(
         caption=Caption(settings.main_prompt or "", settings.tags),
         multiply=settings.multiply or 1.0,

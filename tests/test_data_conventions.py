@@ -385,3 +385,40 @@ def test_large_scans_run_in_worker_processes_with_the_same_result(tmp_path, monk
     assert len(serial.records) == 30
     assert parallel.records == serial.records
     assert parallel.problems == serial.problems and parallel.summary_lines() == serial.summary_lines()
+
+
+def exif_block(orientation: int, big_endian: bool) -> bytes:
+    """An APP1 Exif payload with one Orientation entry, in either byte order."""
+    e = ">" if big_endian else "<"
+    tiff = (b"MM" if big_endian else b"II") + struct.pack(e + "HI", 42, 8) + struct.pack(e + "H", 1) \
+        + struct.pack(e + "HHI", 0x0112, 3, 1) + struct.pack(e + "HH", orientation, 0) + struct.pack(e + "I", 0)
+    return b"Exif\x00\x00" + tiff
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "CMYK"])
+def test_jpeg_header_reader_agrees_with_pil(tmp_path, mode):
+    from data.images import exif_orientation
+
+    cases = []
+    for orientation in (None, 1, 3, 6, 8):
+        for progressive in (False, True):
+            for big_endian in (False, True):
+                path = tmp_path / f"{orientation}{progressive}{big_endian}.jpg"
+                extra = {} if orientation is None else {"exif": exif_block(orientation, big_endian)}
+                Image.new(mode, (53, 37)).save(path, progressive=progressive, **extra)
+                cases.append(path)
+    for path in cases:
+        with open(path, "rb") as f:
+            mine = scan_module.jpeg_header(f)
+        with Image.open(path) as img:
+            assert mine == (*img.size, exif_orientation(img)), path
+    assert {scan_module.oriented_size(str(p)) for p in cases} == {(53, 37), (37, 53)}
+    # not a JPEG inside, or cut before its frame header: left to PIL, which reads or rejects it
+    save_image(tmp_path / "png_inside.jpg", size=(20, 10), format="PNG")
+    (tmp_path / "cut.jpg").write_bytes(cases[0].read_bytes()[:30])
+    for name in ("png_inside.jpg", "cut.jpg"):
+        with open(tmp_path / name, "rb") as f:
+            assert scan_module.jpeg_header(f) is None
+    assert scan_module.oriented_size(str(tmp_path / "png_inside.jpg")) == (20, 10)
+    with pytest.raises(OSError):
+        scan_module.oriented_size(str(tmp_path / "cut.jpg"))
