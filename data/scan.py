@@ -238,6 +238,9 @@ class _Walker:
             if ext in IMAGE_EXTENSIONS:
                 if entry.is_file():
                     listing.images.append(entry.path)
+                else:
+                    self.result.skipped.add(entry.path, "not a readable file (a broken link?); fix or "
+                                                        "remove it")
             elif ext in SIDECAR_EXTENSIONS:
                 # Extensions match in any case (photo.TXT), as on the Windows machines many
                 # EveryDream2 datasets were built on; the base name must match exactly.

@@ -352,12 +352,14 @@ def test_bad_image_files_are_skipped_each_with_a_reason(tmp_path):
     png_header_only(tmp_path / "bomb.png", 40_000, 40_000)          # 1600 megapixels
     side = int((MAX_IMAGE_PIXELS * 1.5) ** 0.5)                      # between PIL's warning and error limits
     png_header_only(tmp_path / "big.png", side, side)
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
 
     result = scan(str(tmp_path))
 
     assert [os.path.basename(r.path) for r in result.records] == ["good.jpg"]
     reasons = skipped(result)
-    assert set(reasons) == {"zero.jpg", "text.png", "cut.jpg", "bomb.png", "big.png"}
+    assert set(reasons) == {"zero.jpg", "text.png", "cut.jpg", "bomb.png", "big.png", "link.png"}
+    assert "broken link" in reasons["link.png"]
     assert reasons["zero.jpg"].startswith("empty file (0 bytes)")
     assert reasons["text.png"].startswith("not a readable image")
     assert "cannot read the image" in reasons["cut.jpg"]
@@ -365,8 +367,8 @@ def test_bad_image_files_are_skipped_each_with_a_reason(tmp_path):
         assert "decompression bombs; downscale it" in reasons[name]
     assert "megapixels" in reasons["big.png"]
     summary = result.summary_lines()
-    assert summary[0] == "5 file(s) skipped (the rest of the dataset trains):"
-    assert len(summary) == 6   # each file once
+    assert summary[0] == "6 file(s) skipped (the rest of the dataset trains):"
+    assert len(summary) == 7   # each file once
 
 
 def test_large_scans_run_in_worker_processes_with_the_same_result(tmp_path, monkeypatch):
