@@ -112,7 +112,7 @@ def scan(data_root: str) -> ScanResult:
 
 # Scans of at least this many images read captions and headers in worker processes (one per core,
 # at most _MAX_PROCESSES); below it, starting them costs more than it saves. The work is Python
-# (PIL's header parsers, yaml) and so GIL-bound: threads would not help.
+# (header parsing, yaml, merging) and so GIL-bound: threads would not help.
 PARALLEL_MIN_IMAGES = 4000
 _MAX_PROCESSES = 8
 _CHUNK = 500

@@ -1,6 +1,6 @@
 """Benchmarks: `python scripts/bench.py <subcommand> [options]`; results are recorded in doc/PERFORMANCE.md.
 
-Subcommands (each is one `cmd_<name>` function registered in `SUBCOMMANDS`; add others the same way):
+Subcommands (each registered in `SUBCOMMANDS` with its help, its arguments and the function that runs it):
   data   the data pipeline on CPU: scan speed on a generated folder of N small captioned images, then
          images/s of the DataLoader alone (decode, crop, resize, flip, tokenize) at 0/1/2 workers.
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import resource
@@ -135,13 +134,7 @@ def cmd_data(args) -> dict:
     return out
 
 
-SUBCOMMANDS = {"data": cmd_data}
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("data", help="scan and DataLoader speed on CPU")
+def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--images", type=int, default=100_000, help="small images generated for the scan")
     p.add_argument("--loader-images", type=int, default=512, help="images per DataLoader measurement")
     p.add_argument("--loader-size", default="1536x1024", help="size of the photo-like images the loader decodes")
@@ -149,13 +142,25 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--cache", default="/tmp/sdtrainer-bench", help="where generated datasets are kept")
-    p.add_argument("--json", help="also write the results to this JSON file")
+
+
+# name -> (help, add its arguments, run it and return the results)
+SUBCOMMANDS = {"data": ("scan and DataLoader speed on CPU", data_args, cmd_data)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (help_text, add_args, _) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--json", help="also write the results to this JSON file")
+        add_args(p)
     args = parser.parse_args(argv)
 
     results = {"command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                           f"Python {platform.python_version()}",
-               **SUBCOMMANDS[args.command](args)}
+               **SUBCOMMANDS[args.command][2](args)}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
