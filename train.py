@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 import data
 from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
-from utils import config
+from utils import config, validation
 from utils.checkpoint import SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
@@ -87,12 +87,15 @@ def main(argv: list[str] | None = None) -> int:
         optimizer_file = read_optimizer_file(args.optimizer_config)
         scan = data.scan(args.data_root)
         scan.require_images()
+        records = data.assign_buckets(scan.records, args.resolution)
+        validation_cfg = validation.load_validation_config(args.validation_config) if args.validation_config else None
+        if validation_cfg:
+            records, validation_sets = validation.split_records(records, validation_cfg, args.resolution)
     except (config.ConfigError, data.DataError, FileNotFoundError) as e:
         log.error("error: %s", e)
         return 2
     for line in scan.summary_lines():
         log.warning(line)
-    records = data.assign_buckets(scan.records, args.resolution)
     rated = data.RatedDataset(args.max_epochs, args.rated_dataset_target_dropout_percent) if args.rated_dataset else None
 
     # -- model -------------------------------------------------------------------------------------------------
@@ -155,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     # On CPU the training step needs every core; workers would only fight it for them.
     loader_workers = min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
     save_timer = SaveTimer(args.ckpt_every_n_minutes)
+    validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers) \
+        if validation_cfg else None
+
+    def validate(step: int) -> None:
+        validator.run(model.unet, model.text_encoder, model.vae, noise_scheduler, model.tokenizer, step, run.tb,
+                      accelerator.autocast)
     sample_prompts_missing_warned = False
     global_step, epoch = 0, 0
     last_log_time, images_since_log = time.perf_counter(), 0
@@ -163,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     training_start = time.perf_counter()
     epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True)
     try:
+        if validator:
+            validate(0)
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
             if epoch > 0:
@@ -229,7 +240,9 @@ def main(argv: list[str] | None = None) -> int:
                         generate_samples(model, accelerator.unwrap_model(model.unet),
                                          accelerator.unwrap_model(model.text_encoder), prompts,
                                          size=args.resolution, seed=args.seed, step=global_step, out_dir=run.samples,
-                                         tb_writer=run.tb, autocast=accelerator.autocast)
+                                         tb_writer=run.tb, autocast=accelerator.autocast, clip_skip=args.clip_skip)
+                if validator and validator.due(epoch, local_step, len(plan)):
+                    validate(global_step)
                 if save_timer.due():
                     save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
                                     accelerator)

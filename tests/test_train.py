@@ -211,3 +211,22 @@ def test_gradient_checkpointing_and_sliced_attention_train_the_same(tmp_path, sm
     assert len(plain) == 8
     np.testing.assert_allclose(losses("--gradient_checkpointing"), plain, rtol=1e-4)
     np.testing.assert_allclose(losses("--attn_type", "slice"), plain, rtol=1e-4)
+
+
+def test_validation_through_train_is_logged_repeatable_and_held_out(tmp_path, small_dataset):
+    from tests.conftest import write_json
+
+    cfg = write_json(tmp_path / "validation.json", {"validate_training": True, "val_split_mode": "automatic",
+                                                    "auto_split_proportion": 0.25, "every_n_epochs": 1, "seed": 7})
+
+    def run_once(name):
+        run = short_run(tmp_path / name, small_dataset, "--validation_config", str(cfg), "--max_epochs", "2",
+                        "--write_schedule")
+        return run, read_scalars(run)["loss/val"]
+
+    (run_a, val_a), (_, val_b) = run_once("a"), run_once("b")
+    assert [s for s, _ in val_a] == [0, 3, 6] and val_a == val_b  # before training, then after each epoch
+    assert val_a[-1][1] != val_a[0][1]  # the model changed between passes
+    trained = {line.split("path:")[1].split(",")[0] for line in (run_a / "ep0_batch_schedule.txt").read_text()
+               .splitlines()}
+    assert len(trained) == 6  # 2 of the 8 images held out for validation, never trained

@@ -52,7 +52,7 @@ FLAGS: list[Flag] = [
         ("rated_dataset", bool, False, "Train fewer, better-rated images as epochs go by (yaml `rating`)."),
         ("rated_dataset_target_dropout_percent", int, 50, "With rated_dataset: the percent of images that later "
          "epochs shrink towards (see doc/DATA.md for the exact schedule).", {"min": 0, "max": 100}),
-        ("validation_config", str, None, "Validation settings JSON; unset = no validation.", {"planned": "#4"}),
+        ("validation_config", str, None, "Validation settings JSON (see doc/VALIDATION.md); unset = no validation."),
     ),
     *_flags(
         "Training",

@@ -44,7 +44,7 @@ def _label(tile: Image.Image, text: str) -> Image.Image:
 
 @torch.no_grad()
 def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int, seed: int, step: int,
-                     out_dir: Path, tb_writer, autocast) -> list[Path]:
+                     out_dir: Path, tb_writer, autocast, clip_skip: int = 0) -> list[Path]:
     """Renders each prompt once per guidance scale into a labelled strip; saves JPEG + .txt and logs to TensorBoard.
 
     Runs with the random state forked, so training after a sample is the same as without it.
@@ -65,7 +65,8 @@ def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int
         for scale in GUIDANCE_SCALES:
             generators = [torch.Generator(device).manual_seed(seed) for _ in prompts]
             images = pipe(prompts, height=size, width=size, num_inference_steps=INFERENCE_STEPS,
-                          guidance_scale=scale, guidance_rescale=guidance_rescale, generator=generators).images
+                          guidance_scale=scale, guidance_rescale=guidance_rescale, generator=generators,
+                          clip_skip=clip_skip - 1 if clip_skip >= 2 else None).images  # diffusers counts from 0
             for strip, image in zip(strips, images):
                 strip.append(_label(image, f"cfg:{scale:.1f}"))
     unet.train(was_training[0])

@@ -30,10 +30,10 @@ class StepSettings:
 
 
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Pixels in [-1, 1] -> scaled latents (a posterior sample, as the model was trained)."""
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype, non_blocking=True)
-    return vae.encode(pixel_values).latent_dist.sample() * vae.config.scaling_factor
+    return vae.encode(pixel_values).latent_dist.sample(generator=generator) * vae.config.scaling_factor
 
 
 def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:

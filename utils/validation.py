@@ -35,7 +35,7 @@ import data
 from data.records import DEFAULT_BATCH_ID
 from utils.config import ConfigError
 from utils.objectives import sample_noise, sample_timesteps, training_target
-from utils.step import StepSettings, encode_text
+from utils.step import StepSettings, encode_images, encode_text
 
 log = logging.getLogger(__name__)
 
@@ -360,11 +360,8 @@ class Validator:
         total, count = torch.zeros((), device=vae.device), 0
         for batch in tqdm(loader, desc=f"validate {name}", unit="step", leave=False, dynamic_ncols=True):
             with autocast():
-                pixels = batch["pixel_values"].to(device=vae.device, dtype=vae.dtype)
-                # utils.step.encode_images draws the posterior sample from the global RNG; this pass must draw
-                # it from its own generator to be repeatable without touching training's random state.
-                latents = (vae.encode(pixels).latent_dist.sample(generator=generator)
-                           * vae.config.scaling_factor).float()
+                # Its own generator: repeatable passes that leave training's random state untouched.
+                latents = encode_images(vae, batch["pixel_values"], generator).float()
                 hidden = encode_text(text_encoder, batch["input_ids"], self.training.clip_skip)
                 noise = sample_noise(latents, 0.0, self.training.pyramid_noise_discount, generator=generator)
                 timesteps = sample_timesteps(latents.shape[0], self.training.timestep_start,
