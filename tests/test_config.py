@@ -97,8 +97,17 @@ def test_bad_values_name_the_file_and_key(tmp_path, paths, values, message):
         assert str(tmp_path / "train.json") in str(err.value)
 
 
+def test_data_root_may_be_a_manifest_but_not_a_resolver_object(tmp_path, paths):
+    manifest = write_json(tmp_path / "manifest.json", [{"image": "a.png"}])
+    assert load(tmp_path, {**paths, "data_root": str(manifest)}).data_root == str(manifest)
+    with pytest.raises(config.ConfigError, match="resolver object or list .* is not supported"):
+        load(tmp_path, {**paths, "data_root": {"resolver": "directory", "path": paths["data_root"]}})
+    with pytest.raises(config.ConfigError, match="neither a folder nor a manifest .json"):
+        load(tmp_path, {**paths, "data_root": str(tmp_path / "train.json.txt")})
+
+
 def test_missing_paths_are_errors(tmp_path, paths):
-    with pytest.raises(config.ConfigError, match="data_root '.*nowhere' is not a folder"):
+    with pytest.raises(config.ConfigError, match="data_root '.*nowhere' is neither a folder nor a manifest"):
         load(tmp_path, {**paths, "data_root": str(tmp_path / "nowhere")})
     with pytest.raises(config.ConfigError, match="resume_ckpt '.*missing.safetensors' does not exist"):
         load(tmp_path, {**paths, "resume_ckpt": str(tmp_path / "missing.safetensors")})

@@ -115,6 +115,10 @@ def load(argv: list[str] | None = None) -> SimpleNamespace:
                 continue
             if key not in BY_NAME:
                 raise _unknown_key_error(key, str(path))
+            if key == "data_root" and isinstance(value, (dict, list)):
+                raise ConfigError(f"{path}: 'data_root' as a resolver object or list (EveryDream2's "
+                                  "{\"resolver\": ...} form) is not supported. Give one folder, or list the images "
+                                  "of several folders in a manifest .json (doc/DATA.md).")
             values[key] = _coerce(BY_NAME[key], value, str(path))
             sources[key] = str(path)
     for key, value in cli.items():
@@ -153,9 +157,11 @@ def _validate(args: SimpleNamespace) -> None:
     if Path(args.resume_ckpt).is_file() and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
                           ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
-    if not Path(args.data_root).is_dir():
-        raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is not a folder. Point it at "
-                          "the folder that holds your training images and caption files.")
+    data_root = Path(args.data_root)
+    if not (data_root.is_dir() or data_root.is_file() and data_root.suffix.lower() == ".json"):
+        raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is neither a folder nor a "
+                          "manifest .json file. Point it at the folder that holds your training images and caption "
+                          "files (see doc/DATA.md).")
     if args.resolution % 64:
         raise ConfigError(f"{_where(args, 'resolution')}: resolution {args.resolution} is not a multiple of 64. "
                           f"Use one of {', '.join(map(str, BUCKET_RESOLUTIONS))}.")

@@ -39,7 +39,8 @@ FLAGS: list[Flag] = [
         "Model and data",
         ("resume_ckpt", str, None, "Base model: a diffusers folder, a single .safetensors/.ckpt file (SD1.x or SD2.x, "
          "original layout), or `findlast` for the newest checkpoint under logdir. Required."),
-        ("data_root", str, None, "Folder of training images with their captions (searched recursively). Required."),
+        ("data_root", str, None, "Folder of training images with their captions (searched recursively), or a manifest .json "
+         "listing them (doc/DATA.md). Required."),
         ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
          {"min": 64, "max": 2048}),
         ("batch_size", int, 2, "Images per step.", {"min": 1}),
