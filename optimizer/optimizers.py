@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -20,7 +19,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
-from utils.config import ConfigError
+from utils.config import ConfigError, read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +67,7 @@ def read_optimizer_file(path: str | Path) -> dict:
     if not path.is_file():
         log.info("No optimizer config at %s: using AdamW8bit, lr 1e-6, betas 0.9/0.999, weight decay 0.01.", path)
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}).") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object with 'base' and 'text_encoder_overrides'.")
+    data = read_json_object(path, "", "optimizer settings ('base' and 'text_encoder_overrides')")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{path}: unknown key '{key}'.{_suggest(key, TOP_LEVEL_KEYS)}")

@@ -50,16 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_json(path: Path) -> dict:
+def read_json_object(path: Path, missing: str, expected: str) -> dict:
+    """Reads a JSON file holding one object; every problem is a ConfigError naming the file and the fix.
+
+    `missing` says what to do when the file is absent, `expected` what the object should hold.
+    """
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found. Check the --config path.")
+        raise ConfigError(f"{path}: not found. {missing}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
                           "Fix the syntax, e.g. a missing comma or a trailing comma.") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a JSON object of option names to values, got {type(data).__name__}.")
+        raise ConfigError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}.")
     return data
 
 
@@ -108,7 +112,8 @@ def load(argv: list[str] | None = None) -> SimpleNamespace:
     notes: list[str] = []
     if config_path:
         path = Path(config_path)
-        for key, value in _read_json(path).items():
+        for key, value in read_json_object(path, "Check the --config path.",
+                                           "option names to values").items():
             if key in LEGACY_KEYS:
                 if value not in (None, False):
                     notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")

@@ -33,7 +33,7 @@ from tqdm.auto import tqdm
 
 import data
 from data.records import DEFAULT_BATCH_ID
-from utils.config import ConfigError
+from utils.config import ConfigError, read_json_object
 from utils.objectives import sample_noise, sample_timesteps, training_target
 from utils.step import StepSettings, encode_images, encode_text
 
@@ -79,21 +79,6 @@ KEYS = tuple(f.name for f in dataclasses.fields(ValidationConfig) if f.name != "
 
 
 # -- loading the JSON --------------------------------------------------------------------------------------------
-
-def _read_object(path: Path) -> dict:
-    if not path.is_file():
-        raise ConfigError(f"validation_config '{path}' not found (paths are relative to the working directory). "
-                          "Fix the path, or remove validation_config to train without validation.")
-    try:
-        raw = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). Fix the syntax, "
-                          "e.g. a missing comma or a trailing comma.") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a JSON object of validation settings, got {type(raw).__name__}. "
-                          "See cfgs/validation.json for an example.")
-    return raw
-
 
 def _bool(where: str, key: str, value: Any) -> bool:
     if isinstance(value, bool):
@@ -151,7 +136,9 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
     model loads; the images in them are read by `split_records`.
     """
     where = str(path)
-    raw = _read_object(Path(path))
+    raw = read_json_object(Path(path), "Paths are relative to the working directory. Fix the path, or remove "
+                           "validation_config to train without validation.",
+                           "validation settings (see cfgs/validation.json for an example)")
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED_KEYS:
