@@ -110,6 +110,11 @@ def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: in
             log.warning("lr %g from %s overrides the learning rates in optimizer.json.", args.lr,
                         args.sources.get("lr", "the config"))
         base["lr"] = te["lr"] = args.lr
+    if args.scale_lr:
+        factor = (args.batch_size * args.grad_accum) ** 0.55
+        log.info("scale_lr: learning rates x %.3f = (batch_size %d x grad_accum %d) ^ 0.55: UNet %g, text encoder %g",
+                 factor, args.batch_size, args.grad_accum, base["lr"] * factor, te["lr"] * factor)
+        base["lr"], te["lr"] = base["lr"] * factor, te["lr"] * factor
     return {"unet": _settings(base), "text_encoder": _settings(te)}
 
 

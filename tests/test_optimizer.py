@@ -15,7 +15,7 @@ from utils.config import ConfigError
 
 def main_args(**overrides):
     values = dict(lr=None, lr_scheduler="constant", lr_warmup_steps=None, lr_decay_steps=None, max_epochs=10,
-                  sources={})
+                  sources={}, scale_lr=False, batch_size=2, grad_accum=1)
     values.update(overrides)
     return SimpleNamespace(**values)
 
@@ -96,3 +96,10 @@ def test_optimizers_train_a_real_model(name):
     assert losses[-1] < losses[0] * 0.8
     assert set(norms) == {"unet", "text_encoder"}
     assert set(opts.current_lrs()) == {"unet", "text_encoder"}
+
+
+def test_scale_lr_multiplies_both_rates_by_the_effective_batch_to_the_055():
+    data = {"base": {"optimizer": "adamw", "lr": 2e-6}, "text_encoder_overrides": {"lr": 1e-6}}
+    settings = resolve_settings(data, main_args(scale_lr=True, batch_size=6, grad_accum=2), steps_per_epoch=5)
+    assert settings["unet"].lr == pytest.approx(2e-6 * 12 ** 0.55)
+    assert settings["text_encoder"].lr == pytest.approx(1e-6 * 12 ** 0.55)

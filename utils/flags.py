@@ -65,7 +65,8 @@ FLAGS: list[Flag] = [
         ("lr_decay_steps", int, None, "Steps for the LR to reach 0; unset or 0 = 1.5 x the whole run.", {"min": 0}),
         ("optimizer_config", str, "optimizer.json", "Optimizer settings JSON (path relative to the working directory). "
          "A missing default file means AdamW8bit with lr 1e-6."),
-        ("scale_lr", bool, False, "Multiply lr by (batch_size x grad_accum)^0.55.", {"planned": "#5"}),
+        ("scale_lr", bool, False, "Multiply the learning rates by (batch_size x grad_accum)^0.55; the rates used "
+         "are logged."),
         ("disable_textenc_training", bool, False, "Freeze the text encoder."),
         ("disable_unet_training", bool, False, "Freeze the UNet."),
         ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU."),
