@@ -151,8 +151,7 @@ def _validate(args: SimpleNamespace) -> None:
         value = getattr(args, flag.name)
         if flag.planned and value not in (flag.default, None, False, 0):
             raise ConfigError(f"{_where(args, flag.name)}: '{flag.name}' is not implemented yet in this version "
-                              f"(tracked in issue {flag.planned}). Remove it or set it to its default "
-                              f"({json.dumps(flag.default)}).")
+                              f"({flag.not_yet}). Remove it or set it to its default ({json.dumps(flag.default)}).")
     for key in ("resume_ckpt", "data_root"):
         if getattr(args, key) is None:
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
@@ -231,7 +230,7 @@ def flag_table_markdown() -> str:
             part for part in (f">= {flag.min:g}" if flag.min is not None else "",
                               f"<= {flag.max:g}" if flag.max is not None else "") if part)
         default = "unset" if flag.default is None else f"`{json.dumps(flag.default)}`"
-        meaning = flag.help + (f" *Not implemented yet ({flag.planned}).*" if flag.planned else "")
+        meaning = flag.help + (f" *Not implemented yet ({flag.not_yet}).*" if flag.planned else "")
         lines.append(f"| `{flag.name}` | {_type_name(flag)} | {default} | {allowed} | {meaning} |")
     lines += ["", "## EveryDream2 keys accepted and ignored", "", "| key | note |", "|---|---|"]
     lines += [f"| `{key}` | {note} |" for key, note in LEGACY_KEYS.items()]

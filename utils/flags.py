@@ -27,7 +27,11 @@ class Flag:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
-    planned: str | None = None  # issue that implements it; non-default values are refused until then
+    planned: str | None = None  # "#N" (the issue that implements it) or why not yet; non-default values refused
+
+    @property
+    def not_yet(self) -> str:
+        return f"tracked in issue {self.planned}" if self.planned.startswith("#") else self.planned
 
 
 def _flags(group: str, *specs: tuple) -> list[Flag]:
@@ -144,8 +148,8 @@ FLAGS: list[Flag] = [
          "folder; resuming from that folder loads it."),
         ("no_save_ckpt", bool, False, "Save diffusers folders only, no single-file .safetensors."),
         ("no_prepend_last", bool, False, "Do not prefix the final checkpoint with `last-`."),
-        ("plugins", object, None, "Plugin classes (`module.Class`) to load.", {"planned": "#7"}),
-        ("wandb", bool, False, "Also log to Weights & Biases.", {"planned": "#7"}),
+        ("plugins", object, None, "Plugin classes (`module.Class`) to load.", {"planned": "no issue yet"}),
+        ("wandb", bool, False, "Also log to Weights & Biases.", {"planned": "no issue yet"}),
     ),
 ]
 
