@@ -163,6 +163,15 @@ def _n_expected(pipe):
     return len(pipe.unet.state_dict()) + len(pipe.vae.state_dict()) + len(te_keys)
 
 
+def _assert_loads_back_identical(pipe, folder, ldm, tmp_path):
+    """Writes the LDM dict and reads it back with diffusers' own single-file loader: every tensor must match."""
+    path = tmp_path / "model.safetensors"
+    save_file(ldm, str(path))
+    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
+    for part in ("unet", "vae", "text_encoder"):
+        _assert_identical(getattr(pipe, part), getattr(loaded, part), part)
+
+
 @pytest.mark.parametrize("unet_kwargs", [TINY_UNET, TINY_UNET_3], ids=["2-block", "3-block"])
 def test_sd1_roundtrip_through_from_single_file(tmp_path, unet_kwargs):
     pipe, folder = _build_pipeline(tmp_path, unet_kwargs, hidden_act="quick_gelu")
@@ -172,13 +181,7 @@ def test_sd1_roundtrip_through_from_single_file(tmp_path, unet_kwargs):
     assert "cond_stage_model.transformer.text_model.embeddings.token_embedding.weight" in ldm  # CLIP layout chosen
     assert not any(k.startswith("cond_stage_model.model.") for k in ldm)
 
-    path = tmp_path / "model.safetensors"
-    save_file(ldm, str(path))
-    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
-
-    _assert_identical(pipe.unet, loaded.unet, "unet")
-    _assert_identical(pipe.vae, loaded.vae, "vae")
-    _assert_identical(pipe.text_encoder, loaded.text_encoder, "text_encoder")
+    _assert_loads_back_identical(pipe, folder, ldm, tmp_path)
 
 
 def test_sd2_openclip_roundtrip_through_from_single_file(tmp_path):
@@ -195,13 +198,7 @@ def test_sd2_openclip_roundtrip_through_from_single_file(tmp_path):
     # SD2's linear proj_in is stored 2-D in LDM too.
     assert ldm["model.diffusion_model.input_blocks.1.1.proj_in.weight"].ndim == 2
 
-    path = tmp_path / "model.safetensors"
-    save_file(ldm, str(path))
-    loaded = StableDiffusionPipeline.from_single_file(str(path), config=str(folder), local_files_only=True)
-
-    _assert_identical(pipe.unet, loaded.unet, "unet")
-    _assert_identical(pipe.vae, loaded.vae, "vae")
-    _assert_identical(pipe.text_encoder, loaded.text_encoder, "text_encoder")
+    _assert_loads_back_identical(pipe, folder, ldm, tmp_path)
 
 
 def test_openclip_text_projection_is_transposed_like_diffusers_expects():
