@@ -176,6 +176,13 @@ def main(argv: list[str] | None = None) -> int:
             validate(0)
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
+            if args.load_settings_every_epoch and args.config:
+                changes, warnings = config.reload_live_settings(args, model.text_encoder.config.num_hidden_layers)
+                for line in changes:
+                    log.info("Epoch %d: settings changed: %s", epoch, line)
+                for line in warnings:
+                    log.warning("Epoch %d: %s", epoch, line)
+                step_settings = StepSettings.from_args(args)
             if epoch > 0:
                 plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch, args.grad_accum, rated)
             loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,

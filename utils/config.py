@@ -23,6 +23,9 @@ from utils.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
 log = logging.getLogger(__name__)
 
 
+LIVE_KEYS = tuple(flag.name for flag in FLAGS if flag.live)
+
+
 class ConfigError(Exception):
     """A problem with the user's options; the message says where and how to fix it."""
 
@@ -103,43 +106,80 @@ def _unknown_key_error(key: str, where: str) -> ConfigError:
     return ConfigError(f"{where}: unknown key '{key}'.{hint}")
 
 
+def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
+    """The --config JSON as checked option values (legacy keys dropped, with notes about them)."""
+    values: dict[str, Any] = {}
+    notes: list[str] = []
+    for key, value in read_json_object(path, "Check the --config path.", "option names to values").items():
+        if key in LEGACY_KEYS:
+            if value not in (None, False):
+                notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")
+            continue
+        if key not in BY_NAME:
+            raise _unknown_key_error(key, str(path))
+        if key == "data_root" and isinstance(value, (dict, list)):
+            raise ConfigError(f"{path}: 'data_root' as a resolver object or list (EveryDream2's "
+                              "{\"resolver\": ...} form) is not supported. Give one folder, or list the images "
+                              "of several folders in a manifest .json (doc/DATA.md).")
+        values[key] = _coerce(BY_NAME[key], value, str(path))
+        _check_range(BY_NAME[key], values[key], str(path))
+    return values, notes
+
+
 def load(argv: list[str] | None = None) -> SimpleNamespace:
     """Parses the command line and the --config file into validated options (no heavy imports, no side effects)."""
     cli = vars(build_parser().parse_args(argv))
     config_path = cli.pop("config", None)
-    values: dict[str, Any] = {}
-    sources: dict[str, str] = {}
-    notes: list[str] = []
-    if config_path:
-        path = Path(config_path)
-        for key, value in read_json_object(path, "Check the --config path.",
-                                           "option names to values").items():
-            if key in LEGACY_KEYS:
-                if value not in (None, False):
-                    notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")
-                continue
-            if key not in BY_NAME:
-                raise _unknown_key_error(key, str(path))
-            if key == "data_root" and isinstance(value, (dict, list)):
-                raise ConfigError(f"{path}: 'data_root' as a resolver object or list (EveryDream2's "
-                                  "{\"resolver\": ...} form) is not supported. Give one folder, or list the images "
-                                  "of several folders in a manifest .json (doc/DATA.md).")
-            values[key] = _coerce(BY_NAME[key], value, str(path))
-            sources[key] = str(path)
-    for key, value in cli.items():
-        values[key] = value
-        sources[key] = "command line"
+    file_values, notes = _read_config_file(Path(config_path)) if config_path else ({}, [])
+    values = {**file_values, **cli}
+    sources = {**{key: config_path for key in file_values}, **{key: "command line" for key in cli}}
 
     opts = {}
     for flag in FLAGS:
         value = values.get(flag.name)
-        where = sources.get(flag.name, "defaults")
-        _check_range(flag, value, where)
+        _check_range(flag, value, sources.get(flag.name, "defaults"))
         opts[flag.name] = flag.default if value is None else value
-    args = SimpleNamespace(**opts, config=config_path, sources=sources, notes=notes)
+    args = SimpleNamespace(**opts, config=config_path, sources=sources, notes=notes, file_values=file_values)
     _validate(args)
     _derive(args)
     return args
+
+
+def reload_live_settings(args: SimpleNamespace, max_clip_skip: int) -> tuple[list[str], list[str]]:
+    """Re-reads the --config file mid-run (load_settings_every_epoch) and applies the options marked live.
+
+    Returns (changes applied, warnings), one line each. Nothing here raises: a file caught half-saved, invalid
+    or gone keeps every current setting, so a run never dies because its config was being edited. A live option
+    also given on the command line keeps the command-line value, as at startup.
+    """
+    path = Path(args.config)
+    try:
+        file_values, _ = _read_config_file(path)
+        clip_skip = file_values.get("clip_skip")
+        if clip_skip is not None and clip_skip > max_clip_skip:
+            raise ConfigError(f"{path}: clip_skip {clip_skip} reaches past the text encoder's {max_clip_skip} layers.")
+    except (ConfigError, OSError, UnicodeDecodeError) as e:
+        return [], [f"Settings not reloaded, keeping the previous ones: {e}"]
+
+    changes, warnings = [], []
+    for flag in FLAGS:
+        new = file_values.get(flag.name)
+        if new == args.file_values.get(flag.name):
+            continue
+        args.file_values[flag.name] = new
+        if not flag.live:
+            warnings.append(f"{path}: '{flag.name}' changed to {json.dumps(new)}, but only applies when the run is "
+                            f"restarted; ignored. Options that apply at the next epoch: {', '.join(LIVE_KEYS)}.")
+        elif args.sources.get(flag.name) == "command line":
+            warnings.append(f"{path}: '{flag.name}' changed to {json.dumps(new)}; the command line's "
+                            f"{json.dumps(getattr(args, flag.name))} stays in force.")
+        else:
+            value = flag.default if new is None else new
+            if flag.name == "save_every_n_epochs" and value is not None and value < 1:
+                value = None
+            changes.append(f"{path}: {flag.name} {json.dumps(getattr(args, flag.name))} -> {json.dumps(value)}")
+            setattr(args, flag.name, value)
+    return changes, warnings
 
 
 def _where(args: SimpleNamespace, key: str) -> str:
@@ -206,6 +246,9 @@ def _derive(args: SimpleNamespace) -> None:
     for key in ("save_every_n_epochs", "ckpt_every_n_minutes"):
         if getattr(args, key) is not None and getattr(args, key) < 1:
             setattr(args, key, None)
+    if args.load_settings_every_epoch and not args.config:
+        args.notes.append("load_settings_every_epoch: there is no --config file to re-read, so nothing will change "
+                          "during the run.")
     if args.cond_dropout > 0.26:
         args.notes.append(f"cond_dropout {args.cond_dropout} is high; values above 0.26 may hurt prompt following.")
 
@@ -230,7 +273,8 @@ def flag_table_markdown() -> str:
             part for part in (f">= {flag.min:g}" if flag.min is not None else "",
                               f"<= {flag.max:g}" if flag.max is not None else "") if part)
         default = "unset" if flag.default is None else f"`{json.dumps(flag.default)}`"
-        meaning = flag.help + (f" *Not implemented yet ({flag.not_yet}).*" if flag.planned else "")
+        meaning = flag.help + (f" *Not implemented yet ({flag.not_yet}).*" if flag.planned else "") + \
+            (" *Live: with `load_settings_every_epoch`, an edit applies at the next epoch.*" if flag.live else "")
         lines.append(f"| `{flag.name}` | {_type_name(flag)} | {default} | {allowed} | {meaning} |")
     lines += ["", "## EveryDream2 keys accepted and ignored", "", "| key | note |", "|---|---|"]
     lines += [f"| `{key}` | {note} |" for key, note in LEGACY_KEYS.items()]

@@ -28,6 +28,7 @@ class Flag:
     min: float | None = None
     max: float | None = None
     planned: str | None = None  # "#N" (the issue that implements it) or why not yet; non-default values refused
+    live: bool = False  # with load_settings_every_epoch, a change in the config file applies at the next epoch
 
     @property
     def not_yet(self) -> str:
@@ -90,20 +91,22 @@ FLAGS: list[Flag] = [
         ("timestep_end", int, 1000, "Highest training timestep (exclusive).", {"min": 1, "max": 1000}),
         ("train_sampler", str, "ddpm", "Noise scheduler used to noise training latents.",
          {"choices": ("ddpm", "pndm", "ddim")}),
-        ("zero_frequency_noise_ratio", float, 0.02, "Offset-noise strength (0 = off).", {"min": 0}),
+        ("zero_frequency_noise_ratio", float, 0.02, "Offset-noise strength (0 = off).", {"min": 0, "live": True}),
         ("pyramid_noise_discount", float, None, "Pyramid (multi-resolution) noise: each coarser level of noise "
          "is weighted by this discount once more (e.g. 0.4-0.8); unset or 0 = off.", {"min": 0}),
         ("embedding_perturbation", float, 0.0, "Gaussian noise added to the text encoder's output while training, "
          "std = value / sqrt(embedding width); 0 = off.", {"min": 0}),
         ("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (e.g. 5): per-image weight min(SNR, gamma)/SNR "
-         "(epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction); unset or 0 = off.", {"min": 0}),
+         "(epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction); unset or 0 = off.", {"min": 0, "live": True}),
         ("enable_zero_terminal_snr", bool, False, "Rescale betas so the last timestep has zero SNR (v-prediction "
          "models only). Samples use trailing DDIM steps and guidance rescale 0.7; saved checkpoints keep the "
          "rescaled scheduler."),
         ("clip_skip", int, 0, "Condition on the text encoder's hidden state N layers from the end, through its "
          "final layer norm: 2 = penultimate on SD1.x, one further back than the default on SD2.x; 0 and 1 = last.",
-         {"min": 0, "max": 4}),
-        ("load_settings_every_epoch", bool, False, "Re-read the config file at each epoch start.", {"planned": "#5"}),
+         {"min": 0, "max": 4, "live": True}),
+        ("load_settings_every_epoch", bool, False, "Re-read the --config file at each epoch start and apply the "
+         "options marked live; changes to other options are refused with a warning, an unreadable or invalid file "
+         "keeps the previous settings (doc/TRAINING.md)."),
         ("rectified_flow", bool, False, "Train with the rectified-flow objective (v-prediction models only).",
          {"planned": "#6"}),
         ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).",
@@ -139,13 +142,13 @@ FLAGS: list[Flag] = [
         ("logdir", str, "logs", "Parent folder of the per-run log folders."),
         ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
         ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
-        ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {}),
+        ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {"live": True}),
         ("ckpt_every_n_minutes", int, None, "Save a checkpoint every N minutes; unset or <1 = never. "
          "20 when neither cadence is set.", {}),
-        ("save_ckpts_from_n_epochs", int, 0, "No epoch-cadence saves before this epoch.", {"min": 0}),
-        ("save_full_precision", bool, False, "Write the single-file checkpoint in fp32 instead of fp16."),
+        ("save_ckpts_from_n_epochs", int, 0, "No epoch-cadence saves before this epoch.", {"min": 0, "live": True}),
+        ("save_full_precision", bool, False, "Write the single-file checkpoint in fp32 instead of fp16.", {"live": True}),
         ("save_optimizer", bool, False, "Also save optimizer state (optimizer_unet.pt, optimizer_te.pt) in the diffusers "
-         "folder; resuming from that folder loads it."),
+         "folder; resuming from that folder loads it.", {"live": True}),
         ("no_save_ckpt", bool, False, "Save diffusers folders only, no single-file .safetensors."),
         ("no_prepend_last", bool, False, "Do not prefix the final checkpoint with `last-`."),
         ("plugins", object, None, "Plugin classes (`module.Class`) to load.", {"planned": "no issue yet"}),
