@@ -171,7 +171,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       cond_dropout: float, seed: int, epoch: int, num_workers: int = 0,
                       pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
                       shuffle_tags: bool = False, keep_tags: int = 0,
-                      skipped: Optional[SkippedFiles] = None) -> EpochLoader:
+                      skipped: Optional[SkippedFiles] = None, start_step: int = 0) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
     Workers are not persistent: a new plan is built every epoch, so each epoch gets a new loader.
@@ -180,7 +180,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     (seed, epoch); torch then gives every worker a distinct seed (base + worker id) for torch,
     random and numpy, so workers never share an RNG stream. Our own randomness ignores those
     anyway (see sample_rng). Pass the scan's `skipped` so decode failures join its list and are
-    reported once per run rather than once per loader.
+    reported once per run rather than once per loader. `start_step` skips the plan's first steps without
+    loading them (a resumed run); every later step gets the same images and randomness as it would have.
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -194,7 +195,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     loader = DataLoader(
         EpochBatches(plan, records, tokenizer, options, seed, epoch),
         batch_size=None,
-        shuffle=False,
+        sampler=range(start_step, len(plan)),
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
