@@ -70,6 +70,11 @@ def freeze_text_encoder(trained: dict[str, torch.nn.Module], freezing: dict | No
         frozen.append(parts.final_layer_norm)
     for module in frozen:
         module.requires_grad_(False)
+    checkpointing = any(getattr(module, "gradient_checkpointing", False) for module in text_encoder.modules())
+    if freeze_embeddings and checkpointing:
+        # transformers 4 checkpoints re-entrantly, which gives the layers no gradients when their input does not
+        # require one (transformers 5 sets this hook itself).
+        text_encoder.enable_input_require_grads()
 
     trainable = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
     total = sum(p.numel() for p in text_encoder.parameters())

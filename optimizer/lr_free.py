@@ -52,8 +52,9 @@ class Prodigy(LearningRateFree):
         numerator ← √β2·numerator + Σ (d/d0)·dlr·⟨g, x0 - x⟩
         m ← β1·m + (1-β1)·d·g,   v ← β2·v + (1-β2)·d²·g²
         s ← √β2·s + (d/d0)·(d if safeguard_warmup else dlr)·g
-        d̂ = numerator / Σ|s|;  while d = d0: d ← max(d, d̂);  d_max ← max(d_max, d̂);  d ← min(d_max, d·growth_rate)
-        x ← x - dlr·wd·x (decouple; otherwise wd·x is added to g);  x ← x - dlr·m / (√v + d·eps), with the new d
+        d̂ = numerator / Σ|s|;   while d = d0: d ← max(d, d̂);   d_max ← max(d_max, d̂)
+        d ← min(d_max, d·growth_rate)
+        x ← x - dlr·wd·x (decouple; otherwise wd·x is added to g);   x ← x - dlr·m / (√v + d·eps), new d
     """
 
     def __init__(self, params, lr: float = 1.0, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,

@@ -125,7 +125,8 @@ def read_optimizer_file(path: str | Path) -> dict:
     scale = data.get("text_encoder_lr_scale")
     if scale is not None and not (_number(scale) and scale > 0):
         raise ConfigError(f"{path}: text_encoder_lr_scale must be a number > 0 (it multiplies the text encoder's "
-                          f"learning rate), got {scale!r}. To not train the text encoder, use disable_textenc_training.")
+                          f"learning rate), got {scale!r}. To not train the text encoder, use "
+                          "disable_textenc_training.")
     check_freezing_config(data.get("text_encoder_freezing"), str(path))
     return data
 
