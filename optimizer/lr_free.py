@@ -4,8 +4,8 @@ Both families estimate D, the distance from the starting weights to a good solut
 step with d × lr where d is the running estimate. `lr` is therefore a multiplier of the adapted step
 (1.0 = as estimated); an LR schedule still scales it (warmup, decay).
 
-The estimate and its running sums are kept as 0-dim tensors on the parameters' device, so a step never waits
-for the GPU (the reference packages call .item() once or twice per parameter tensor). They are stored in every
+The estimate and its running sums are kept as 0-dim tensors on the parameters' device, so a step never reads
+a value back from the GPU (the reference packages call .item() once or twice per parameter tensor). They are stored in every
 param group, as the references do, so state_dict() saves them and a resumed run continues with the same d.
 All param groups share one d and read lr from the first group.
 """
