@@ -15,7 +15,9 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
+from optimizer.freezing import freeze_text_encoder
+from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
+                                  resolve_settings)
 from utils import config, validation
 from utils.checkpoint import SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
@@ -85,6 +87,8 @@ def main(argv: list[str] | None = None) -> int:
             log.warning(note)
         resume = find_last(args.logdir) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
         optimizer_file = read_optimizer_file(args.optimizer_config)
+        check_optimizers_run_here(optimizer_file, args.optimizer_config,
+                                  torch.device("cuda", args.gpuid) if torch.cuda.is_available() else "cpu")
         scan = data.scan(args.data_root)
         scan.require_images()
         records = data.assign_buckets(scan.records, args.resolution)
@@ -119,6 +123,12 @@ def main(argv: list[str] | None = None) -> int:
                   model.text_encoder.config.num_hidden_layers, model.text_encoder.config.num_hidden_layers)
         return 2
     trained = prepare_models(model, args, accelerator)
+    try:
+        text_encoder_training = freeze_text_encoder(trained, optimizer_file.get("text_encoder_freezing"),
+                                                    args.optimizer_config)
+    except config.ConfigError as e:
+        log.error("error: %s", e)
+        return 2
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------
     run = RunDir(args)
@@ -151,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in trained:
             log.info("Optimizer %s: %s lr %g, %s schedule (warmup %d, decay %d steps)", name, s.optimizer, s.lr,
                      s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
+    if text_encoder_training:
+        log.info("Text encoder: %s", text_encoder_training)
     log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision, run.path)
 
     # -- the loop ----------------------------------------------------------------------------------------------
