@@ -69,12 +69,12 @@ def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=No
     unet = accelerator.unwrap_model(model.unet)
     text_encoder = accelerator.unwrap_model(model.text_encoder)
 
-    def save(name: str, optimizer_states) -> Path:
-        folder = run.ckpts / name
+    def save(checkpoint: str, optimizer_states) -> Path:
+        folder = run.ckpts / checkpoint
         save_diffusers(model, unet, text_encoder, folder, optimizer_states)
         log.info("Saved diffusers model: %s", folder)
         if not args.no_save_ckpt:
-            file = Path(args.save_ckpt_dir or run.ckpts) / f"{name}.safetensors"
+            file = Path(args.save_ckpt_dir or run.ckpts) / f"{checkpoint}.safetensors"
             save_single_file(model, unet, text_encoder, file, args.save_full_precision)
             log.info("Saved single file: %s", file)
         return folder

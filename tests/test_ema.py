@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import REPO, TINY_MODEL
+from tests.conftest import TINY_MODEL
 from tests.test_checkpoint import make_ckpt
 from tests.test_train import short_run
 from utils.checkpoint import find_last
@@ -40,7 +40,9 @@ def set_params(modules, generator) -> list[torch.Tensor]:
     return params(modules)
 
 
-def test_update_every_interval_follows_the_formula():
+@pytest.mark.parametrize("chunk_elements", [2**28, 7])  # one copy chunk, or many (some a single parameter)
+def test_update_every_interval_follows_the_formula(monkeypatch, chunk_elements):
+    monkeypatch.setattr("utils.ema.COPY_CHUNK_ELEMENTS", chunk_elements)
     modules = small_modules()
     initial = params(modules)
     decay, every = 0.9, 3

@@ -126,7 +126,6 @@ class EMA:
                  start: dict[str, dict[str, torch.Tensor]] | None = None):
         self.decay = decay
         self.every = every
-        self.device = torch.device(device)
         self.optimizer_updates = 0
         self.live: list[torch.nn.Parameter] = []
         self.averaged: list[torch.Tensor] = []
@@ -135,13 +134,15 @@ class EMA:
                 for key, param in module.named_parameters():
                     source = start[name][key] if start else param.detach()
                     self.live.append(param)
-                    self.averaged.append(source.to(self.device, param.dtype, non_blocking=True, copy=True))
+                    self.averaged.append(source.to(device, param.dtype, non_blocking=True, copy=True))
+        # The tensors' own devices, which carry the index ("cuda:0") a device argument may leave out.
+        self.device = self.averaged[0].device
         self.live_device = self.live[0].device
         self.crosses_devices = self.live_device != self.device
+        self._wait_for_copies()
         if self.crosses_devices and self.device.type == "cpu":
             # Pinned host memory lets the copies to and from the GPU run asynchronously.
             self.averaged = [t if t.is_pinned() else t.pin_memory() for t in self.averaged]
-        self._wait_for_copies()
 
     @torch.no_grad()
     def step(self) -> bool:
