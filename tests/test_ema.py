@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_MODEL
 from tests.test_checkpoint import make_ckpt
-from tests.test_train import short_run
+from tests.test_train import read_scalars, short_run
 from utils.checkpoint import find_last
 from utils.ema import EMA, sampled_models
 
@@ -174,7 +174,7 @@ def ema_run(tmp_path_factory):
     run = short_run(tmp, data_root, *RUN_FLAGS, "--ema_strength_target", str(STRENGTH), "--ema_decay_rate", "0.999",
                     "--save_every_n_epochs", "1", "--no-no_save_ckpt", "--sample_steps", "8",
                     "--sample_prompts", str(prompts), "--ema_sample_nonema_model", "--ema_sample_ema_model")
-    return SimpleNamespace(run=run, ckpts=run / "ckpts", data_root=data_root, tmp=tmp, prompts=prompts,
+    return SimpleNamespace(run=run, ckpts=run / "ckpts", data_root=data_root, prompts=prompts,
                            log=(run / f"{run.name}.log").read_text())
 
 
@@ -231,6 +231,7 @@ def test_training_is_the_same_with_ema_samples_and_saves(ema_run, tmp_path):
     assert all(torch.equal(with_ema[k], without[k]) for k in without)
     samples = sorted(p.name for p in (ema_run.run / "samples").glob("*.jpg"))
     assert samples == ["gs00008-000-a red square.jpg", "gs00008-000_ema-a red square.jpg"]
+    assert sorted(read_scalars(ema_run.run)["_images"]) == ["sample_000_a red square", "sample_000_ema_a red square"]
 
 
 def test_ema_resumes_from_a_single_file_and_samples_only_ema_by_default(ema_run, tmp_path):
