@@ -5,6 +5,7 @@ steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its o
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -18,8 +19,8 @@ import data
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
-from utils import config, validation
-from utils.checkpoint import SaveTimer, checkpoint_name, find_last
+from utils import config, ema, validation
+from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
 log = logging.getLogger("train")
@@ -62,19 +63,28 @@ def prepare_models(model, args, accelerator):
     return trained
 
 
-def save_checkpoint(model, opts, args, run, name: str, accelerator) -> Path:
-    """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file."""
+def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None) -> Path:
+    """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file; with EMA the
+    EMA model beside them as `<name>_ema` and `<name>_ema.safetensors`."""
     from utils.models import save_diffusers, save_single_file
 
     unet = accelerator.unwrap_model(model.unet)
     text_encoder = accelerator.unwrap_model(model.text_encoder)
-    folder = run.ckpts / name
-    save_diffusers(model, unet, text_encoder, folder, opts.state_dicts() if args.save_optimizer else None)
-    log.info("Saved diffusers model: %s", folder)
-    if not args.no_save_ckpt:
-        file = Path(args.save_ckpt_dir or run.ckpts) / f"{name}.safetensors"
-        save_single_file(model, unet, text_encoder, file, args.save_full_precision)
-        log.info("Saved single file: %s", file)
+
+    def save(checkpoint: str, optimizer_states) -> Path:
+        folder = run.ckpts / checkpoint
+        save_diffusers(model, unet, text_encoder, folder, optimizer_states)
+        log.info("Saved diffusers model: %s", folder)
+        if not args.no_save_ckpt:
+            file = Path(args.save_ckpt_dir or run.ckpts) / f"{checkpoint}.safetensors"
+            save_single_file(model, unet, text_encoder, file, args.save_full_precision)
+            log.info("Saved single file: %s", file)
+        return folder
+
+    folder = save(name, opts.state_dicts() if args.save_optimizer else None)
+    if ema_model is not None:
+        with ema_model.swapped_in():
+            save(name + EMA_SUFFIX, None)
     return folder
 
 
@@ -86,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         for note in args.notes:
             log.warning(note)
         resume = find_last(args.logdir) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+        ema_resume = ema.check_options(args)
         optimizer_file = read_optimizer_file(args.optimizer_config)
         check_optimizers_run_here(optimizer_file, args.optimizer_config,
                                   torch.device("cuda", args.gpuid) if torch.cuda.is_available() else "cpu")
@@ -126,7 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text_encoder_training = freeze_text_encoder(trained, optimizer_file.get("text_encoder_freezing"),
                                                     args.optimizer_config)
-    except config.ConfigError as e:
+        ema_start = ema.load_start(ema_resume, trained) if ema_resume else None
+    except (config.ConfigError, models.ModelLoadError) as e:
         log.error("error: %s", e)
         return 2
 
@@ -139,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = resolve_settings(optimizer_file, args, steps_per_epoch)
     run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
     opts = TrainingOptimizers(trained, settings)
+    ema_model = None
+    if ema.enabled(args):
+        ema_model = ema.EMA(trained, ema.resolve_decay(args, steps_per_epoch), args.ema_update_interval,
+                            accelerator.device if args.ema_device == "cuda" else torch.device("cpu"), ema_start)
+        log.info("EMA: starting from %s.", ema_resume or "the model being trained")
+        del ema_start  # the EMA holds its own copy now
+    sampled_models = ema.sampled_models(args)
     resumed_states = models.load_optimizer_states(resume) if resume.is_dir() else {}
     if resumed_states:
         try:
@@ -220,6 +239,8 @@ def main(argv: list[str] | None = None) -> int:
                 grad_norms = {}
                 if updates_now:
                     grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
+                    if ema_model is not None:
+                        ema_model.step()
                 opts.step_schedules()
 
                 global_step += 1
@@ -255,16 +276,18 @@ def main(argv: list[str] | None = None) -> int:
                         log.warning("sample_prompts '%s' not found: sampling with captions of the current batch.",
                                     args.sample_prompts)
                         sample_prompts_missing_warned = True
-                    if prompts:
-                        generate_samples(model, accelerator.unwrap_model(model.unet),
-                                         accelerator.unwrap_model(model.text_encoder), prompts,
-                                         size=args.resolution, seed=args.seed, step=global_step, out_dir=run.samples,
-                                         tb_writer=run.tb, autocast=accelerator.autocast, clip_skip=args.clip_skip)
+                    for label in sampled_models if prompts else []:
+                        with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
+                            generate_samples(model, accelerator.unwrap_model(model.unet),
+                                             accelerator.unwrap_model(model.text_encoder), prompts,
+                                             size=args.resolution, seed=args.seed, step=global_step,
+                                             out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
+                                             clip_skip=args.clip_skip, label=label)
                 if validator and validator.due(epoch, local_step, len(plan)):
                     validate(global_step)
                 if save_timer.due():
                     save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
-                                    accelerator)
+                                    accelerator, ema_model)
 
             epoch_mean = (epoch_loss / max(1, len(plan))).item()
             epoch_losses.append(epoch_mean)
@@ -275,23 +298,25 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and \
                     done >= args.save_ckpts_from_n_epochs and done < args.max_epochs:
                 save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, done, global_step),
-                                accelerator)
+                                accelerator, ema_model)
     except KeyboardInterrupt:
         log.warning("Interrupted: saving a checkpoint (Ctrl-C again to abort without saving).")
         if global_step:
-            save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator)
+            save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator, ema_model)
         run.close()
         return 130
     except Exception:
         if global_step:
             log.exception("Training failed at step %d; saving what was trained as errored-.", global_step)
             save_checkpoint(model, opts, args, run,
-                            checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator)
+                            checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator,
+                            ema_model)
         run.close()
         raise
 
     final = save_checkpoint(model, opts, args, run, checkpoint_name(
-        args.project_name, args.max_epochs, global_step, prefix="" if args.no_prepend_last else "last-"), accelerator)
+        args.project_name, args.max_epochs, global_step, prefix="" if args.no_prepend_last else "last-"), accelerator,
+        ema_model)
     minutes = (time.perf_counter() - training_start) / 60
     log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
              "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)

@@ -119,15 +119,22 @@ FLAGS: list[Flag] = [
     ),
     *_flags(
         "EMA",
-        ("ema_decay_rate", float, None, "Keep an EMA copy of the weights with this decay (e.g. 0.999).",
-         {"min": 0, "max": 1, "planned": "#5"}),
-        ("ema_strength_target", float, None, "Derive the EMA decay from this strength over the whole run.",
-         {"min": 0, "max": 1, "planned": "#5"}),
-        ("ema_update_interval", int, 500, "Steps between EMA updates (times grad_accum).", {"min": 1}),
-        ("ema_device", str, "cpu", "Where the EMA copy lives.", {"choices": ("cpu", "cuda")}),
-        ("ema_sample_nonema_model", bool, False, "With EMA: also sample the training model.", {"planned": "#5"}),
-        ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model.", {"planned": "#5"}),
-        ("ema_resume_model", str, None, "EMA weights to start from (like resume_ckpt).", {"planned": "#5"}),
+        ("ema_decay_rate", float, None, "Train an EMA (moving average) model of the trained weights with this decay "
+         "per update, e.g. 0.999 (doc/EMA.md); unset = no EMA.", {"min": 0, "max": 1}),
+        ("ema_strength_target", float, None, "Train an EMA model whose decay is chosen so that decay ** (steps in "
+         "the run / steps per EMA update) = this value, e.g. 0.1; the decay is logged. Overrides ema_decay_rate.",
+         {"min": 0, "max": 1}),
+        ("ema_update_interval", int, 500, "Optimizer updates between EMA updates, i.e. every ema_update_interval x "
+         "grad_accum steps.", {"min": 1}),
+        ("ema_device", str, "cpu", "Where the EMA weights live: cpu (saves GPU memory, slower updates) or cuda.",
+         {"choices": ("cpu", "cuda")}),
+        ("ema_sample_nonema_model", bool, False, "With EMA: sample the training model (alone, or beside the EMA "
+         "model with ema_sample_ema_model)."),
+        ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model (the default when neither sample "
+         "flag is set)."),
+        ("ema_resume_model", str, None, "With EMA: start the EMA from this checkpoint (an `_ema` diffusers folder or "
+         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir; unset = a copy of the model "
+         "being trained."),
     ),
     *_flags(
         "Samples",

@@ -44,10 +44,11 @@ def _label(tile: Image.Image, text: str) -> Image.Image:
 
 @torch.no_grad()
 def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int, seed: int, step: int,
-                     out_dir: Path, tb_writer, autocast, clip_skip: int = 0) -> list[Path]:
+                     out_dir: Path, tb_writer, autocast, clip_skip: int = 0, label: str = "") -> list[Path]:
     """Renders each prompt once per guidance scale into a labelled strip; saves JPEG + .txt and logs to TensorBoard.
 
-    Runs with the random state forked, so training after a sample is the same as without it.
+    Runs with the random state forked, so training after a sample is the same as without it. A `label` (e.g.
+    "ema") names the model sampled: it follows the index in file names and TensorBoard tags as `_<label>`.
     """
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
                                    scheduler=DDIMScheduler.from_config(model.scheduler.config), safety_checker=None,
@@ -73,15 +74,17 @@ def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int
     text_encoder.train(was_training[1])
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
+    marker = f"_{label}" if label else ""
     for idx, (prompt, tiles) in enumerate(zip(prompts, strips)):
         strip = Image.new("RGB", (sum(t.width for t in tiles), tiles[0].height), "white")
         x = 0
         for tile in tiles:
             strip.paste(tile, (x, 0))
             x += tile.width
-        stem = f"gs{step:05d}-{idx:03d}-{_file_stem(prompt)}"
+        stem = f"gs{step:05d}-{idx:03d}{marker}-{_file_stem(prompt)}"
         strip.save(out_dir / f"{stem}.jpg", quality=95)
         (out_dir / f"{stem}.txt").write_text(f"{prompt}\nseed: {seed}\n", encoding="utf-8")
-        tb_writer.add_image(f"sample_{idx:03d}_{_file_stem(prompt)}", np.asarray(strip), step, dataformats="HWC")
+        tb_writer.add_image(f"sample_{idx:03d}{marker}_{_file_stem(prompt)}", np.asarray(strip), step,
+                            dataformats="HWC")
         written.append(out_dir / f"{stem}.jpg")
     return written
