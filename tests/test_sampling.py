@@ -10,7 +10,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, write_json
@@ -252,6 +251,12 @@ def test_the_shipped_example_uses_every_key_and_loads():
     assert set().union(*raw["samples"]) == set(sampling.REQUEST_KEYS)
     settings = sampling.read_sample_settings(path, DEFAULTS)
     assert settings.scheduler == raw["scheduler"] and len(settings.requests) == len(raw["samples"])
+
+
+def test_the_user_page_documents_every_key_and_sampler():
+    page = (REPO / "doc" / "SAMPLES.md").read_text()
+    for name in (*sampling.SETTINGS_KEYS, *sampling.REQUEST_KEYS, *SAMPLERS):
+        assert f"`{name}`" in page, name
 
 
 def test_txt_one_prompt_per_line_and_missing_json_keys_take_the_defaults(tmp_path):

@@ -17,6 +17,7 @@ from __future__ import annotations
 import difflib
 import importlib.util
 import inspect
+import itertools
 import json
 import logging
 import random
@@ -148,8 +149,6 @@ class SampleSettings:
                    every_n_steps=args.sample_steps, generate_pretrain_samples=args.generate_pretrain_samples)
 
 
-# JSON key -> SampleSettings field, for the keys whose names differ
-_FILE_KEYS = {"generate_samples_every_n_steps": "every_n_steps", "samples": "requests"}
 SETTINGS_KEYS = ("batch_size", "seed", "cfgs", "scheduler", "num_inference_steps", "resolution",
                  "show_progress_bars", "generate_pretrain_samples", "generate_samples_every_n_steps", "samples")
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "size", "aspect_ratio", "random_caption")
@@ -223,7 +222,7 @@ def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
 
 def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
     where = str(path)
-    values = read_json_object(path, "", "sample settings (doc/SAMPLES.md)")
+    values = read_json_object(path, "Check the sample_prompts path.", "sample settings (doc/SAMPLES.md)")
     for key in values:
         if key not in SETTINGS_KEYS:
             raise _unknown(key, SETTINGS_KEYS, where)
@@ -380,12 +379,12 @@ class SampleSchedule:
             SampleRequest("", seed=settings.seed, size=square, random_caption=True)
             for _ in range(min(RANDOM_CAPTION_REQUESTS, settings.batch_size)))
         # A dropped caption (cond_dropout) is blank: it would only show an unconditional image.
-        usable = [c for c in captions if c.strip()] or [""]
+        batch_captions = itertools.cycle([c for c in captions if c.strip()] or [""])
         draw = random.SystemRandom()  # never the global random state, which training owns
         concrete = []
         for request in requests:
             if request.random_caption:
-                request = replace(request, prompt=usable[sum(r.random_caption for r in concrete) % len(usable)])
+                request = replace(request, prompt=next(batch_captions))
             if request.seed == -1:
                 request = replace(request, seed=draw.randrange(2**31))
             concrete.append(request)
@@ -481,11 +480,12 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
             strip.paste(tile, (n * tile.width, 0))
         stem, tag = sample_names(step, index, request, label)
         strip.save(out_dir / f"{stem}.jpg", quality=95)
-        lines = [request.prompt] + ([f"negative prompt: {request.negative_prompt}"] if request.negative_prompt
-                                    else []) + [
-            f"seed: {request.seed}", f"cfgs: {', '.join(f'{c:g}' for c in settings.cfgs)}",
-            f"sampler: {settings.scheduler}, {settings.num_inference_steps} steps",
-            f"size: {request.size[0]}x{request.size[1]}"]
+        lines = [request.prompt]
+        if request.negative_prompt:
+            lines.append(f"negative prompt: {request.negative_prompt}")
+        lines += [f"seed: {request.seed}", f"cfgs: {', '.join(f'{c:g}' for c in settings.cfgs)}",
+                  f"sampler: {settings.scheduler}, {settings.num_inference_steps} steps",
+                  f"size: {request.size[0]}x{request.size[1]}"]
         (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         tb_writer.add_image(tag, np.asarray(strip), step, dataformats="HWC")
         written.append(out_dir / f"{stem}.jpg")
