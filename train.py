@@ -19,7 +19,7 @@ import data
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
-from utils import config, ema, validation
+from utils import config, ema, sampling, validation
 from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
@@ -106,6 +106,7 @@ def main(argv: list[str] | None = None) -> int:
         validation_cfg = validation.load_validation_config(args.validation_config) if args.validation_config else None
         if validation_cfg:
             records, validation_sets = validation.split_records(records, validation_cfg, args.resolution)
+        samples = sampling.SampleSchedule.from_args(args)
     except (config.ConfigError, data.DataError, FileNotFoundError) as e:
         log.error("error: %s", e)
         return 2
@@ -115,7 +116,6 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
-    from utils.sampling import generate_samples, read_prompts
     from utils.step import StepSettings, compute_loss
 
     torch.manual_seed(args.seed)
@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.enable_zero_terminal_snr:
             model.use_zero_terminal_snr()
         noise_scheduler = model.noise_scheduler(args.train_sampler)
-    except models.ModelLoadError as e:
+        samples.check_model(model.scheduler.config)
+    except (models.ModelLoadError, config.ConfigError) as e:
         log.error("error: %s", e)
         return 2
     if args.clip_skip > model.text_encoder.config.num_hidden_layers:
@@ -195,7 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     def validate(step: int) -> None:
         validator.run(model.unet, model.text_encoder, model.vae, noise_scheduler, model.tokenizer, step, run.tb,
                       accelerator.autocast)
-    sample_prompts_missing_warned = False
+
+    def sample(step: int, captions: list[str]) -> None:
+        event = samples.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
+        for label in sampled_models:
+            with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
+                sampling.generate_samples(model, accelerator.unwrap_model(model.unet),
+                                          accelerator.unwrap_model(model.text_encoder), event, step=step,
+                                          out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
+                                          clip_skip=args.clip_skip, label=label)
     global_step, epoch = 0, 0
     last_log_time, images_since_log = time.perf_counter(), 0
     loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
@@ -226,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
             epoch_loss = torch.zeros((), device=accelerator.device)
             steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
             for local_step, batch in enumerate(steps_bar):
+                if global_step == 0 and samples.pretrain_due:
+                    sample(0, batch["captions"])
                 # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
                 window_start = local_step - local_step % args.grad_accum
                 window = min(args.grad_accum, len(plan) - window_start)
@@ -269,20 +280,8 @@ def main(argv: list[str] | None = None) -> int:
                     loss_since_log.zero_()
                     steps_since_log = 0
 
-                if args.sample_steps and global_step % args.sample_steps == 0:
-                    prompts = [p for p in read_prompts(args.sample_prompts) if p] or \
-                        [c for c in batch["captions"] if c.strip()][:4]
-                    if not Path(args.sample_prompts).is_file() and not sample_prompts_missing_warned:
-                        log.warning("sample_prompts '%s' not found: sampling with captions of the current batch.",
-                                    args.sample_prompts)
-                        sample_prompts_missing_warned = True
-                    for label in sampled_models if prompts else []:
-                        with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
-                            generate_samples(model, accelerator.unwrap_model(model.unet),
-                                             accelerator.unwrap_model(model.text_encoder), prompts,
-                                             size=args.resolution, seed=args.seed, step=global_step,
-                                             out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
-                                             clip_skip=args.clip_skip, label=label)
+                if samples.due(global_step):
+                    sample(global_step, batch["captions"])
                 if validator and validator.due(epoch, local_step, len(plan)):
                     validate(global_step)
                 if save_timer.due():

@@ -229,10 +229,6 @@ def _validate(args: SimpleNamespace) -> None:
             raise ConfigError(f"{_where(args, 'attn_type')}: attn_type 'xformers' needs the xformers package, which "
                               "is not installed. Use attn_type 'sdp' (faster on PyTorch 2) or pip install "
                               "xformers.") from None
-    prompts = Path(args.sample_prompts)
-    if args.sample_steps and prompts.suffix.lower() == ".json":
-        raise ConfigError(f"{_where(args, 'sample_prompts')}: .json sample configs are not implemented yet in this "
-                          "version (tracked in issue #7). Use a .txt file with one prompt per line.")
 
 
 def _derive(args: SimpleNamespace) -> None:

@@ -138,9 +138,13 @@ FLAGS: list[Flag] = [
     ),
     *_flags(
         "Samples",
-        ("sample_prompts", str, "sample_prompts.txt", "Prompts to sample during training: a .txt file, one per line. "
-         "Missing or empty = captions from the current batch."),
-        ("sample_steps", int, 250, "Sample every N steps; 0 = never.", {"min": 0}),
+        ("sample_prompts", str, "sample_prompts.txt", "What to sample during training: a .txt file (one prompt per "
+         "line) or a .json sample config with every setting (doc/SAMPLES.md). Missing or empty = captions from "
+         "the current batch."),
+        ("sample_steps", int, 250, "Sample every N steps; 0 = never. A .json sample config's "
+         "generate_samples_every_n_steps wins over this, unless it is given on the command line.", {"min": 0}),
+        ("generate_pretrain_samples", bool, True, "Also sample once before training (step 0). A .json sample "
+         "config's key of the same name wins over this, unless it is given on the command line."),
     ),
     *_flags(
         "Logging and checkpoints",
