@@ -173,6 +173,7 @@ def ema_run(tmp_path_factory):
     prompts.write_text("a red square\n")
     run = short_run(tmp, data_root, *RUN_FLAGS, "--ema_strength_target", str(STRENGTH), "--ema_decay_rate", "0.999",
                     "--save_every_n_epochs", "1", "--no-no_save_ckpt", "--sample_steps", "8",
+                    "--no-generate_pretrain_samples",
                     "--sample_prompts", str(prompts), "--ema_sample_nonema_model", "--ema_sample_ema_model")
     return SimpleNamespace(run=run, ckpts=run / "ckpts", data_root=data_root, prompts=prompts,
                            log=(run / f"{run.name}.log").read_text())
@@ -230,7 +231,7 @@ def test_training_is_the_same_with_ema_samples_and_saves(ema_run, tmp_path):
                                                                                       "last-myproj-ep03-gs00012")
     assert all(torch.equal(with_ema[k], without[k]) for k in without)
     samples = sorted(p.name for p in (ema_run.run / "samples").glob("*.jpg"))
-    assert samples == ["gs00008-000-a red square.jpg", "gs00008-000_ema-a red square.jpg"]
+    assert samples == ["gs00008-000-a red square-s555.jpg", "gs00008-000_ema-a red square-s555.jpg"]
     assert sorted(read_scalars(ema_run.run)["_images"]) == ["sample_000_a red square", "sample_000_ema_a red square"]
 
 
@@ -239,11 +240,12 @@ def test_ema_resumes_from_a_single_file_and_samples_only_ema_by_default(ema_run,
     from torch.utils.tensorboard import SummaryWriter
 
     from utils import models
-    from utils.sampling import generate_samples
+    from utils.sampling import SampleSchedule, SampleSettings, generate_samples
 
     start = ema_run.ckpts / "last-myproj-ep03-gs00012_ema.safetensors"
     run = short_run(tmp_path, ema_run.data_root, "--max_epochs", "1", "--ema_decay_rate", "1",
                     "--ema_update_interval", "1", "--ema_resume_model", str(start), "--sample_steps", "4",
+                    "--no-generate_pretrain_samples",
                     "--sample_prompts", str(ema_run.prompts))
     assert f"EMA: starting from {start}." in (run / f"{run.name}.log").read_text()
     stored = models.load(start)
@@ -251,13 +253,15 @@ def test_ema_resumes_from_a_single_file_and_samples_only_ema_by_default(ema_run,
         {f"te.{k}": v for k, v in stored.text_encoder.state_dict().items()}
     saved = weights(run / "ckpts" / "last-myproj-ep01-gs00004_ema")
     assert all(torch.equal(saved[k], expected[k]) for k in expected)
-    assert sorted(p.name for p in (run / "samples").glob("*.jpg")) == ["gs00004-000_ema-a red square.jpg"]
+    assert sorted(p.name for p in (run / "samples").glob("*.jpg")) == ["gs00004-000_ema-a red square-s555.jpg"]
 
     # The EMA sample is the sample of the EMA model: render the stored UNet and text encoder with the run's VAE.
     writer = SummaryWriter(str(tmp_path / "direct"))
-    (image,) = generate_samples(models.load(TINY_MODEL), stored.unet, stored.text_encoder, ["a red square"], size=128,
-                                seed=555, step=4, out_dir=tmp_path / "direct", tb_writer=writer,
-                                autocast=contextlib.nullcontext, label="ema")
+    event = SampleSchedule(ema_run.prompts, SampleSettings(batch_size=1, seed=555, resolution=128, every_n_steps=4,
+                                                           generate_pretrain_samples=False)).prepare(4, [])
+    (image,) = generate_samples(models.load(TINY_MODEL), stored.unet, stored.text_encoder, event, step=4,
+                                out_dir=tmp_path / "direct", tb_writer=writer, autocast=contextlib.nullcontext,
+                                label="ema")
     writer.close()
     assert image.read_bytes() == (run / "samples" / image.name).read_bytes()
 
