@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,6 +22,7 @@ from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
 from utils.config import ConfigError, read_json_object
+from utils.flags import LR_SCHEDULERS
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +74,55 @@ def read_optimizer_file(path: str | Path) -> dict:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{path}: unknown key '{key}'.{_suggest(key, TOP_LEVEL_KEYS)}")
+    for key in ("base", "text_encoder_overrides", "text_encoder_freezing"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be an object of settings, got {json.dumps(data[key])}.")
+    for key in ("apply_grad_scaler_step_tweaks", "log_grad_norm"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ConfigError(f"{path}: '{key}' must be true or false, got {json.dumps(data[key])}.")
     for section in ("base", "text_encoder_overrides"):
         for key, value in (data.get(section) or {}).items():
             if key not in DEFAULT_SETTINGS:
                 raise ConfigError(f"{path}: unknown key '{section}.{key}'.{_suggest(key, DEFAULT_SETTINGS)}")
-            if key == "optimizer" and value is not None:
-                _check_optimizer_name(str(value), f"{path}: {section}.optimizer")
+            if value is not None:
+                _check_setting(key, value, f"{path}: '{section}.{key}'")
     freezing = data.get("text_encoder_freezing") or {}
     if any(value not in (None, False) for value in freezing.values()):
         raise ConfigError(f"{path}: 'text_encoder_freezing' is not implemented yet in this version (tracked in "
                           "issue #5). Remove it or set its values to null.")
     return data
+
+
+def _check_setting(key: str, value, where: str) -> None:
+    """Each setting's type and range, checked when the file is read: the optimizers are built only after the
+    model has loaded, too late for a clear early error."""
+    if key == "optimizer":
+        if not isinstance(value, str):
+            raise ConfigError(f"{where} must be an optimizer name, got {json.dumps(value)}.")
+        _check_optimizer_name(value, where)
+        return
+    if key == "lr_scheduler":
+        if value not in LR_SCHEDULERS:
+            raise ConfigError(f"{where} is {json.dumps(value)}; choose one of: {', '.join(LR_SCHEDULERS)}.")
+        return
+    if key in ("decouple", "no_prox", "safeguard_warmup"):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where} must be true or false, got {json.dumps(value)}.")
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if key == "betas":
+        if not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value)):
+            raise ConfigError(f"{where} must be two numbers from 0 to below 1, e.g. [0.9, 0.999]; got "
+                              f"{json.dumps(value)}.")
+    elif key in ("lr_warmup_steps", "lr_decay_steps"):
+        if not (number and (isinstance(value, int) or value.is_integer()) and value >= 0):
+            raise ConfigError(f"{where} must be a whole number of steps (0 or more), got {json.dumps(value)}.")
+    elif key == "growth_rate":  # Infinity (no limit on growth) is its default
+        if not (number and value > 0):
+            raise ConfigError(f"{where} must be a number above 0 (Infinity allowed), got {json.dumps(value)}.")
+    elif not (number and 0 <= value <= sys.float_info.max):  # lr, epsilon, weight_decay, d0, momentum
+        raise ConfigError(f"{where} must be a finite number, 0 or more; got {json.dumps(value)}.")
 
 
 def _suggest(key: str, options) -> str:

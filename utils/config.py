@@ -12,6 +12,7 @@ import argparse
 import difflib
 import json
 import logging
+import math
 import random
 import sys
 from pathlib import Path
@@ -61,10 +62,19 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: not found. {missing}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")  # editors on Windows may start the file with a BOM
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e}). Check its permissions.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}). Save it as UTF-8 JSON.") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
                           "Fix the syntax, e.g. a missing comma or a trailing comma.") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
+        raise ConfigError(f"{path}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]}). Write plain "
+                          "numbers and at most a few levels of nesting.") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}.")
     return data
@@ -80,7 +90,7 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
         value = int(value) if ok else value
     elif flag.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
@@ -92,6 +102,8 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
 def _check_range(flag: Flag, value: Any, where: str) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity, or `--lr nan`
+        raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be a finite number.")
     if flag.choices and value not in flag.choices:
         raise ConfigError(f"{where}: key '{flag.name}' is {value!r}; choose one of: {', '.join(flag.choices)}.")
     if flag.min is not None and value < flag.min:
