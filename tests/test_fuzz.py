@@ -177,21 +177,24 @@ def load_train_json(path: Path, text: bytes, *keys: str) -> SimpleNamespace | No
     return args
 
 
-@pytest.mark.parametrize("seed", [1, 2])
-def test_every_train_json_key_with_random_values(tmp_path, required_paths, seed):
-    fuzz = Fuzz(seed)
+# Tried for every key besides the random ones: the values most likely to slip through a type or range check.
+AWKWARD = [Raw("NaN"), Raw("-Infinity"), Raw("9" * 400), Raw("9" * 5000), -1, "", "a\u0000b", "\ud800", "x" * 5000,
+           [1, 2]]
+
+
+def test_every_train_json_key_with_awkward_and_random_values(tmp_path, required_paths):
+    fuzz = Fuzz(1)
     path = tmp_path / "train.json"
     accepted = 0
     for flag in FLAGS:
-        for _ in range(4):
-            value = fuzz.value()
+        for value in AWKWARD + [fuzz.value()]:
             text = fuzz.dumps({**required_paths, flag.name: value})
             try:
                 accepted += load_train_json(path, text.encode("utf-8", "surrogatepass"), flag.name) is not None
             except Exception:
-                print(f"seed {seed}, key {flag.name}: {text[:300]!r}")
+                print(f"key {flag.name}: {text[:300]!r}")
                 raise
-    assert accepted > 20  # the generator also hits values that are fine (null, right-typed ones)
+    assert accepted > 30  # the generator also hits values that are fine (null, right-typed ones)
 
 
 def test_train_json_with_random_bytes_and_mutations(tmp_path, required_paths):
@@ -199,7 +202,7 @@ def test_train_json_with_random_bytes_and_mutations(tmp_path, required_paths):
     path = tmp_path / "train.json"
     valid = [json.dumps({**required_paths, "batch_size": 4, "lr": 1e-6, "flip_p": 0.5, "lr_scheduler": "cosine"}),
              json.dumps(required_paths, indent=2)]
-    for case in range(300):
+    for case in range(200):
         text = fuzz.file_bytes(valid)
         try:
             load_train_json(path, text, *(flag.name for flag in FLAGS))
@@ -237,7 +240,7 @@ def check_optimizer_file(path: Path, text: bytes) -> bool:
     return True
 
 
-def test_every_optimizer_json_key_with_random_values(tmp_path):
+def test_every_optimizer_json_key_with_awkward_and_random_values(tmp_path):
     fuzz = Fuzz(4)
     path = tmp_path / "optimizer.json"
     sections = {"base": {"optimizer": "adamw"}, "text_encoder_overrides": {}}
@@ -246,8 +249,8 @@ def test_every_optimizer_json_key_with_random_values(tmp_path):
          for section in sections for key in DEFAULT_SETTINGS]
     accepted = 0
     for name, build in cases:
-        for _ in range(8):
-            text = fuzz.dumps(build(fuzz.value()))
+        for value in AWKWARD + [fuzz.value() for _ in range(6)]:
+            text = fuzz.dumps(build(value))
             try:
                 accepted += check_optimizer_file(path, text.encode("utf-8", "surrogatepass"))
             except Exception:
@@ -293,14 +296,13 @@ def check_validation_config(path: Path, text: bytes) -> bool:
     return True
 
 
-def test_every_validation_key_with_random_values(tmp_path, small_dataset):
+def test_every_validation_key_with_awkward_and_random_values(tmp_path, small_dataset):
     fuzz = Fuzz(6)
     path = tmp_path / "validation.json"
     keys = KEYS + tuple(ALIASES) + IGNORED_KEYS
     accepted = 0
     for key in keys:
-        for _ in range(12):
-            value = fuzz.value()
+        for value in AWKWARD + [fuzz.value() for _ in range(10)]:
             if key in ("manual_data_root", "val_data_root") and fuzz.rng.random() < 0.3:
                 value = str(small_dataset)
             text = fuzz.dumps({"val_split_mode": "automatic", key: value})

@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -59,7 +60,7 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
 
     `missing` says what to do when the file is absent, `expected` what the object should hold.
     """
-    if not path.is_file():
+    if not os.path.isfile(path):  # unlike Path.is_file, also False for a name too long to look up
         raise ConfigError(f"{path}: not found. {missing}")
     try:
         text = path.read_bytes().decode("utf-8-sig")  # editors on Windows may start the file with a BOM
@@ -94,9 +95,20 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
+        if ok and not _is_plain_text(value):
+            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}, which holds a NUL character or an "
+                              "unpaired \\uD800-\\uDFFF escape: no file name or text can. Retype the value.")
     if not ok:
         raise ConfigError(f"{where}: key '{flag.name}' must be a {_type_name(flag)}, got {json.dumps(value)}.")
     return value
+
+
+def _is_plain_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return "\x00" not in value
 
 
 def _check_range(flag: Flag, value: Any, where: str) -> None:
@@ -205,16 +217,17 @@ def _validate(args: SimpleNamespace) -> None:
             raise ConfigError(f"{_where(args, flag.name)}: '{flag.name}' is not implemented yet in this version "
                               f"({flag.not_yet}). Remove it or set it to its default ({json.dumps(flag.default)}).")
     for key in ("resume_ckpt", "data_root"):
-        if getattr(args, key) is None:
+        if getattr(args, key) in (None, ""):
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
-    if args.resume_ckpt != "findlast" and not Path(args.resume_ckpt).exists():
+    # os.path rather than Path: False, not an exception, for names too long for the OS to look up
+    if args.resume_ckpt != "findlast" and not os.path.exists(args.resume_ckpt):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' does not exist. Give a "
                           "diffusers model folder or a .safetensors/.ckpt file on this machine, or `findlast`.")
-    if Path(args.resume_ckpt).is_file() and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
+    if os.path.isfile(args.resume_ckpt) and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
                           ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
-    data_root = Path(args.data_root)
-    if not (data_root.is_dir() or data_root.is_file() and data_root.suffix.lower() == ".json"):
+    data_root = args.data_root
+    if not (os.path.isdir(data_root) or os.path.isfile(data_root) and data_root.lower().endswith(".json")):
         raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is neither a folder nor a "
                           "manifest .json file. Point it at the folder that holds your training images and caption "
                           "files (see doc/DATA.md).")
@@ -230,7 +243,7 @@ def _validate(args: SimpleNamespace) -> None:
     if args.timestep_start >= args.timestep_end:
         raise ConfigError(f"timestep_start ({args.timestep_start}) must be below timestep_end ({args.timestep_end}).")
     custom_optimizer_file = args.optimizer_config != BY_NAME["optimizer_config"].default
-    if custom_optimizer_file and not Path(args.optimizer_config).is_file():
+    if custom_optimizer_file and not os.path.isfile(args.optimizer_config):
         raise ConfigError(f"{_where(args, 'optimizer_config')}: optimizer_config '{args.optimizer_config}' not found "
                           "(paths are relative to the working directory). Fix the path or remove the key to use "
                           "the defaults.")
