@@ -186,14 +186,15 @@ def test_wrong_architectures(tmp_path, tiny_single_file):
 
 def test_damaged_metadata_and_yaml_beside_the_file(tmp_path, tiny_single_file):
     tensors = load_file(tiny_single_file)
-    for name, configs in (("not_json", "{unet: "), ("no_parts", '{"unet": 5}'), ("odd_tokenizer", None)):
-        if configs is None:
-            with safe_open(tiny_single_file, framework="pt") as f:
-                parsed = json.loads(f.metadata()[models.CONFIG_METADATA_KEY])
-            configs = json.dumps({**parsed, "tokenizer": "../../etc"})
+    with safe_open(tiny_single_file, framework="pt") as f:
+        configs = json.loads(f.metadata()[models.CONFIG_METADATA_KEY])
+    for name, text in (("not_json", "{unet: "), ("no_parts", '{"unet": 5}'),
+                       ("odd_tokenizer", json.dumps({**configs, "tokenizer": "../../etc"})),
+                       ("pipeline_as_scheduler", json.dumps(
+                           {**configs, "scheduler": {**configs["scheduler"], "_class_name": "StableDiffusionPipeline"}}))):
         file = tmp_path / f"{name}.safetensors"
-        save_file(tensors, file, {models.CONFIG_METADATA_KEY: configs})
-        refused(file, "metadata", "Use another copy of the file")
+        save_file(tensors, file, {models.CONFIG_METADATA_KEY: text})
+        refused(file, "metadata", "Use another copy of the")
 
     # An SD2-shaped file without our metadata takes its prediction type from a yaml beside it.
     sd2 = tmp_path / "sd2.safetensors"

@@ -139,8 +139,9 @@ def _load_folder(path: Path) -> StableDiffusion:
             unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
             vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
             text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        scheduler = _scheduler_class(path / "scheduler" / "scheduler_config.json").from_pretrained(
-            path, subfolder="scheduler")
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        scheduler = _scheduler_class(json.loads(scheduler_file.read_text(encoding="utf-8")), str(scheduler_file)) \
+            .from_pretrained(path, subfolder="scheduler")
         if (path / "tokenizer" / "vocab.json").is_file():
             tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
         else:
@@ -155,18 +156,17 @@ def _load_folder(path: Path) -> StableDiffusion:
     return StableDiffusion(unet, text_encoder, vae, tokenizer, scheduler, str(path))
 
 
-def _scheduler_class(config_file: Path):
-    """The diffusers scheduler class a scheduler_config.json names (PNDM when it names none)."""
+def _scheduler_class(config, where: str):
+    """The diffusers scheduler class a scheduler config names (PNDM when it names none); `where` is its file."""
     import diffusers
 
-    config = json.loads(config_file.read_text(encoding="utf-8"))
     if not isinstance(config, dict):
-        raise ModelLoadError(f"{config_file}: not a JSON object of scheduler settings. Copy the model folder again.")
+        raise ModelLoadError(f"{where}: not a JSON object of scheduler settings. Use another copy of the model.")
     name = config.get("_class_name", "PNDMScheduler")
     scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
     if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
-        raise ModelLoadError(f"{config_file}: '_class_name' is {json.dumps(name)}, not a diffusers scheduler (such as "
-                             "PNDMScheduler or DDIMScheduler). Fix it or copy the model folder again.")
+        raise ModelLoadError(f"{where}: the scheduler's '_class_name' is {json.dumps(name)}, not a diffusers scheduler "
+                             "(such as PNDMScheduler or DDIMScheduler). Use another copy of the model.")
     return scheduler_class
 
 
@@ -238,7 +238,7 @@ def _config_folder_for(path: Path, metadata: dict, shapes: dict, scratch: Path) 
             name = "scheduler_config.json" if part == "scheduler" else "config.json"
             (scratch / part).mkdir(parents=True)
             (scratch / part / name).write_text(json.dumps(config))
-        scheduler = _scheduler_class(scratch / "scheduler" / "scheduler_config.json").__name__
+        scheduler = _scheduler_class(parts["scheduler"], f"{path} (its '{CONFIG_METADATA_KEY}' metadata)").__name__
         (scratch / "model_index.json").write_text(json.dumps(_model_index(scheduler)))
         return scratch, tokenizer_kind
     if SD2_PROBE_KEY not in shapes:
