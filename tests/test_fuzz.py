@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 import shutil
 from pathlib import Path
 from types import SimpleNamespace
@@ -29,7 +30,6 @@ from data.captions import assemble_caption
 from data.loader import EpochBatches, SampleOptions
 from optimizer.optimizers import (DEFAULT_SETTINGS, TOP_LEVEL_KEYS, make_lr_schedule, make_optimizer,
                                   read_optimizer_file, resolve_settings)
-from tests.conftest import write_json
 from utils import config, shipped
 from utils.config import ConfigError
 from utils.flags import FLAGS
@@ -159,7 +159,7 @@ def check_accepted_options(args: SimpleNamespace) -> None:
             assert math.isfinite(value), (flag.name, value)
         if flag.choices:
             assert value in flag.choices, (flag.name, value)
-        if flag.min is not None and flag.name not in ("save_every_n_epochs", "ckpt_every_n_minutes", "seed"):
+        if flag.min is not None:
             assert value >= flag.min, (flag.name, value)
         if flag.max is not None:
             assert value <= flag.max, (flag.name, value)
@@ -209,6 +209,37 @@ def test_train_json_with_random_bytes_and_mutations(tmp_path, required_paths):
         except Exception:
             print(f"case {case}: {text[:300]!r}")
             raise
+
+
+# The crashes the fuzzing found, pinned down with the message each now gives. (file text, what it must say)
+TRAIN_JSON_FOUND = {
+    "NaN for a number": ('"lr": NaN', "key 'lr' is NaN; it must be a finite number"),
+    "integer too big for a float": ('"cond_dropout": 1' + "0" * 400, "key 'cond_dropout' is 1000"),
+    "integer of 5000 digits": ('"batch_size": ' + "9" * 5000, "JSON that cannot be read"),
+    "nesting past the stack": ('"plugins": ' + "[" * 3000 + "]" * 3000, "JSON that cannot be read"),
+    "name too long to look up": ('"resume_ckpt": "' + "x" * 5000 + '"', "does not exist"),
+    "NUL in a path": ('"resume_ckpt": "model\\u0000.ckpt"', "holds a NUL character"),
+    "lone surrogate": ('"project_name": "\\ud800"', "unpaired"),
+    "empty data_root": ('"data_root": ""', "'data_root' is required"),
+}
+
+
+@pytest.mark.parametrize("name", TRAIN_JSON_FOUND)
+def test_train_json_cases_fuzzing_found(tmp_path, required_paths, name):
+    text, says = TRAIN_JSON_FOUND[name]
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(required_paths)[:-1] + ", " + text + "}")
+    with pytest.raises(ConfigError, match=re.escape(says)):
+        config.load(["--config", str(path)])
+
+
+def test_train_json_encodings(tmp_path, required_paths):
+    path = tmp_path / "train.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(required_paths).encode())  # Notepad's BOM
+    assert config.load(["--config", str(path)]).data_root == required_paths["data_root"]
+    path.write_bytes(json.dumps(required_paths).encode()[:-1] + b', "run_name": "caf\xe9"}')  # Latin-1 e-acute
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: not UTF-8 text")):
+        config.load(["--config", str(path)])
 
 
 # ---------------------------------------------------------------- optimizer.json
@@ -274,6 +305,27 @@ def test_optimizer_json_with_random_bytes_and_mutations(tmp_path):
             raise
 
 
+OPTIMIZER_JSON_FOUND = {
+    "section that is not an object": ('{"base": true}', "'base' must be an object of settings"),
+    "betas not a pair": ('{"base": {"betas": 0.9}}', "'base.betas' must be two numbers from 0 to below 1"),
+    "unknown schedule": ('{"text_encoder_overrides": {"lr_scheduler": "cosine_annealing"}}',
+                         "'text_encoder_overrides.lr_scheduler' is \"cosine_annealing\"; choose one of"),
+    "NaN learning rate": ('{"base": {"lr": NaN}}', "'base.lr' must be a finite number"),
+    "fractional warmup": ('{"base": {"lr_warmup_steps": 2.5}}', "'base.lr_warmup_steps' must be a whole number"),
+    "optimizer name that is not text": ('{"base": {"optimizer": ["adamw"]}}',
+                                        "'base.optimizer' must be an optimizer name"),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZER_JSON_FOUND)
+def test_optimizer_json_cases_fuzzing_found(tmp_path, name):
+    text, says = OPTIMIZER_JSON_FOUND[name]
+    path = tmp_path / "optimizer.json"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {says}")):
+        read_optimizer_file(path)
+
+
 # ---------------------------------------------------------------- validation config
 
 def check_validation_config(path: Path, text: bytes) -> bool:
@@ -328,6 +380,15 @@ def test_validation_config_with_random_bytes_and_mutations(tmp_path, small_datas
         except Exception:
             print(f"case {case}: {text[:300]!r}")
             raise
+
+
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "1" + "0" * 400])
+def test_validation_every_n_epochs_must_be_finite(tmp_path, value):
+    """NaN used to be accepted and crash the run at the first validation check, after hours of training."""
+    path = tmp_path / "validation.json"
+    path.write_text('{"every_n_epochs": %s}' % value)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: key 'every_n_epochs' must be a finite number")):
+        load_validation_config(path)
 
 
 # ---------------------------------------------------------------- dataset files

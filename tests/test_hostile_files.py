@@ -190,8 +190,8 @@ def test_damaged_metadata_and_yaml_beside_the_file(tmp_path, tiny_single_file):
         configs = json.loads(f.metadata()[models.CONFIG_METADATA_KEY])
     for name, text in (("not_json", "{unet: "), ("no_parts", '{"unet": 5}'),
                        ("odd_tokenizer", json.dumps({**configs, "tokenizer": "../../etc"})),
-                       ("pipeline_as_scheduler", json.dumps(
-                           {**configs, "scheduler": {**configs["scheduler"], "_class_name": "StableDiffusionPipeline"}}))):
+                       ("pipeline_as_scheduler", json.dumps({**configs, "scheduler": {
+                           **configs["scheduler"], "_class_name": "StableDiffusionPipeline"}}))):
         file = tmp_path / f"{name}.safetensors"
         save_file(tensors, file, {models.CONFIG_METADATA_KEY: text})
         refused(file, "metadata", "Use another copy of the")

@@ -91,7 +91,9 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
         ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
         value = int(value) if ok else value
     elif flag.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
+            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}; it must be a finite number.")
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
