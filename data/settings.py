@@ -17,6 +17,7 @@ import difflib
 import json
 import math
 import os
+import re
 import reprlib
 import sys
 from dataclasses import dataclass
@@ -172,10 +173,13 @@ def read_folder_file(path: str, name: str, notify: Notify) -> Settings:
         line_no, value = lines[0]
         where = _Where(path, "", line_no)
         try:
-            number = float(value)
+            number = float(value)  # also takes "inf" and "nan", refused next
         except ValueError:
             raise where.error((), f"{_short(value)} is not a number; write a single number such as "
                                   f"{_EXAMPLES[key]}") from None
+        if not math.isfinite(number):
+            raise where.error((), f"{_short(value)} is not a finite number; write one such as "
+                                  f"{_EXAMPLES[key]}")
         if len(lines) > 1:
             raise where.error((), f"expected one number, found {len(lines)} lines")
         return Settings(**{key: _check_number(where, (), key, number, notify)})
@@ -221,14 +225,30 @@ def _parse_config_text(text: str, path: str, ext: str, notify: Notify,
     return settings_from_mapping(data, where, notify, follow_references)
 
 
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
 def _load_json(text: str, path: str) -> Any:
     try:
-        return json.loads(text)
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise SettingsError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the syntax "
                             f"(quotes around keys and strings, commas between entries)") from None
     except (ValueError, RecursionError) as e:
         raise _unreadable_structure(path, e) from None
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(data):
+        # JSON lets "\ud800" stand alone; such a string is no text, and the tokenizer refuses it.
+        raise SettingsError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which "
+                            f"is no character; fix or remove it")
+    return data
+
+
+def _encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _unreadable_structure(path: str, error: Exception) -> SettingsError:

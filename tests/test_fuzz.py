@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 import shutil
@@ -68,7 +69,7 @@ class Fuzz:
         if kind == "float":
             return self.rng.choice(self.FLOATS + [self.rng.uniform(-10, 10), self.rng.random()])
         if kind == "string":
-            return self.rng.choice(self.STRINGS + [self.unicode_text(self.rng.randint(1, 40))])
+            return self.rng.choice([self.rng.choice(self.STRINGS), self.unicode_text(self.rng.randint(1, 40))])
         if kind == "raw":
             return Raw(self.rng.choice(self.RAW))
         if kind == "list":
@@ -464,7 +465,7 @@ def build_captions(root: Path, tokenizer) -> None:
 
 def fuzz_dataset(seed: int, tmp_path: Path, tokenizer, cases: int, write_case) -> dict[str, int]:
     """Runs `write_case(fuzz, folder) -> (data_root, what was written)` `cases` times; counts the outcomes.
-    Every eighth accepted dataset also goes through the loader's caption building."""
+    Every accepted caption is tokenized; every eighth accepted dataset goes through the whole loader."""
     fuzz = Fuzz(seed)
     outcomes = {"trains": 0, "skips": 0, "refused": 0}
     for case in range(cases):
@@ -473,6 +474,8 @@ def fuzz_dataset(seed: int, tmp_path: Path, tokenizer, cases: int, write_case) -
         root, written = write_case(fuzz, folder)
         try:
             outcome = scan_checked(root)
+            if outcome != "refused":
+                tokenizer([r.caption.text() for r in data.scan(str(root)).records])
             if outcome != "refused" and case % 8 == 0:
                 build_captions(root, tokenizer)
         except Exception:
@@ -540,6 +543,54 @@ def test_manifests_with_random_contents(tmp_path, tokenizer):
 
     outcomes = fuzz_dataset(10, tmp_path, tokenizer, 300, write_case)
     assert min(outcomes.values()) > 15, outcomes
+
+
+# (file, its text, what the skip reason must say)
+DATASET_FOUND = {
+    "infinite multiply": ("multiply.txt", "inf\n", "'inf' is not a finite number"),
+    "NaN loss_scale": ("loss_scale.txt", "nan", "'nan' is not a finite number"),
+    "lone surrogate in JSON": ("img.json", '{"main_prompt": "a \\ud800 cat"}', "not half of a pair"),
+    "integer of 5000 digits": ("img.json", '{"multiply": ' + "9" * 5000 + "}", "cannot be read"),
+    "integer too big for a float": ("img.yaml", "rating: 1" + "0" * 400, "must be a finite number, got a huge"),
+}
+
+
+@pytest.mark.parametrize("name", DATASET_FOUND)
+def test_dataset_cases_fuzzing_found(tmp_path, name):
+    file, text, says = DATASET_FOUND[name]
+    image_file(tmp_path / "img.png")
+    (tmp_path / file).write_text(text)
+    result = data.scan(str(tmp_path))
+    reasons = dict(result.problems)
+    reason = reasons.get(str(tmp_path / file)) or reasons.get(str(tmp_path / "img.png"))
+    assert reason and says in reason, result.problems
+
+
+def test_image_file_names_that_are_not_utf8(tmp_path, tokenizer):
+    """Names made on other systems (Latin-1, Shift-JIS, or any bytes) reach Python with their stray bytes as
+    surrogates, which no tokenizer or UTF-8 file takes. The caption from the name is decoded like a caption
+    file; the schedule and the undersized list write the names back as their own bytes."""
+    fuzz = Fuzz(11)
+    root = tmp_path / "data"
+    root.mkdir()
+    names = [b"caf\xe9, sitting_01", b"\x83e\x83X\x83g", b"n" + fuzz.rng.randbytes(16).translate(None, b"/\x00")]
+    for name in names:
+        try:
+            image_file(Path(os.fsdecode(os.fsencode(root) + b"/" + name + b".png")))
+        except OSError:
+            pytest.skip("this file system takes only UTF-8 names")
+    result = data.scan(str(root))
+    records = data.assign_buckets(result.records, 128)
+    assert len(records) == 3 and not result.problems
+    captions = sorted(r.caption.text() for r in records)
+    assert "caf\u00e9, sitting" in captions
+    build_captions(root, tokenizer)
+    batches = EpochBatches(data.build_epoch_batches(records, 1, seed=0, epoch=0), records, tokenizer,
+                           SampleOptions(), seed=0, epoch=0)
+    data.write_schedule(tmp_path / "schedule.txt", batches)
+    data.report_undersized(records, tmp_path)
+    for written in (tmp_path / "schedule.txt", tmp_path / "undersized_images.txt"):
+        assert all(name in written.read_bytes() for name in names), written
 
 
 LAUGHS = "".join(f"{a}: &{a} [{', '.join([f'*{b}'] * 9)}]\n" for b, a in zip("abcdefg", "bcdefgh"))
