@@ -220,7 +220,7 @@ TRAIN_JSON_FOUND = {
     "nesting past the stack": ('"plugins": ' + "[" * 3000 + "]" * 3000, "JSON that cannot be read"),
     "name too long to look up": ('"resume_ckpt": "' + "x" * 5000 + '"', "does not exist"),
     "NUL in a path": ('"resume_ckpt": "model\\u0000.ckpt"', "holds a NUL character"),
-    "lone surrogate": ('"project_name": "\\ud800"', "unpaired"),
+    "lone surrogate": ('"project_name": "\\ud800"', "not half of a pair"),
     "empty data_root": ('"data_root": ""', "'data_root' is required"),
 }
 

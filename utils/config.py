@@ -76,6 +76,10 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
         raise ConfigError(f"{path}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]}). Write plain "
                           "numbers and at most a few levels of nesting.") from None
+    if "\\u" in text and not _encodable(data):
+        # JSON lets "\ud800" stand alone; such a string is no text, and no file name, log or TensorBoard tag takes it.
+        raise ConfigError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which is no character. "
+                          "Fix or remove it.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}.")
     return data
@@ -97,20 +101,20 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
-        if ok and not _is_plain_text(value):
-            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}, which holds a NUL character or an "
-                              "unpaired \\uD800-\\uDFFF escape: no file name or text can. Retype the value.")
+        if ok and "\x00" in value:
+            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}, which holds a NUL character: no "
+                              "file name or text can. Retype the value.")
     if not ok:
         raise ConfigError(f"{where}: key '{flag.name}' must be a {_type_name(flag)}, got {json.dumps(value)}.")
     return value
 
 
-def _is_plain_text(value: str) -> bool:
+def _encodable(data: Any) -> bool:
     try:
-        value.encode("utf-8")
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
         return False
-    return "\x00" not in value
+    return True
 
 
 def _check_range(flag: Flag, value: Any, where: str) -> None:
