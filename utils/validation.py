@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -96,6 +97,8 @@ def _bool(where: str, key: str, value: Any) -> bool:
 def _number(where: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: key '{key}' must be a number, got {json.dumps(value)}.")
+    if not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
+        raise ConfigError(f"{where}: key '{key}' must be a finite number, got {json.dumps(value)}.")
     return float(value)
 
 
