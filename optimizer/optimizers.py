@@ -14,6 +14,7 @@ import difflib
 import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -59,7 +60,7 @@ PROBE_SIZE = 4096
 
 def _number(value) -> bool:
     """A finite JSON number (NaN and Infinity parse in Python's json but are no setting's valid value)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def _whole(value) -> bool:

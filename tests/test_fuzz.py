@@ -308,13 +308,14 @@ def test_optimizer_json_with_random_bytes_and_mutations(tmp_path):
 
 OPTIMIZER_JSON_FOUND = {
     "section that is not an object": ('{"base": true}', "'base' must be an object of settings"),
-    "betas not a pair": ('{"base": {"betas": 0.9}}', "'base.betas' must be two numbers from 0 to below 1"),
+    "betas not a pair": ('{"base": {"betas": 0.9}}', "base.betas must be two numbers in [0, 1)"),
     "unknown schedule": ('{"text_encoder_overrides": {"lr_scheduler": "cosine_annealing"}}',
-                         "'text_encoder_overrides.lr_scheduler' is \"cosine_annealing\"; choose one of"),
-    "NaN learning rate": ('{"base": {"lr": NaN}}', "'base.lr' must be a finite number"),
-    "fractional warmup": ('{"base": {"lr_warmup_steps": 2.5}}', "'base.lr_warmup_steps' must be a whole number"),
+                         "text_encoder_overrides.lr_scheduler must be one of constant"),
+    "NaN learning rate": ('{"base": {"lr": NaN}}', "base.lr must be a number >= 0, got nan"),
+    "huge learning rate": ('{"base": {"lr": 1e999999}}', "base.lr must be a number >= 0, got inf"),
+    "fractional warmup": ('{"base": {"lr_warmup_steps": 2.5}}', "base.lr_warmup_steps must be a whole number"),
     "optimizer name that is not text": ('{"base": {"optimizer": ["adamw"]}}',
-                                        "'base.optimizer' must be an optimizer name"),
+                                        "base.optimizer must be an optimizer name"),
 }
 
 
