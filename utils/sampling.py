@@ -10,6 +10,8 @@ import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 from PIL import Image, ImageDraw, ImageFont
 
+from utils import flow
+
 log = logging.getLogger(__name__)
 
 GUIDANCE_SCALES = (7.0, 4.0, 1.01)
@@ -49,9 +51,12 @@ def generate_samples(model, unet, text_encoder, prompts: list[str], *, size: int
 
     Runs with the random state forked, so training after a sample is the same as without it.
     """
+    # A rectified-flow model is sampled with the flow ODE solver it was trained for.
+    scheduler = flow.flow_scheduler(model.scheduler.config) if flow.is_flow_model(model.scheduler.config) else \
+        DDIMScheduler.from_config(model.scheduler.config)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
-                                   scheduler=DDIMScheduler.from_config(model.scheduler.config), safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=True)
     # The sampler follows the model's scheduler config (its betas and timestep spacing), as the saved model will.
     guidance_rescale = ZERO_SNR_GUIDANCE_RESCALE if pipe.scheduler.config.get("rescale_betas_zero_snr") else 0.0
