@@ -253,12 +253,11 @@ def main(argv: list[str] | None = None) -> int:
 
             def embed(input_ids: torch.Tensor) -> torch.Tensor:
                 return encode_text(text_encoder, input_ids, args.clip_skip)
-            vae_scale_factor = 2 ** (len(model.vae.config.block_out_channels) - 1)
-            prompts = flow.prompt_batches(epoch_loader(plan, 0), args.reflow_gen_batches, vae_scale_factor)
+            prompts = flow.prompt_batches(epoch_loader(plan, 0), args.reflow_gen_batches, model.vae.config)
             ode_steps = flow.reflow_sample_steps(args)
             # Straightness is measured on the same noise and captions every time, so the values compare.
             probe_noise = torch.randn(prompts[0].latent_shape, generator=torch.Generator().manual_seed(args.seed))
-            pairs_generator = torch.Generator().manual_seed(args.seed + 1)
+            pairs_generator, shuffle_generator = (torch.Generator().manual_seed(args.seed + n) for n in (1, 2))
             log.info("Reflow: %d iteration(s) of %d generated pairs (%d-step ODE), %d epoch(s) each",
                      args.reflow_steps, sum(p.latent_shape[0] for p in prompts), ode_steps, args.reflow_train_epochs)
 
@@ -272,15 +271,14 @@ def main(argv: list[str] | None = None) -> int:
                          measures.straightness, measures.one_step_error)
             measure_flow()
             for iteration in range(args.reflow_steps):
-                with flow.eval_mode(unet, text_encoder):
-                    pairs = flow.generate_pairs(unet, embed, prompts, ode_steps, model.scheduler.config,
-                                                pairs_generator, flow.new_pairs_store(prompts, run.path),
-                                                accelerator.autocast,
-                                                f"reflow {iteration + 1}/{args.reflow_steps}: generating")
+                pairs = flow.new_pairs_store(prompts, run.path)
                 try:
+                    with flow.eval_mode(unet, text_encoder):
+                        flow.generate_pairs(unet, embed, prompts, ode_steps, model.scheduler.config, pairs_generator,
+                                            pairs, accelerator.autocast,
+                                            f"reflow {iteration + 1}/{args.reflow_steps}: generating")
                     for reflow_epoch in range(args.reflow_train_epochs):
-                        order = pairs.epoch(args.batch_size, torch.Generator().manual_seed(
-                            args.seed + 1_000_003 * (iteration + 1) + reflow_epoch))
+                        order = pairs.epoch(args.batch_size, shuffle_generator)
                         steps_bar = tqdm(order, desc=f"reflow {iteration + 1}/{args.reflow_steps} epoch "
                                          f"{reflow_epoch + 1}/{args.reflow_train_epochs}", unit="step", leave=False,
                                          dynamic_ncols=True)

@@ -76,13 +76,13 @@ def prepare_model(model, rectified_flow: bool) -> None:
     and every saved checkpoint then use."""
     if not rectified_flow:
         if is_flow_model(model.scheduler.config):
-            raise ModelMismatch(f"{model.source} was trained with rectified flow (its scheduler's prediction_type is "
-                             "flow_prediction). Set rectified_flow: true to keep training it.")
+            raise ModelMismatch(f"{model.source} was trained with rectified flow (its scheduler's prediction_type "
+                                "is flow_prediction). Set rectified_flow: true to keep training it.")
         return
     if model.prediction_type not in ("v_prediction", "v-prediction", "flow_prediction"):
         raise ModelMismatch(f"rectified_flow needs a v-prediction model; {model.source} has prediction_type "
-                         f"'{model.prediction_type}' in its scheduler config. Start from a v-prediction model (e.g. SD "
-                         "2.x 768-v) or turn rectified_flow off.")
+                            f"'{model.prediction_type}' in its scheduler config. Start from a v-prediction model "
+                            "(e.g. SD 2.x 768-v) or turn rectified_flow off.")
     model.scheduler = flow_scheduler(model.scheduler.config)
 
 
@@ -145,11 +145,13 @@ def sample(unet, prompt_embeds: torch.Tensor, noise: torch.Tensor, steps: int, s
     velocity at each step is appended to `velocities` when given."""
     scheduler = flow_scheduler(scheduler_config)
     scheduler.set_timesteps(steps, device=noise.device)
-    x = noise * scheduler.init_noise_sigma
+    x = noise.float() * scheduler.init_noise_sigma
     for t in scheduler.timesteps:
-        v = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=prompt_embeds).sample
+        # In float32: under half-precision autocast the step would round x to the UNet's output type, and a
+        # 1/steps-sized step is near half precision's resolution (bfloat16 resolves 1/256 at 1).
+        v = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=prompt_embeds).sample.float()
         if velocities is not None:
-            velocities.append(v.float())
+            velocities.append(v)
         x = scheduler.step(v, t, x).prev_sample
     return x, scheduler.sigmas
 
@@ -176,7 +178,7 @@ def measure(unet, prompt_embeds: torch.Tensor, noise: torch.Tensor, steps: int, 
     velocities = []
     many, sigmas = sample(unet, prompt_embeds, noise, steps, scheduler_config, velocities)
     one, _ = sample(unet, prompt_embeds, noise, 1, scheduler_config)
-    return FlowMeasures(straightness(velocities, sigmas), (one.float() - many.float()).pow(2).mean().item())
+    return FlowMeasures(straightness(velocities, sigmas), (one - many).pow(2).mean().item())
 
 
 # -- reflow ----------------------------------------------------------------------------------------------------
@@ -194,15 +196,16 @@ class PromptBatch:
     latent_shape: tuple[int, ...]
 
 
-def prompt_batches(loader: Iterable[dict], count: int, vae_scale_factor: int) -> list[PromptBatch]:
+def prompt_batches(loader: Iterable[dict], count: int, vae_config) -> list[PromptBatch]:
     """The first `count` batches of `loader`, going through it again while more are needed."""
+    scale = 2 ** (len(vae_config.block_out_channels) - 1)
     batches = []
     while len(batches) < count:
         before = len(batches)
         for batch in loader:
             b, _, h, w = batch["pixel_values"].shape
             batches.append(PromptBatch(batch["input_ids"], batch["captions"],
-                                       (b, 4, h // vae_scale_factor, w // vae_scale_factor)))
+                                       (b, vae_config.latent_channels, h // scale, w // scale)))
             if len(batches) == count:
                 break
         if len(batches) == before:
@@ -289,12 +292,12 @@ def new_pairs_store(prompts: list[PromptBatch], run_folder: Path,
 @torch.no_grad()
 def generate_pairs(unet, embed: Callable[[torch.Tensor], torch.Tensor], prompts: list[PromptBatch], steps: int,
                    scheduler_config, generator: torch.Generator, store: ReflowPairs, autocast,
-                   description: str) -> ReflowPairs:
-    """Reflow's phase 1: for each prompt batch, fresh Gaussian noise integrated by the model's ODE to a latent."""
+                   description: str) -> None:
+    """Reflow's phase 1: for each prompt batch, fresh Gaussian noise integrated by the model's ODE to a latent,
+    added to `store`."""
     device = unet.device
     for prompt in tqdm(prompts, desc=description, unit="batch", leave=False, dynamic_ncols=True):
         noise = torch.randn(prompt.latent_shape, generator=generator, device=generator.device).to(device)
         with autocast():
             latents, _ = sample(unet, embed(prompt.input_ids), noise, steps, scheduler_config)
         store.add(noise, latents, prompt.input_ids, prompt.captions)
-    return store
