@@ -1,7 +1,8 @@
 """Fine-tune Stable Diffusion 1.x / 2.x: `python train.py --config cfgs/train.json [--flag value ...]`.
 
-The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> epochs of
-steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module (doc/ARCHITECTURE.md).
+The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> (reflow) ->
+epochs of steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module
+(doc/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -111,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.enable_zero_terminal_snr:
             model.use_zero_terminal_snr()
         noise_scheduler = model.noise_scheduler(args.train_sampler)
-        flow.prepare_model(model, args.rectified_flow)
+        flow.configure_model(model, args)
     except (models.ModelLoadError, flow.ModelMismatch) as e:
         log.error("error: %s", e)
         return 2

@@ -194,7 +194,8 @@ def test_validation_loss_is_the_flow_objective(tmp_path, squares):
 
     (batch,) = data.build_epoch_batches(sets["val"], 2, 3, epoch=0)
     records = sets["val"]
-    pixels = torch.stack([load_training_image(records[i].path, batch.bucket, random.Random(0), False) for i in batch.indices])
+    pixels = torch.stack([load_training_image(records[i].path, batch.bucket, random.Random(0), False)
+                          for i in batch.indices])
     ids = model.tokenizer([CAPTION] * 2, padding="max_length", max_length=77, return_tensors="pt").input_ids
     generator = torch.Generator().manual_seed(3)
     with torch.no_grad():
@@ -389,3 +390,15 @@ def test_a_flow_model_is_not_trained_as_a_diffusion_model(flow_run, squares, tmp
     status = train.main(["--resume_ckpt", str(last_checkpoint(flow_run)), "--data_root", str(squares),
                          "--resolution", "64", "--logdir", str(tmp_path / "logs")])
     assert status == 2 and "Set rectified_flow: true to keep training it" in capsys.readouterr().out
+
+
+def test_reflow_from_a_model_not_yet_trained_as_a_flow_is_warned_about(v_model, caplog):
+    from types import SimpleNamespace
+
+    from utils import models
+
+    model = models.load(v_model)
+    with caplog.at_level("WARNING"):
+        flow.configure_model(model, SimpleNamespace(rectified_flow=True, reflow_steps=1))
+    assert "Train with rectified_flow first, then run reflow from that checkpoint" in caplog.text
+    assert model.prediction_type == "flow_prediction"

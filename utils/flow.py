@@ -71,10 +71,10 @@ def flow_scheduler(scheduler_config) -> DPMSolverMultistepScheduler:
                                                    rescale_betas_zero_snr=False)
 
 
-def prepare_model(model, rectified_flow: bool) -> None:
+def configure_model(model, args) -> None:
     """Checks the model suits the objective and, for rectified flow, gives it the flow sampler, which the samples
     and every saved checkpoint then use."""
-    if not rectified_flow:
+    if not args.rectified_flow:
         if is_flow_model(model.scheduler.config):
             raise ModelMismatch(f"{model.source} was trained with rectified flow (its scheduler's prediction_type "
                                 "is flow_prediction). Set rectified_flow: true to keep training it.")
@@ -83,6 +83,10 @@ def prepare_model(model, rectified_flow: bool) -> None:
         raise ModelMismatch(f"rectified_flow needs a v-prediction model; {model.source} has prediction_type "
                             f"'{model.prediction_type}' in its scheduler config. Start from a v-prediction model "
                             "(e.g. SD 2.x 768-v) or turn rectified_flow off.")
+    if args.reflow_steps and not is_flow_model(model.scheduler.config):
+        log.warning("reflow_steps: reflow runs before the main epochs and samples %s as a flow model, which it is "
+                    "not yet (prediction_type %s): its pairs will be poor. Train with rectified_flow first, then run "
+                    "reflow from that checkpoint.", model.source, model.prediction_type)
     model.scheduler = flow_scheduler(model.scheduler.config)
 
 
