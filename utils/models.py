@@ -28,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils import shipped
+from utils import flow, shipped
 from utils.checkpoint import atomic_dir, atomic_file
 from utils.ldm_convert import pipeline_to_ldm
 
@@ -330,12 +330,15 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
     configs = {"unet": dict(unet.config), "vae": dict(model.vae.config), "text_encoder": text_encoder.config.to_dict(),
                "scheduler": dict(model.scheduler.config),
                "tokenizer": "sd2" if model.tokenizer.pad_token == "!" else "sd1"}
-    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type,
+                **flow.single_file_metadata(model.scheduler.config)}
     with atomic_file(file) as scratch:
         save_file(tensors, str(scratch), metadata=metadata)
     if unet.config.cross_attention_dim == 1024:
         # Image generators need the original SD2 yaml beside the file to tell a v-model from an epsilon one.
-        yaml_name = "v2-inference-v.yaml" if model.prediction_type == "v_prediction" else "v2-inference.yaml"
+        # A rectified-flow model started as a v-model; no original yaml describes flow sampling (its metadata does).
+        v_like = model.prediction_type in ("v_prediction", "flow_prediction")
+        yaml_name = "v2-inference-v.yaml" if v_like else "v2-inference.yaml"
         with atomic_file(file.with_suffix(".yaml")) as scratch:
             scratch.write_bytes((shipped.MODEL_CONFIGS / "ldm" / yaml_name).read_bytes())
 
