@@ -258,7 +258,7 @@ def test_flow_checkpoints_sample_the_same_in_a_stock_pipeline(flow_run, tmp_path
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from torch.utils.tensorboard import SummaryWriter
     from utils import models
-    from utils.sampling import GUIDANCE_SCALES, INFERENCE_STEPS, generate_samples
+    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
     from utils.step import encode_text
 
     folder = last_checkpoint(flow_run)
@@ -287,10 +287,15 @@ def test_flow_checkpoints_sample_the_same_in_a_stock_pipeline(flow_run, tmp_path
         {k: v for k, v in model.scheduler.config.items() if not k.startswith("_")}
 
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        (strip,) = generate_samples(model, model.unet, model.text_encoder, [CAPTION], size=RESOLUTION, seed=9, step=0,
-                                    out_dir=tmp_path, tb_writer=writer, autocast=contextlib.nullcontext)
-    expected = pipe(CAPTION, height=RESOLUTION, width=RESOLUTION, num_inference_steps=INFERENCE_STEPS,
-                    guidance_scale=GUIDANCE_SCALES[0], generator=torch.Generator().manual_seed(9)).images[0]
+        # The user's sampler choice (ddim) cannot sample a flow model: the flow solver is used instead.
+        settings = SampleSettings(batch_size=1, seed=9, resolution=RESOLUTION, every_n_steps=1,
+                                  generate_pretrain_samples=False, scheduler="ddim")
+        event = SampleEvent(settings, (SampleRequest(prompt=CAPTION, seed=9, size=(RESOLUTION, RESOLUTION)),))
+        (strip,) = generate_samples(model, model.unet, model.text_encoder, event, step=0, out_dir=tmp_path,
+                                    tb_writer=writer, autocast=contextlib.nullcontext)
+    assert "sampler: flow, 30 steps" in strip.with_suffix(".txt").read_text()
+    expected = pipe(CAPTION, height=RESOLUTION, width=RESOLUTION, num_inference_steps=settings.num_inference_steps,
+                    guidance_scale=settings.cfgs[0], generator=torch.Generator().manual_seed(9)).images[0]
     expected.save(tmp_path / "expected.jpg", quality=95)  # as the strip is saved
     # The first tile, away from its label (bottom right) and the next tile (JPEG blocks and chroma smoothing).
     first_tile = np.asarray(Image.open(strip), dtype=float)[:40, :56]
