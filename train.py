@@ -1,10 +1,12 @@
 """Fine-tune Stable Diffusion 1.x / 2.x: `python train.py --config cfgs/train.json [--flag value ...]`.
 
-The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> epochs of
-steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module (doc/ARCHITECTURE.md).
+The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> (reflow) ->
+epochs of steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module
+(doc/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -15,9 +17,11 @@ import torch
 from tqdm.auto import tqdm
 
 import data
-from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
-from utils import config, validation
-from utils.checkpoint import SaveTimer, checkpoint_name, find_last
+from optimizer.freezing import freeze_text_encoder
+from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
+                                  resolve_settings)
+from utils import config, ema, flow, sampling, validation
+from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
 log = logging.getLogger("train")
@@ -60,19 +64,28 @@ def prepare_models(model, args, accelerator):
     return trained
 
 
-def save_checkpoint(model, opts, args, run, name: str, accelerator) -> Path:
-    """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file."""
+def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None) -> Path:
+    """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file; with EMA the
+    EMA model beside them as `<name>_ema` and `<name>_ema.safetensors`."""
     from utils.models import save_diffusers, save_single_file
 
     unet = accelerator.unwrap_model(model.unet)
     text_encoder = accelerator.unwrap_model(model.text_encoder)
-    folder = run.ckpts / name
-    save_diffusers(model, unet, text_encoder, folder, opts.state_dicts() if args.save_optimizer else None)
-    log.info("Saved diffusers model: %s", folder)
-    if not args.no_save_ckpt:
-        file = Path(args.save_ckpt_dir or run.ckpts) / f"{name}.safetensors"
-        save_single_file(model, unet, text_encoder, file, args.save_full_precision)
-        log.info("Saved single file: %s", file)
+
+    def save(checkpoint: str, optimizer_states) -> Path:
+        folder = run.ckpts / checkpoint
+        save_diffusers(model, unet, text_encoder, folder, optimizer_states)
+        log.info("Saved diffusers model: %s", folder)
+        if not args.no_save_ckpt:
+            file = Path(args.save_ckpt_dir or run.ckpts) / f"{checkpoint}.safetensors"
+            save_single_file(model, unet, text_encoder, file, args.save_full_precision)
+            log.info("Saved single file: %s", file)
+        return folder
+
+    folder = save(name, opts.state_dicts() if args.save_optimizer else None)
+    if ema_model is not None:
+        with ema_model.swapped_in():
+            save(name + EMA_SUFFIX, None)
     return folder
 
 
@@ -81,16 +94,21 @@ def main(argv: list[str] | None = None) -> int:
     # -- options and data: every user error surfaces here, before a model loads or a folder is made ------------
     try:
         args = config.load(argv)
+        flow.check_options(args)
         for note in args.notes:
             log.warning(note)
         resume = find_last(args.logdir) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+        ema_resume = ema.check_options(args)
         optimizer_file = read_optimizer_file(args.optimizer_config)
+        check_optimizers_run_here(optimizer_file, args.optimizer_config,
+                                  torch.device("cuda", args.gpuid) if torch.cuda.is_available() else "cpu")
         scan = data.scan(args.data_root)
         scan.require_images()
         records = data.assign_buckets(scan.records, args.resolution)
         validation_cfg = validation.load_validation_config(args.validation_config) if args.validation_config else None
         if validation_cfg:
             records, validation_sets = validation.split_records(records, validation_cfg, args.resolution)
+        samples = sampling.SampleSchedule.from_args(args)
     except (config.ConfigError, data.DataError, FileNotFoundError) as e:
         log.error("error: %s", e)
         return 2
@@ -100,8 +118,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
-    from utils.sampling import generate_samples, read_prompts
-    from utils.step import StepSettings, compute_loss
+    from utils.step import StepSettings, compute_loss, encode_text
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)
@@ -110,7 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.enable_zero_terminal_snr:
             model.use_zero_terminal_snr()
         noise_scheduler = model.noise_scheduler(args.train_sampler)
-    except models.ModelLoadError as e:
+        flow.configure_model(model, args)
+        samples.check_model(model.scheduler.config)
+    except (models.ModelLoadError, config.ConfigError, flow.ModelMismatch) as e:
         log.error("error: %s", e)
         return 2
     if args.clip_skip > model.text_encoder.config.num_hidden_layers:
@@ -119,6 +138,13 @@ def main(argv: list[str] | None = None) -> int:
                   model.text_encoder.config.num_hidden_layers, model.text_encoder.config.num_hidden_layers)
         return 2
     trained = prepare_models(model, args, accelerator)
+    try:
+        text_encoder_training = freeze_text_encoder(trained, optimizer_file.get("text_encoder_freezing"),
+                                                    args.optimizer_config)
+        ema_start = ema.load_start(ema_resume, trained) if ema_resume else None
+    except (config.ConfigError, models.ModelLoadError) as e:
+        log.error("error: %s", e)
+        return 2
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------
     run = RunDir(args)
@@ -129,6 +155,13 @@ def main(argv: list[str] | None = None) -> int:
     settings = resolve_settings(optimizer_file, args, steps_per_epoch)
     run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
     opts = TrainingOptimizers(trained, settings)
+    ema_model = None
+    if ema.enabled(args):
+        ema_model = ema.EMA(trained, ema.resolve_decay(args, steps_per_epoch), args.ema_update_interval,
+                            accelerator.device if args.ema_device == "cuda" else torch.device("cpu"), ema_start)
+        log.info("EMA: starting from %s.", ema_resume or "the model being trained")
+        del ema_start  # the EMA holds its own copy now
+    sampled_models = ema.sampled_models(args)
     resumed_states = models.load_optimizer_states(resume) if resume.is_dir() else {}
     if resumed_states:
         try:
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         if name in trained:
             log.info("Optimizer %s: %s lr %g, %s schedule (warmup %d, decay %d steps)", name, s.optimizer, s.lr,
                      s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
+    if text_encoder_training:
+        log.info("Text encoder: %s", text_encoder_training)
     log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision, run.path)
 
     # -- the loop ----------------------------------------------------------------------------------------------
@@ -164,16 +199,136 @@ def main(argv: list[str] | None = None) -> int:
     def validate(step: int) -> None:
         validator.run(model.unet, model.text_encoder, model.vae, noise_scheduler, model.tokenizer, step, run.tb,
                       accelerator.autocast)
-    sample_prompts_missing_warned = False
+
+    def sample(step: int, captions: list[str]) -> None:
+        event = samples.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
+        for label in sampled_models:
+            with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
+                sampling.generate_samples(model, accelerator.unwrap_model(model.unet),
+                                          accelerator.unwrap_model(model.text_encoder), event, step=step,
+                                          out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
+                                          clip_skip=args.clip_skip, label=label)
+
+    def epoch_loader(plan, epoch: int):
+        return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout, seed=args.seed,
+                                      epoch=epoch, num_workers=loader_workers,
+                                      pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
+                                      shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags, skipped=scan.skipped)
     global_step, epoch = 0, 0
     last_log_time, images_since_log = time.perf_counter(), 0
     loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
+
+    def train_step(batch: dict, local_step: int, steps_in_epoch: int, bar) -> torch.Tensor:
+        """One batch: forward, backward, an optimizer update at the end of its gradient-accumulation window, the
+        LR schedules and the log_step scalars. The main epochs and reflow's training phase both train with it.
+        Returns the batch's loss."""
+        nonlocal global_step, last_log_time, images_since_log, steps_since_log
+        # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
+        window_start = local_step - local_step % args.grad_accum
+        window = min(args.grad_accum, steps_in_epoch - window_start)
+        updates_now = local_step == window_start + window - 1
+        log_now = (global_step + 1) % args.log_step == 0
+
+        with accelerator.autocast():
+            loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, step_settings)
+        accelerator.backward(loss / window)
+        grad_norms = {}
+        if updates_now:
+            grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
+            if ema_model is not None:
+                ema_model.step()
+        opts.step_schedules()
+
+        global_step += 1
+        images_since_log += batch["input_ids"].shape[0]
+        loss_since_log.add_(loss.detach())
+        steps_since_log += 1
+        if log_now:
+            elapsed = time.perf_counter() - last_log_time
+            mean_loss = (loss_since_log / steps_since_log).item()
+            lrs = opts.current_lrs()
+            run.tb.add_scalar("loss/log_step", mean_loss, global_step)
+            run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
+            run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
+            run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
+            if scaler is not None:
+                run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
+            if torch.cuda.is_available():
+                run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
+            for name, norm in grad_norms.items():
+                run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
+                                  norm.item(), global_step)
+            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
+                            img_s=f"{images_since_log / elapsed:.1f}")
+            last_log_time, images_since_log = time.perf_counter(), 0
+            loss_since_log.zero_()
+            steps_since_log = 0
+        return loss.detach()
+
+    def sample_and_save_when_due(batch: dict) -> None:
+        """Samples every sample_steps steps and checkpoints every ckpt_every_n_minutes, in reflow and main epochs."""
+        if samples.due(global_step):
+            sample(global_step, batch["captions"])
+        if save_timer.due():
+            save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
+                            accelerator, ema_model)
+
     epoch_losses = []
     training_start = time.perf_counter()
-    epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True)
     try:
         if validator:
             validate(0)
+        if samples.pretrain_due:
+            sample(0, next(iter(epoch_loader(plan, 0)))["captions"])
+
+        # -- reflow (doc/RECTIFIED_FLOW.md): the model's own ODE pairs (noise -> its sample) retrain it straighter
+        if args.reflow_steps:
+            unet, text_encoder = accelerator.unwrap_model(model.unet), accelerator.unwrap_model(model.text_encoder)
+
+            def embed(input_ids: torch.Tensor) -> torch.Tensor:
+                return encode_text(text_encoder, input_ids, args.clip_skip)
+            prompts = flow.prompt_batches(epoch_loader(plan, 0), args.reflow_gen_batches, model.vae.config)
+            ode_steps = flow.reflow_sample_steps(args)
+            # Straightness is measured on the same noise and captions every time, so the values compare.
+            probe_noise = torch.randn(prompts[0].latent_shape, generator=torch.Generator().manual_seed(args.seed))
+            pairs_generator, shuffle_generator = (torch.Generator().manual_seed(args.seed + n) for n in (1, 2))
+            log.info("Reflow: %d iteration(s) of %d generated pairs (%d-step ODE), %d epoch(s) each",
+                     args.reflow_steps, sum(p.latent_shape[0] for p in prompts), ode_steps, args.reflow_train_epochs)
+
+            def measure_flow() -> None:
+                with flow.eval_mode(unet, text_encoder), accelerator.autocast():
+                    measures = flow.measure(unet, embed(prompts[0].input_ids), probe_noise.to(unet.device),
+                                            ode_steps, model.scheduler.config)
+                run.tb.add_scalar("reflow/straightness", measures.straightness, global_step)
+                run.tb.add_scalar("reflow/one_step_error", measures.one_step_error, global_step)
+                log.info("Reflow at step %d: straightness %.5f, one-step error %.5f", global_step,
+                         measures.straightness, measures.one_step_error)
+            measure_flow()
+            for iteration in range(args.reflow_steps):
+                pairs = flow.new_pairs_store(prompts, run.path)
+                try:
+                    with flow.eval_mode(unet, text_encoder):
+                        flow.generate_pairs(unet, embed, prompts, ode_steps, model.scheduler.config, pairs_generator,
+                                            pairs, accelerator.autocast,
+                                            f"reflow {iteration + 1}/{args.reflow_steps}: generating")
+                    for reflow_epoch in range(args.reflow_train_epochs):
+                        order = pairs.epoch(args.batch_size, shuffle_generator)
+                        steps_bar = tqdm(order, desc=f"reflow {iteration + 1}/{args.reflow_steps} epoch "
+                                         f"{reflow_epoch + 1}/{args.reflow_train_epochs}", unit="step", leave=False,
+                                         dynamic_ncols=True)
+                        reflow_loss = torch.zeros((), device=accelerator.device)
+                        for local_step, rows in enumerate(steps_bar):
+                            batch = pairs.batch(rows)
+                            reflow_loss += train_step(batch, local_step, len(order), steps_bar)
+                            sample_and_save_when_due(batch)
+                        run.tb.add_scalar("loss/reflow_epoch", (reflow_loss / len(order)).item(), global_step)
+                finally:
+                    pairs.discard()
+                measure_flow()
+                if validator:
+                    validate(global_step)
+
+        epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True)
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
             if args.load_settings_every_epoch and args.config:
@@ -185,74 +340,16 @@ def main(argv: list[str] | None = None) -> int:
                 step_settings = StepSettings.from_args(args)
             if epoch > 0:
                 plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch, args.grad_accum, rated)
-            loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,
-                                            seed=args.seed, epoch=epoch, num_workers=loader_workers,
-                                            pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
-                                            shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags,
-                                            skipped=scan.skipped)
+            loader = epoch_loader(plan, epoch)
             if args.write_schedule:
                 data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", loader.dataset)
             epoch_loss = torch.zeros((), device=accelerator.device)
             steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
             for local_step, batch in enumerate(steps_bar):
-                # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
-                window_start = local_step - local_step % args.grad_accum
-                window = min(args.grad_accum, len(plan) - window_start)
-                updates_now = local_step == window_start + window - 1
-                log_now = (global_step + 1) % args.log_step == 0
-
-                with accelerator.autocast():
-                    loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch,
-                                        step_settings)
-                accelerator.backward(loss / window)
-                grad_norms = {}
-                if updates_now:
-                    grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
-                opts.step_schedules()
-
-                global_step += 1
-                images_since_log += batch["pixel_values"].shape[0]
-                loss_since_log += loss.detach()
-                epoch_loss += loss.detach()
-                steps_since_log += 1
-                if log_now:
-                    elapsed = time.perf_counter() - last_log_time
-                    mean_loss = (loss_since_log / steps_since_log).item()
-                    lrs = opts.current_lrs()
-                    run.tb.add_scalar("loss/log_step", mean_loss, global_step)
-                    run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
-                    run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
-                    run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
-                    if scaler is not None:
-                        run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
-                    if torch.cuda.is_available():
-                        run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
-                    for name, norm in grad_norms.items():
-                        run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
-                                          norm.item(), global_step)
-                    steps_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
-                                          img_s=f"{images_since_log / elapsed:.1f}")
-                    last_log_time, images_since_log = time.perf_counter(), 0
-                    loss_since_log.zero_()
-                    steps_since_log = 0
-
-                if args.sample_steps and global_step % args.sample_steps == 0:
-                    prompts = [p for p in read_prompts(args.sample_prompts) if p] or \
-                        [c for c in batch["captions"] if c.strip()][:4]
-                    if not Path(args.sample_prompts).is_file() and not sample_prompts_missing_warned:
-                        log.warning("sample_prompts '%s' not found: sampling with captions of the current batch.",
-                                    args.sample_prompts)
-                        sample_prompts_missing_warned = True
-                    if prompts:
-                        generate_samples(model, accelerator.unwrap_model(model.unet),
-                                         accelerator.unwrap_model(model.text_encoder), prompts,
-                                         size=args.resolution, seed=args.seed, step=global_step, out_dir=run.samples,
-                                         tb_writer=run.tb, autocast=accelerator.autocast, clip_skip=args.clip_skip)
+                epoch_loss += train_step(batch, local_step, len(plan), steps_bar)
+                sample_and_save_when_due(batch)
                 if validator and validator.due(epoch, local_step, len(plan)):
                     validate(global_step)
-                if save_timer.due():
-                    save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
-                                    accelerator)
 
             epoch_mean = (epoch_loss / max(1, len(plan))).item()
             epoch_losses.append(epoch_mean)
@@ -263,23 +360,25 @@ def main(argv: list[str] | None = None) -> int:
             if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and \
                     done >= args.save_ckpts_from_n_epochs and done < args.max_epochs:
                 save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, done, global_step),
-                                accelerator)
+                                accelerator, ema_model)
     except KeyboardInterrupt:
         log.warning("Interrupted: saving a checkpoint (Ctrl-C again to abort without saving).")
         if global_step:
-            save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator)
+            save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator, ema_model)
         run.close()
         return 130
     except Exception:
         if global_step:
             log.exception("Training failed at step %d; saving what was trained as errored-.", global_step)
             save_checkpoint(model, opts, args, run,
-                            checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator)
+                            checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator,
+                            ema_model)
         run.close()
         raise
 
     final = save_checkpoint(model, opts, args, run, checkpoint_name(
-        args.project_name, args.max_epochs, global_step, prefix="" if args.no_prepend_last else "last-"), accelerator)
+        args.project_name, args.max_epochs, global_step, prefix="" if args.no_prepend_last else "last-"), accelerator,
+        ema_model)
     minutes = (time.perf_counter() - training_start) / 60
     log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
              "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)

@@ -1,16 +1,20 @@
 """optimizer.json -> one optimizer and one LR schedule per trained model (UNet, text encoder).
 
 File format (EveryDream2's, REFERENCE.md §6): `base` holds the UNet's settings and the defaults for the text
-encoder; `text_encoder_overrides` replaces any of them for the text encoder; `doc` is free text. A value of
-null (or a missing key) falls back to the next level: text encoder -> base -> train.json -> built-in default.
-The main `lr` option, when set, wins over both models' file values (with a warning).
+encoder; `text_encoder_overrides` replaces any of them for the text encoder; `text_encoder_lr_scale` multiplies
+the text encoder's rate unless the overrides set one; `text_encoder_freezing` is handled by optimizer.freezing;
+`doc` is free text. A value of null (or a missing key) falls back to the next level: text encoder -> base ->
+train.json -> built-in default. The main `lr` option, when set, wins over both models' file values (with a
+warning). doc/OPTIMIZERS.md describes every optimizer and key for users.
 """
 from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -19,7 +23,11 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
+from optimizer.adacoor import AdaCoor
+from optimizer.freezing import check_freezing_config
+from optimizer.lr_free import DAdaptAdam, DAdaptLion, DAdaptSGD, LearningRateFree, Prodigy
 from utils.config import ConfigError, read_json_object
+from utils.flags import LR_SCHEDULERS
 
 log = logging.getLogger(__name__)
 
@@ -32,19 +40,52 @@ DEFAULT_SETTINGS = {
     "betas": [0.9, 0.999],
     "epsilon": 1e-8,
     "weight_decay": 0.01,
-    # Used by optimizers of later versions (D-Adaptation, Prodigy); accepted now so shipped files load.
     "d0": 1e-6,
     "decouple": True,
     "momentum": 0.0,
     "growth_rate": float("inf"),
-    "no_prox": False,
+    "no_prox": False,  # dadapt_adan's, which is not supported; accepted so EveryDream2 files load
     "safeguard_warmup": True,
 }
-IMPLEMENTED = ("adamw", "adamw8bit")
-PLANNED = ("lion", "lion8bit", "prodigy", "dadapt_adam", "dadapt_adan", "dadapt_lion", "dadapt_sgd", "adacoor",
-           "coordinate_dowg", "scalar_dowg")
+BITSANDBYTES = ("adamw8bit", "lion", "lion8bit")
+# They adapt their own step size; lr multiplies it, and defaults to 1.0 when no file or option sets one.
+LEARNING_RATE_FREE = ("prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "adacoor")
+SUPPORTED = ("adamw", *BITSANDBYTES, *LEARNING_RATE_FREE)
+NOT_SUPPORTED = ("dadapt_adan", "coordinate_dowg", "scalar_dowg")
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "apply_grad_scaler_step_tweaks",
                   "log_grad_norm", "text_encoder_lr_scale")
+# The 8-bit kernels quantize tensors from this size on; the probe must take that path.
+PROBE_SIZE = 4096
+
+
+def _number(value) -> bool:
+    """A finite JSON number (NaN and Infinity parse in Python's json but are no setting's valid value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
+
+
+def _whole(value) -> bool:
+    return _number(value) and float(value).is_integer()
+
+
+# key -> (check, what a valid value is)
+VALUE_CHECKS = {
+    "optimizer": (lambda v: isinstance(v, str), "an optimizer name"),
+    "lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "lr_scheduler": (lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
+    "lr_warmup_steps": (lambda v: _whole(v) and v >= 0, "a whole number of steps >= 0"),
+    "lr_decay_steps": (lambda v: _whole(v) and v >= 0, "a whole number of steps >= 0"),
+    "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "epsilon": (lambda v: _number(v) and v > 0, "a number > 0, e.g. 1e-8"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "d0": (lambda v: _number(v) and v > 0, "a number > 0, e.g. 1e-6"),
+    "decouple": (lambda v: isinstance(v, bool), "true or false"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "growth_rate": (lambda v: (_number(v) or v == math.inf) and v >= 1,
+                    "a number >= 1 (e.g. 1.02), or null or Infinity for unlimited"),
+    "no_prox": (lambda v: isinstance(v, bool), "true or false"),
+    "safeguard_warmup": (lambda v: isinstance(v, bool), "true or false"),
+}
 
 
 @dataclass
@@ -71,16 +112,32 @@ def read_optimizer_file(path: str | Path) -> dict:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{path}: unknown key '{key}'.{_suggest(key, TOP_LEVEL_KEYS)}")
+    for key in ("base", "text_encoder_overrides", "text_encoder_freezing"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be an object of settings, got {json.dumps(data[key])}.")
+    for key in ("apply_grad_scaler_step_tweaks", "log_grad_norm"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ConfigError(f"{path}: '{key}' must be true or false, got {json.dumps(data[key])}.")
     for section in ("base", "text_encoder_overrides"):
-        for key, value in (data.get(section) or {}).items():
+        values = data.get(section) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: '{section}' must be an object of optimizer settings, got {values!r}.")
+        for key, value in values.items():
             if key not in DEFAULT_SETTINGS:
                 raise ConfigError(f"{path}: unknown key '{section}.{key}'.{_suggest(key, DEFAULT_SETTINGS)}")
-            if key == "optimizer" and value is not None:
-                _check_optimizer_name(str(value), f"{path}: {section}.optimizer")
-    freezing = data.get("text_encoder_freezing") or {}
-    if any(value not in (None, False) for value in freezing.values()):
-        raise ConfigError(f"{path}: 'text_encoder_freezing' is not implemented yet in this version (tracked in "
-                          "issue #5). Remove it or set its values to null.")
+            if value is None:
+                continue
+            check, expected = VALUE_CHECKS[key]
+            if not check(value):
+                raise ConfigError(f"{path}: {section}.{key} must be {expected}, got {value!r}.")
+            if key == "optimizer":
+                _check_optimizer_name(value, f"{path}: {section}.optimizer")
+    scale = data.get("text_encoder_lr_scale")
+    if scale is not None and not (_number(scale) and scale > 0):
+        raise ConfigError(f"{path}: text_encoder_lr_scale must be a number > 0 (it multiplies the text encoder's "
+                          f"learning rate), got {scale!r}. To not train the text encoder, use "
+                          "disable_textenc_training.")
+    check_freezing_config(data.get("text_encoder_freezing"), str(path))
     return data
 
 
@@ -91,11 +148,54 @@ def _suggest(key: str, options) -> str:
 
 def _check_optimizer_name(name: str, where: str) -> None:
     name = name.lower()
-    if name in PLANNED:
-        raise ConfigError(f"{where}: optimizer '{name}' is not implemented yet in this version (tracked in issue #5). "
-                          f"Use one of: {', '.join(IMPLEMENTED)}.")
-    if name not in IMPLEMENTED:
-        raise ConfigError(f"{where}: unknown optimizer '{name}'. Use one of: {', '.join(IMPLEMENTED)}.")
+    if name in NOT_SUPPORTED:
+        raise ConfigError(f"{where}: optimizer '{name}' is not supported by this trainer (EveryDream2 silently "
+                          f"trained with adamw8bit or needed an extra package instead). Use one of: "
+                          f"{', '.join(SUPPORTED)}.")
+    if name not in SUPPORTED:
+        raise ConfigError(f"{where}: unknown optimizer '{name}'.{_suggest(name, SUPPORTED)} Supported: "
+                          f"{', '.join(SUPPORTED)}.")
+
+
+def check_optimizers_run_here(file_data: dict, where: str, device: torch.device | str) -> None:
+    """Takes one step with each chosen bitsandbytes optimizer on the training device, before any model loads,
+    so a machine where bitsandbytes cannot run stops with a clear message instead of failing at the first step.
+    There is no silent fallback: the user picks another optimizer."""
+    for key, name in _chosen_optimizers(file_data):
+        if name not in BITSANDBYTES:
+            continue
+        problem = _probe(name, device)
+        if problem:
+            raise ConfigError(f"{where}: {key} '{name}' needs bitsandbytes, which cannot run on {device} here "
+                              f"({problem}). Set {key.split(' ')[0]} to 'adamw' (PyTorch's AdamW, runs everywhere) "
+                              "or to a learning-rate-free optimizer such as 'dadapt_lion' (see doc/OPTIMIZERS.md).")
+
+
+def _chosen_optimizers(file_data: dict) -> list[tuple[str, str]]:
+    """(where it was chosen, name) of the UNet's and the text encoder's optimizer, each name once."""
+    base = (file_data.get("base") or {}).get("optimizer")
+    te = (file_data.get("text_encoder_overrides") or {}).get("optimizer")
+    chosen = [("base.optimizer" if base else "base.optimizer (unset: the default)",
+               (base or DEFAULT_SETTINGS["optimizer"]).lower())]
+    if te and te.lower() != chosen[0][1]:
+        chosen.append(("text_encoder_overrides.optimizer", te.lower()))
+    return chosen
+
+
+def _probe(name: str, device: torch.device | str) -> str | None:
+    """One step on a small weight; returns what went wrong, or None when the step moved it as it should."""
+    settings = OptimizerSettings(optimizer=name, lr=1e-3, lr_scheduler="constant", lr_warmup_steps=0,
+                                 lr_decay_steps=1, betas=(0.9, 0.999), epsilon=1e-8, weight_decay=0.0)
+    try:
+        weight = torch.nn.Parameter(torch.ones(PROBE_SIZE, device=device))
+        weight.grad = torch.full_like(weight, 0.5)
+        make_optimizer([weight], settings).step()
+        moved = (weight.detach() - 1).cpu()
+    except Exception as e:  # whatever the library raises on this device, it means it cannot train here
+        return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no message'}"
+    if not (torch.isfinite(moved).all() and (moved < 0).all()):
+        return "its test step did not move the weights against the gradient"
+    return None
 
 
 def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: int) -> dict[str, OptimizerSettings]:
@@ -105,17 +205,42 @@ def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: in
             "lr_warmup_steps": args.lr_warmup_steps if args.lr_warmup_steps is not None else int(decay / 50)}
     base = _layer(DEFAULT_SETTINGS, main, file_data.get("base"))
     te = _layer(base, file_data.get("text_encoder_overrides"))
-    if args.lr is not None:
-        if any((file_data.get(s) or {}).get("lr") is not None for s in ("base", "text_encoder_overrides")):
-            log.warning("lr %g from %s overrides the learning rates in optimizer.json.", args.lr,
-                        args.sources.get("lr", "the config"))
-        base["lr"] = te["lr"] = args.lr
+    base["lr"], te["lr"] = _learning_rates(file_data, args, base["optimizer"].lower(), te["optimizer"].lower())
     if args.scale_lr:
         factor = (args.batch_size * args.grad_accum) ** 0.55
         log.info("scale_lr: learning rates x %.3f = (batch_size %d x grad_accum %d) ^ 0.55: UNet %g, text encoder %g",
                  factor, args.batch_size, args.grad_accum, base["lr"] * factor, te["lr"] * factor)
         base["lr"], te["lr"] = base["lr"] * factor, te["lr"] * factor
+    for model, values in (("UNet", base), ("text encoder", te)):
+        name = values["optimizer"].lower()
+        if name in LEARNING_RATE_FREE and values["lr"] < 0.1:
+            log.warning("%s: %s adapts its own step size and lr %g multiplies it; 1.0 is the usual value (an "
+                        "Adam-style rate like this one makes it barely train).", model, name, values["lr"])
     return {"unet": _settings(base), "text_encoder": _settings(te)}
+
+
+def _learning_rates(file_data: dict, args: SimpleNamespace, unet_optimizer: str, te_optimizer: str):
+    """(UNet, text encoder) rates: main lr > file lr > default; text_encoder_lr_scale multiplies the text
+    encoder's rate unless text_encoder_overrides.lr sets it outright."""
+    base_lr = (file_data.get("base") or {}).get("lr")
+    te_lr = (file_data.get("text_encoder_overrides") or {}).get("lr")
+    scale = file_data.get("text_encoder_lr_scale")
+    if args.lr is not None:
+        if base_lr is not None or te_lr is not None:
+            log.warning("lr %g from %s overrides the learning rates in optimizer.json.", args.lr,
+                        args.sources.get("lr", "the config"))
+        return args.lr, args.lr * (scale or 1.0)
+    unet = base_lr if base_lr is not None else _default_lr(unet_optimizer)
+    if te_lr is not None:
+        if scale not in (None, 1):
+            log.warning("text_encoder_lr_scale %g is ignored: text_encoder_overrides.lr sets the text encoder's "
+                        "rate (%g).", scale, te_lr)
+        return unet, te_lr
+    return unet, (base_lr if base_lr is not None else _default_lr(te_optimizer)) * (scale or 1.0)
+
+
+def _default_lr(optimizer_name: str) -> float:
+    return 1.0 if optimizer_name in LEARNING_RATE_FREE else DEFAULT_SETTINGS["lr"]
 
 
 def _layer(*layers: dict | None) -> dict:
@@ -136,14 +261,37 @@ def _settings(values: dict) -> OptimizerSettings:
 
 
 def make_optimizer(params, settings: OptimizerSettings) -> torch.optim.Optimizer:
-    kwargs = dict(lr=settings.lr, betas=settings.betas, eps=settings.epsilon, weight_decay=settings.weight_decay)
-    if settings.optimizer == "adamw8bit":
+    s, extra = settings, settings.extra
+    if s.optimizer == "adamw":
+        # fused AdamW is one kernel per step on CUDA; foreach is the fast path elsewhere.
+        on_cuda = all(p.is_cuda for p in params)
+        return torch.optim.AdamW(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
+                                 fused=on_cuda or None, foreach=None if on_cuda else True)
+    if s.optimizer in BITSANDBYTES:
         import bitsandbytes
 
-        return bitsandbytes.optim.AdamW8bit(params, **kwargs)
-    # fused AdamW is one kernel per step on CUDA; foreach is the fast path elsewhere.
-    on_cuda = all(p.is_cuda for p in params)
-    return torch.optim.AdamW(params, **kwargs, fused=on_cuda or None, foreach=None if on_cuda else True)
+        if s.optimizer == "adamw8bit":
+            return bitsandbytes.optim.AdamW8bit(params, lr=s.lr, betas=s.betas, eps=s.epsilon,
+                                                weight_decay=s.weight_decay)
+        if s.optimizer == "lion8bit":
+            return bitsandbytes.optim.Lion8bit(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
+                                               min_8bit_size=PROBE_SIZE)
+        return bitsandbytes.optim.Lion(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, optim_bits=32)
+    if s.optimizer == "prodigy":
+        return Prodigy(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
+                       decouple=extra["decouple"], use_bias_correction=True, safeguard_warmup=extra["safeguard_warmup"],
+                       d0=extra["d0"], growth_rate=extra["growth_rate"])
+    if s.optimizer == "dadapt_adam":
+        return DAdaptAdam(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
+                          decouple=extra["decouple"], d0=extra["d0"], growth_rate=extra["growth_rate"])
+    if s.optimizer == "dadapt_lion":
+        return DAdaptLion(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, d0=extra["d0"])
+    if s.optimizer == "dadapt_sgd":
+        return DAdaptSGD(params, lr=s.lr, momentum=extra["momentum"], weight_decay=s.weight_decay, d0=extra["d0"],
+                         growth_rate=extra["growth_rate"])
+    if s.optimizer == "adacoor":
+        return AdaCoor(params, lr=s.lr, eps=s.epsilon)
+    raise ValueError(f"unknown optimizer {s.optimizer!r}")  # read_optimizer_file lets only SUPPORTED names through
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> LambdaLR:
@@ -168,7 +316,13 @@ class TrainingOptimizers:
             self.schedules[name] = make_lr_schedule(self.optimizers[name], settings[name])
 
     def current_lrs(self) -> dict[str, float]:
-        return {name: schedule.get_last_lr()[0] for name, schedule in self.schedules.items()}
+        """The rate each model steps with: the scheduled lr, times d for the D-adapting optimizers."""
+        lrs = {}
+        for name, schedule in self.schedules.items():
+            optimizer = self.optimizers[name]
+            scale = optimizer.d if isinstance(optimizer, LearningRateFree) else 1.0
+            lrs[name] = schedule.get_last_lr()[0] * scale
+        return lrs
 
     def clip_and_step(self, scaler, clip_grad_norm: float | None, measure_norms: bool) -> dict[str, torch.Tensor]:
         """Unscales, optionally clips, steps every optimizer and updates the scaler once; returns grad norms."""

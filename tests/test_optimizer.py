@@ -8,8 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from optimizer.optimizers import (TrainingOptimizers, make_lr_schedule, read_optimizer_file, resolve_settings)
-from tests.conftest import write_json
+from optimizer.freezing import freeze_text_encoder
+from optimizer.optimizers import (LEARNING_RATE_FREE, TrainingOptimizers, check_optimizers_run_here, make_lr_schedule,
+                                  read_optimizer_file, resolve_settings)
+from tests.conftest import TINY_MODEL, write_json
+from tests.test_train import read_scalars, short_run
 from utils.config import ConfigError
 
 
@@ -50,8 +53,18 @@ def test_text_encoder_overrides_and_main_lr_precedence(tmp_path, caplog):
 @pytest.mark.parametrize("content, message", [
     ({"base": {"optimiser": "adamw"}}, "unknown key 'base.optimiser'. Did you mean 'optimizer'?"),
     ({"base": {"optimizer": "sgd9000"}}, "unknown optimizer 'sgd9000'"),
-    ({"base": {"optimizer": "prodigy"}}, "optimizer 'prodigy' is not implemented yet"),
+    ({"base": {"optimizer": "dadapt_adan"}}, "optimizer 'dadapt_adan' is not supported by this trainer"),
+    ({"text_encoder_overrides": {"optimizer": "scalar_dowg"}}, "Use one of: adamw, adamw8bit, lion, lion8bit, prodigy"),
     ({"bsae": {}}, "unknown key 'bsae'. Did you mean 'base'?"),
+    ({"base": {"betas": [0.9]}}, "base.betas must be two numbers in [0, 1)"),
+    ({"base": {"growth_rate": 0.5}}, "base.growth_rate must be a number >= 1"),
+    ({"text_encoder_overrides": {"safeguard_warmup": "yes"}}, "text_encoder_overrides.safeguard_warmup must be true"),
+    ({"base": {"lr_scheduler": "cosin"}}, "base.lr_scheduler must be one of constant"),
+    ({"text_encoder_lr_scale": -1}, "text_encoder_lr_scale must be a number > 0"),
+    ({"text_encoder_freezing": {"unfreeze_last_layers": 2}}, "unknown key 'text_encoder_freezing.unfreeze_last_"),
+    ({"text_encoder_freezing": {"unfreeze_last_n_layers": 0}}, "unfreeze_last_n_layers must be at least 1"),
+    ({"text_encoder_freezing": {"freeze_embeddings": 1}}, "freeze_embeddings must be true, false or null"),
+    ({"text_encoder_freezing": {"unfreeze_last_n_layers": 1.5}}, "must be a whole number or null"),
 ])
 def test_bad_optimizer_files(tmp_path, content, message):
     file = write_json(tmp_path / "opt.json", content)
@@ -79,7 +92,7 @@ def test_cosine_schedule_warms_up_then_decays_and_stays_at_zero():
     assert all(lr == 0 for lr in lrs[100:])  # diffusers' cosine would rise again past the decay steps
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion", "lion8bit"])
 def test_optimizers_train_a_real_model(name):
     torch.manual_seed(0)
     unet_like, te_like = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
@@ -103,3 +116,162 @@ def test_scale_lr_multiplies_both_rates_by_the_effective_batch_to_the_055():
     settings = resolve_settings(data, main_args(scale_lr=True, batch_size=6, grad_accum=2), steps_per_epoch=5)
     assert settings["unet"].lr == pytest.approx(2e-6 * 12 ** 0.55)
     assert settings["text_encoder"].lr == pytest.approx(1e-6 * 12 ** 0.55)
+
+
+def test_text_encoder_lr_scale_multiplies_the_text_encoders_rate(tmp_path, caplog):
+    scaled = {"base": {"optimizer": "adamw", "lr": 2e-6}, "text_encoder_lr_scale": 0.25}
+    settings = resolve_settings(scaled, main_args(), steps_per_epoch=5)
+    assert settings["unet"].lr == 2e-6 and settings["text_encoder"].lr == pytest.approx(5e-7)
+    with caplog.at_level(logging.WARNING):  # main lr replaces the file's rates; the scale still applies
+        settings = resolve_settings(scaled, main_args(lr=4e-6), steps_per_epoch=5)
+    assert settings["unet"].lr == 4e-6 and settings["text_encoder"].lr == pytest.approx(1e-6)
+    explicit = dict(scaled, text_encoder_overrides={"lr": 3e-7})
+    with caplog.at_level(logging.WARNING):
+        settings = resolve_settings(explicit, main_args(), steps_per_epoch=5)
+    assert settings["text_encoder"].lr == 3e-7
+    assert "text_encoder_lr_scale 0.25 is ignored" in caplog.text
+
+
+def test_learning_rate_free_optimizers_default_to_lr_1_and_warn_about_adam_rates(caplog):
+    data = {"base": {"optimizer": "prodigy"}, "text_encoder_overrides": {"optimizer": "adamw"}}
+    settings = resolve_settings(data, main_args(), steps_per_epoch=5)
+    assert settings["unet"].lr == 1.0 and settings["text_encoder"].lr == 1e-6
+    assert settings["unet"].extra["d0"] == 1e-6 and settings["unet"].extra["safeguard_warmup"] is True
+    with caplog.at_level(logging.WARNING):
+        resolve_settings({"base": {"optimizer": "adacoor", "lr": 2e-6}}, main_args(), steps_per_epoch=5)
+    assert "adacoor adapts its own step size and lr 2e-06 multiplies it" in caplog.text
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion", "lion8bit"])
+def test_bitsandbytes_optimizers_pass_the_probe_on_cpu(name):
+    check_optimizers_run_here({"base": {"optimizer": name}}, "optimizer.json", "cpu")
+
+
+def test_a_device_bitsandbytes_cannot_train_on_is_a_clear_error_naming_the_key():
+    """The meta device holds no values, so the probe's step cannot be checked there: a real failure."""
+    with pytest.raises(ConfigError) as err:
+        check_optimizers_run_here({"text_encoder_overrides": {"optimizer": "lion8bit"}, "base": {"optimizer": "adamw"}},
+                                  "my_optimizer.json", "meta")
+    message = str(err.value)
+    assert message.startswith("my_optimizer.json: text_encoder_overrides.optimizer 'lion8bit' needs bitsandbytes")
+    assert "'adamw'" in message
+    with pytest.raises(ConfigError, match=r"base.optimizer \(unset: the default\) 'adamw8bit'"):
+        check_optimizers_run_here({}, "optimizer.json", "meta")
+
+
+def tiny_text_encoder():
+    from transformers import CLIPTextModel
+
+    return CLIPTextModel.from_pretrained(TINY_MODEL / "text_encoder")
+
+
+def trainable_parts(text_encoder) -> set[str]:
+    """Which of embeddings / layer.N / final_layer_norm have trainable weights."""
+    parts = set()
+    for name, param in text_encoder.named_parameters():
+        if param.requires_grad:
+            name = name.removeprefix("text_model.")
+            parts.add("layer." + name.split(".")[2] if name.startswith("encoder.layers") else name.split(".")[0])
+    return parts
+
+
+@pytest.mark.parametrize("freezing, parts", [
+    (None, {"embeddings", "layer.0", "layer.1", "final_layer_norm"}),
+    ({"unfreeze_last_n_layers": 1}, {"layer.1", "final_layer_norm"}),
+    ({"unfreeze_last_n_layers": 2}, {"embeddings", "layer.0", "layer.1", "final_layer_norm"}),
+    ({"unfreeze_last_n_layers": 1, "freeze_embeddings": False, "freeze_final_layer_norm": True},
+     {"embeddings", "layer.1"}),
+    ({"freeze_front_n_layers": 1}, {"layer.1", "final_layer_norm"}),
+    ({"freeze_front_n_layers": -1}, {"layer.1", "final_layer_norm"}),
+    ({"freeze_front_n_layers": 0, "unfreeze_last_n_layers": 1}, {"layer.1", "final_layer_norm"}),
+])
+def test_text_encoder_freezing_leaves_the_configured_parts_trainable(freezing, parts):
+    text_encoder = tiny_text_encoder()
+    summary = freeze_text_encoder({"text_encoder": text_encoder}, freezing, "opt.json")
+    assert trainable_parts(text_encoder) == parts
+    trainable = sum(p.numel() for p in text_encoder.parameters() if p.requires_grad)
+    assert summary.startswith(f"training {trainable:,} of ")
+
+
+def test_freezing_more_layers_than_the_model_has_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match=r"opt.json: text_encoder_freezing.unfreeze_last_n_layers 3 does not fit "
+                                          r"this text encoder's 2 layers"):
+        freeze_text_encoder({"text_encoder": tiny_text_encoder()}, {"unfreeze_last_n_layers": 3}, "opt.json")
+    with pytest.raises(ConfigError, match="freeze_front_n_layers 2 does not fit"):
+        freeze_text_encoder({"text_encoder": tiny_text_encoder()}, {"freeze_front_n_layers": 2}, "opt.json")
+    assert freeze_text_encoder({}, {"unfreeze_last_n_layers": 3}, "opt.json") is None  # text encoder not trained
+
+
+@pytest.fixture
+def two_images(tmp_path):
+    """One batch of two: a training run of N epochs is N steps."""
+    from PIL import Image
+
+    root = tmp_path / "two"
+    root.mkdir()
+    for i, colour in enumerate(((220, 30, 30), (30, 30, 220))):
+        Image.new("RGB", (64, 64), colour).save(root / f"img_{i}.png")
+        (root / f"img_{i}.txt").write_text(f"a square {i}")
+    return root
+
+
+def tensors(folder):
+    from safetensors.torch import load_file
+
+    (file,) = folder.glob("*.safetensors")
+    return load_file(file)
+
+
+def test_frozen_text_encoder_parts_stay_unchanged_and_the_scale_shows_in_the_logged_rate(tmp_path, two_images):
+    config = write_json(tmp_path / "opt.json", {
+        "base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0}, "text_encoder_lr_scale": 0.5,
+        "text_encoder_freezing": {"unfreeze_last_n_layers": 1}})
+    run = short_run(tmp_path, two_images, "--optimizer_config", str(config), "--max_epochs", "2", "--save_optimizer")
+    (last,) = (run / "ckpts").glob("last-*")
+    before, after = tensors(TINY_MODEL / "text_encoder"), tensors(last / "text_encoder")
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    trainable = {name for name in before if "layers.1." in name or "final_layer_norm" in name}
+    assert changed <= trainable
+    # A key bias shifts every attention score of a query equally, so softmax gives it no gradient.
+    assert changed >= {name for name in trainable if not name.endswith("k_proj.bias")}
+    te_state = torch.load(last / "optimizer_te.pt", weights_only=True)
+    assert len(te_state["param_groups"][0]["params"]) == len(trainable)  # frozen weights not given to the optimizer
+    te_lrs = [v for _, v in read_scalars(run)["hyperparameter/lr text encoder"]]
+    assert te_lrs == [pytest.approx(5e-4)] * 2
+    assert "Text encoder: training " in (run / f"{run.name}.log").read_text()
+
+
+def test_a_freezing_layer_count_beyond_the_model_stops_before_training(tmp_path, two_images, capsys):
+    import train
+
+    config = write_json(tmp_path / "opt.json", {"base": {"optimizer": "adamw"},
+                                                "text_encoder_freezing": {"unfreeze_last_n_layers": 5}})
+    status = train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(two_images), "--resolution", "128",
+                         "--optimizer_config", str(config), "--logdir", str(tmp_path / "logs")])
+    assert status == 2
+    assert "unfreeze_last_n_layers 5 does not fit this text encoder's 2 layers" in capsys.readouterr().out
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize("name", ["lion", "lion8bit", *LEARNING_RATE_FREE])
+def test_training_runs_with_each_optimizer(tmp_path, two_images, name):
+    config = write_json(tmp_path / "opt.json", {"base": {"optimizer": name}})
+    run = short_run(tmp_path, two_images, "--optimizer_config", str(config), "--max_epochs", "2")
+    (last,) = (run / "ckpts").glob("last-*")
+    before, after = tensors(TINY_MODEL / "unet"), tensors(last / "unet")
+    assert all(torch.isfinite(value).all() for value in after.values())
+    assert any(not torch.equal(before[key], after[key]) for key in before)
+    unet_lrs = [v for _, v in read_scalars(run)["hyperparameter/lr unet"]]
+    assert len(unet_lrs) == 2 and all(0 < lr < math.inf for lr in unet_lrs)
+
+
+def test_trained_layers_get_gradients_with_reentrant_checkpointing_and_frozen_embeddings():
+    """transformers 4's default: re-entrant checkpointing without the input hook transformers 5 adds."""
+    text_encoder = tiny_text_encoder()
+    text_encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": True})
+    text_encoder.disable_input_require_grads()
+    text_encoder.train()
+    freeze_text_encoder({"text_encoder": text_encoder}, {"unfreeze_last_n_layers": 1}, "opt.json")
+    text_encoder(torch.randint(0, 1000, (2, 77))).last_hidden_state.square().sum().backward()
+    trained = [p for p in text_encoder.parameters() if p.requires_grad]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trained if p.ndim == 2)

@@ -168,7 +168,7 @@ def test_zero_terminal_snr_samples_use_guidance_rescale_0_7(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from torch.utils.tensorboard import SummaryWriter
 
-    from utils.sampling import generate_samples
+    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
 
     model = models.load(tiny_copy(tmp_path, prediction_type="v_prediction"))
     model.use_zero_terminal_snr()
@@ -178,8 +178,11 @@ def test_zero_terminal_snr_samples_use_guidance_rescale_0_7(tmp_path):
         if "attn2.to_v" in name:
             parameter.mul_(30)
     with SummaryWriter(str(tmp_path / "tb")) as writer:
-        (jpeg,) = generate_samples(model, model.unet, model.text_encoder, ["a red square"], size=64, seed=3, step=0,
-                                   out_dir=tmp_path / "samples", tb_writer=writer, autocast=contextlib.nullcontext)
+        event = SampleEvent(SampleSettings(batch_size=1, seed=3, resolution=64, every_n_steps=1,
+                                           generate_pretrain_samples=False),
+                            (SampleRequest(prompt="a red square", seed=3, size=(64, 64)),))
+        (jpeg,) = generate_samples(model, model.unet, model.text_encoder, event, step=0, out_dir=tmp_path / "samples",
+                                   tb_writer=writer, autocast=contextlib.nullcontext)
     tile = blocks(np.asarray(Image.open(jpeg).convert("RGB"), dtype=np.float32)[:40, :64])  # cfg 7, above its label
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
                                    unet=model.unet, scheduler=DDIMScheduler.from_config(model.scheduler.config),
@@ -215,19 +218,35 @@ def run_train(tmp_path: Path, model: Path, *extra: str) -> int:
 
 
 def test_training_with_every_tweak_on_saves_a_zero_terminal_snr_model(tmp_path):
+    """Every tweak of issue #5 at once: objective, noise, schedule, optimizer, freezing, EMA, live settings."""
     from safetensors import safe_open
 
+    from tests.conftest import write_json
     from tests.test_train import read_scalars
 
     write_images(tmp_path / "images")
+    optimizer_file = write_json(tmp_path / "optimizer.json", {
+        "base": {"optimizer": "prodigy", "lr": 1.0, "lr_scheduler": "cosine", "weight_decay": 0.01},
+        "text_encoder_lr_scale": 0.5, "text_encoder_freezing": {"unfreeze_last_n_layers": 1}})
+    config_file = write_json(tmp_path / "train.json", {"load_settings_every_epoch": True, "min_snr_gamma": 5})
     status = run_train(tmp_path, tiny_copy(tmp_path, prediction_type="v_prediction"),
-                       "--enable_zero_terminal_snr", "--min_snr_gamma", "5", "--pyramid_noise_discount", "0.6",
-                       "--zero_frequency_noise_ratio", "0.05", "--embedding_perturbation", "1.0", "--clip_skip", "2")
+                       "--config", str(config_file), "--optimizer_config", str(optimizer_file), "--max_epochs", "2",
+                       "--enable_zero_terminal_snr", "--pyramid_noise_discount", "0.6",
+                       "--zero_frequency_noise_ratio", "0.05", "--embedding_perturbation", "1.0", "--clip_skip", "2",
+                       "--loss_type", "huber_mse", "--timestep_start", "100", "--timestep_end", "900",
+                       "--cond_dropout", "0.1", "--scale_lr", "--lr_warmup_steps", "1", "--lr_decay_steps", "4",
+                       "--attn_type", "slice", "--gradient_checkpointing", "--grad_accum", "2",
+                       "--ema_strength_target", "0.1", "--ema_update_interval", "1", "--save_every_n_epochs", "1")
     assert status == 0
     (run,) = (tmp_path / "logs").iterdir()
-    losses = [v for _, v in read_scalars(run)["loss/log_step"]]
-    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
-    (folder,) = (run / "ckpts").glob("last-*")
+    scalars = read_scalars(run)
+    losses = [v for _, v in scalars["loss/log_step"]]
+    assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    te_lrs, unet_lrs = (dict(scalars[f"hyperparameter/lr {name}"]) for name in ("text encoder", "unet"))
+    assert all(te_lrs[step] == pytest.approx(unet_lrs[step] * 0.5) for step in unet_lrs)
+    assert {p.name for p in (run / "ckpts").iterdir()} >= {"myproj-ep01-gs00002", "myproj-ep01-gs00002_ema",
+                                                            "last-myproj-ep02-gs00004", "last-myproj-ep02-gs00004_ema"}
+    (folder,) = (run / "ckpts").glob("last-*[0-9]")
     config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
     assert config["rescale_betas_zero_snr"] is True and config["timestep_spacing"] == "trailing"
     with safe_open(tmp_path / "single" / f"{folder.name}.safetensors", framework="pt") as f:

@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 PARTIAL_SUFFIX = ".partial"
+EMA_SUFFIX = "_ema"  # an EMA checkpoint is saved as <name>_ema beside <name>
 
 
 @contextlib.contextmanager
@@ -54,17 +55,23 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str
     return f"{prefix}{project_name}-ep{epoch:02d}-gs{global_step:05d}"
 
 
-def find_last(logdir: str | Path) -> Path:
-    """The newest complete diffusers checkpoint folder under logdir (not EMA, not errored, not partial)."""
-    candidates = [index.parent for index in Path(logdir).rglob("model_index.json")
-                  if not index.parent.name.endswith(("_ema", PARTIAL_SUFFIX))]
+def find_last(logdir: str | Path, ema: bool = False) -> Path:
+    """The newest complete diffusers checkpoint folder under logdir (not errored, not partial).
+
+    Training checkpoints only, or with `ema` only the EMA ones (folders named `*_ema`).
+    """
+    key = "ema_resume_model" if ema else "resume_ckpt"
+    folders = [index.parent for index in Path(logdir).rglob("model_index.json")]
+    candidates = [f for f in folders if f.name.endswith(EMA_SUFFIX) == ema and not f.name.endswith(PARTIAL_SUFFIX)]
     if not candidates:
-        raise FileNotFoundError(f"resume_ckpt 'findlast': no checkpoint folder (with model_index.json) under "
-                                f"'{logdir}'. Train once first, or set resume_ckpt to a model.")
+        kind = f"EMA checkpoint folder (`*{EMA_SUFFIX}`, with model_index.json)" if ema else \
+            "checkpoint folder (with model_index.json)"
+        raise FileNotFoundError(f"{key} 'findlast': no {kind} under '{logdir}'. Train once first, or set {key} "
+                                "to a model.")
     newest = max(candidates, key=lambda p: (p / "model_index.json").stat().st_mtime)
     if "errored" in newest.name:
-        raise FileNotFoundError(f"resume_ckpt 'findlast': the newest checkpoint '{newest}' was saved after an error. "
-                                "Check it, then set resume_ckpt to it explicitly if you want to continue from it.")
+        raise FileNotFoundError(f"{key} 'findlast': the newest checkpoint '{newest}' was saved after an error. "
+                                f"Check it, then set {key} to it explicitly if you want to continue from it.")
     return newest
 
 

@@ -107,33 +107,42 @@ FLAGS: list[Flag] = [
         ("load_settings_every_epoch", bool, False, "Re-read the --config file at each epoch start and apply the "
          "options marked live; changes to other options are refused with a warning, an unreadable or invalid file "
          "keeps the previous settings (doc/TRAINING.md)."),
-        ("rectified_flow", bool, False, "Train with the rectified-flow objective (v-prediction models only).",
-         {"planned": "#6"}),
-        ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).",
-         {"min": 0, "planned": "#6"}),
+        ("rectified_flow", bool, False,
+         "Train with the rectified-flow objective (v-prediction models; doc/RECTIFIED_FLOW.md)."),
+        ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).", {"min": 0}),
         ("reflow_sample_steps", int, 0, "Euler steps when generating reflow pairs; 0 = sample_steps, else 50.",
-         {"min": 0, "planned": "#6"}),
-        ("reflow_train_epochs", int, 1, "Passes over the generated pairs per reflow iteration.", {"min": 1, "planned": "#6"}),
-        ("reflow_gen_batches", int, 1, "Training batches used as generation seeds per reflow iteration.",
-         {"min": 1, "planned": "#6"}),
+         {"min": 0}),
+        ("reflow_train_epochs", int, 1, "Passes over the generated pairs per reflow iteration.", {"min": 1}),
+        ("reflow_gen_batches", int, 1, "Training batches used as generation seeds per reflow iteration.", {"min": 1}),
     ),
     *_flags(
         "EMA",
-        ("ema_decay_rate", float, None, "Keep an EMA copy of the weights with this decay (e.g. 0.999).",
-         {"min": 0, "max": 1, "planned": "#5"}),
-        ("ema_strength_target", float, None, "Derive the EMA decay from this strength over the whole run.",
-         {"min": 0, "max": 1, "planned": "#5"}),
-        ("ema_update_interval", int, 500, "Steps between EMA updates (times grad_accum).", {"min": 1}),
-        ("ema_device", str, "cpu", "Where the EMA copy lives.", {"choices": ("cpu", "cuda")}),
-        ("ema_sample_nonema_model", bool, False, "With EMA: also sample the training model.", {"planned": "#5"}),
-        ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model.", {"planned": "#5"}),
-        ("ema_resume_model", str, None, "EMA weights to start from (like resume_ckpt).", {"planned": "#5"}),
+        ("ema_decay_rate", float, None, "Train an EMA (moving average) model of the trained weights with this decay "
+         "per update, e.g. 0.999 (doc/EMA.md); unset = no EMA.", {"min": 0, "max": 1}),
+        ("ema_strength_target", float, None, "Train an EMA model whose decay is chosen so that decay ** (steps in "
+         "the run / steps per EMA update) = this value, e.g. 0.1; the decay is logged. Overrides ema_decay_rate.",
+         {"min": 0, "max": 1}),
+        ("ema_update_interval", int, 500, "Optimizer updates between EMA updates, i.e. every ema_update_interval x "
+         "grad_accum steps.", {"min": 1}),
+        ("ema_device", str, "cpu", "Where the EMA weights live: cpu (saves GPU memory, slower updates) or cuda.",
+         {"choices": ("cpu", "cuda")}),
+        ("ema_sample_nonema_model", bool, False, "With EMA: sample the training model (alone, or beside the EMA "
+         "model with ema_sample_ema_model)."),
+        ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model (the default when neither sample "
+         "flag is set)."),
+        ("ema_resume_model", str, None, "With EMA: start the EMA from this checkpoint (an `_ema` diffusers folder or "
+         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir; unset = a copy of the model "
+         "being trained."),
     ),
     *_flags(
         "Samples",
-        ("sample_prompts", str, "sample_prompts.txt", "Prompts to sample during training: a .txt file, one per line. "
-         "Missing or empty = captions from the current batch."),
-        ("sample_steps", int, 250, "Sample every N steps; 0 = never.", {"min": 0}),
+        ("sample_prompts", str, "sample_prompts.txt", "What to sample during training: a .txt file (one prompt per "
+         "line) or a .json sample config with every setting (doc/SAMPLES.md). Missing or empty = captions from "
+         "the current batch."),
+        ("sample_steps", int, 250, "Sample every N steps; 0 = never. A .json sample config's "
+         "generate_samples_every_n_steps wins over this, unless it is given on the command line.", {"min": 0}),
+        ("generate_pretrain_samples", bool, True, "Also sample once before training (step 0). A .json sample "
+         "config's key of the same name wins over this, unless it is given on the command line."),
     ),
     *_flags(
         "Logging and checkpoints",

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from utils import flow
 from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
 
@@ -21,12 +22,13 @@ class StepSettings:
     embedding_perturbation: float
     min_snr_gamma: float | None
     clip_skip: int
+    rectified_flow: bool = False
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
         return cls(args.loss_type, args.zero_frequency_noise_ratio, args.timestep_start, args.timestep_end,
                    args.batch_size, args.pyramid_noise_discount, args.embedding_perturbation, args.min_snr_gamma,
-                   args.clip_skip)
+                   args.clip_skip, args.rectified_flow)
 
 
 @torch.no_grad()
@@ -50,18 +52,32 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> to
 
 
 def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings) -> torch.Tensor:
-    """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor)."""
-    latents = encode_images(vae, batch["pixel_values"]).float()
+    """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
+
+    A reflow batch brings its latents and the noise they were generated from (utils.flow) instead of pixels.
+    """
+    if "latents" in batch:
+        latents = batch["latents"].to(vae.device, torch.float32, non_blocking=True)
+    else:
+        latents = encode_images(vae, batch["pixel_values"]).float()
     encoder_hidden_states = perturb_embedding(encode_text(text_encoder, batch["input_ids"], settings.clip_skip),
                                               settings.embedding_perturbation)
-    noise = sample_noise(latents, settings.zero_frequency_noise_ratio, settings.pyramid_noise_discount)
+    if "noise" in batch:
+        noise = batch["noise"].to(latents.device, torch.float32, non_blocking=True)
+    else:
+        noise = sample_noise(latents, settings.zero_frequency_noise_ratio, settings.pyramid_noise_discount)
     timesteps = sample_timesteps(latents.shape[0], settings.timestep_start, settings.timestep_end, latents.device)
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(noise_scheduler, latents, noise, timesteps)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if settings.rectified_flow:
+        noisy_latents, target = flow.training_pair(latents, noise, timesteps, num_train_timesteps)
+    else:
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     weight = batch["loss_scale"].to(latents.device)
-    if settings.min_snr_gamma:
+    if settings.min_snr_gamma and settings.rectified_flow:
+        weight = weight * flow.min_snr_weight(timesteps, num_train_timesteps, settings.min_snr_gamma)
+    elif settings.min_snr_gamma:
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
-    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight,
-                          noise_scheduler.config.num_train_timesteps)
+    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps)
     return loss * runt_weight(batch["runt_size"], settings.batch_size)

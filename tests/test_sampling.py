@@ -1,0 +1,356 @@
+"""Samples during training (doc/SAMPLES.md): the sample file, the samplers, and whole runs on the tiny model whose
+files and TensorBoard images are read back as a user would see them."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import REPO, TINY_MODEL, write_json
+from tests.test_train import read_scalars
+from utils import config, sampling
+from utils.config import ConfigError
+from utils.sampling import SAMPLERS, SampleEvent, SampleRequest, SampleSchedule, SampleSettings
+
+DEFAULTS = SampleSettings(batch_size=2, seed=555, resolution=64, every_n_steps=10, generate_pretrain_samples=True)
+
+
+def run_with_samples(tmp_path: Path, data_root: Path, *extra: str) -> Path:
+    """A short in-process run on the tiny model at 64 px; sampling as the sample file and `extra` say."""
+    import train
+
+    logdir = tmp_path / "logs"
+    status = train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(data_root), "--resolution", "64",
+                         "--batch_size", "2", "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json"),
+                         "--log_step", "1", "--logdir", str(logdir), "--no_save_ckpt", *extra])
+    assert status == 0
+    return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)
+
+
+def tensorboard_images(run: Path) -> dict[str, list[tuple[int, tuple[int, int]]]]:
+    """{tag: [(step, (width, height)), ...]} of the images in a run's event file."""
+    import io
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    return {tag: [(e.step, Image.open(io.BytesIO(e.encoded_image_string)).size) for e in events.Images(tag)]
+            for tag in events.Tags()["images"]}
+
+
+# ---------------------------------------------------------------- whole runs
+
+EVERY_KEY = {
+    "batch_size": 2, "seed": 42, "cfgs": [7, 1.5], "scheduler": "dpm++", "num_inference_steps": 2, "resolution": 64,
+    "show_progress_bars": False, "generate_pretrain_samples": True, "generate_samples_every_n_steps": 3,
+    "samples": [
+        {"prompt": "a red square, bright!", "negative_prompt": "blurry", "seed": 7, "size": [128, 64]},
+        {"prompt": "a blue square", "seed": -1, "aspect_ratio": 2.0},
+        {"random_caption": True},
+    ],
+}
+
+
+def test_json_with_every_key_writes_the_documented_files_and_tensorboard_images(tmp_path, small_dataset):
+    sample_file = write_json(tmp_path / "samples.json", EVERY_KEY)
+    run = run_with_samples(tmp_path, small_dataset, "--sample_prompts", str(sample_file), "--max_epochs", "2")
+    files = sorted(p.name for p in (run / "samples").iterdir())
+    steps = [0, 3, 6]  # before training, then after every 3rd of the 8 steps
+
+    assert [f for f in files if "-000-" in f] == [
+        name for step in steps for name in (f"gs{step:05d}-000-a red square bright-s7.jpg",
+                                            f"gs{step:05d}-000-a red square bright-s7.txt")]
+    assert (run / "samples" / "gs00003-000-a red square bright-s7.txt").read_text() == (
+        "a red square, bright!\nnegative prompt: blurry\nseed: 7\ncfgs: 7, 1.5\nsampler: dpm++, 2 steps\n"
+        "size: 128x64\n")
+    # One tile per cfg side by side: the strip is len(cfgs) requested widths wide.
+    assert Image.open(run / "samples" / "gs00000-000-a red square bright-s7.jpg").size == (2 * 128, 64)
+
+    random_seeds = []
+    for step in steps:
+        (jpg,) = [f for f in files if re.fullmatch(rf"gs{step:05d}-001-a blue square-s\d+\.jpg", f)]
+        seed = int(jpg.rsplit("-s", 1)[1][:-4])
+        assert f"seed: {seed}\n" in (run / "samples" / jpg.replace(".jpg", ".txt")).read_text()
+        # aspect_ratio 2: of the 64 px bucket table (64x64, 96x64, 96x32, 128x32, ...), 96x64 is closest to 2:1.
+        assert Image.open(run / "samples" / jpg).size == (2 * 96, 64)
+        random_seeds.append(seed)
+    assert len(set(random_seeds)) == 3  # seed -1: a fresh seed at every event
+
+    for step in steps:
+        (jpg,) = [f for f in files if f.startswith(f"gs{step:05d}-002-") and f.endswith(".jpg")]
+        assert re.fullmatch(rf"gs{step:05d}-002-a (red|blue) square-s42\.jpg", jpg)  # a training caption, file seed
+
+    images = tensorboard_images(run)
+    assert images == {
+        "sample_000_a red square bright": [(s, (256, 64)) for s in steps],
+        "sample_001_a blue square": [(s, (192, 64)) for s in steps],
+        "sample_002": [(s, (128, 64)) for s in steps],  # random captions: one tag whatever the caption
+    }
+
+
+def test_fixed_seeds_repeat_and_sampling_leaves_training_unchanged(tmp_path, small_dataset):
+    # An ancestral sampler draws fresh noise at every step and a seed of -1 draws a seed at every event: any draw
+    # from training's random state would show in the loss curve.
+    sample_file = write_json(tmp_path / "samples.json", {
+        "scheduler": "euler_a", "num_inference_steps": 3, "cfgs": [5], "generate_samples_every_n_steps": 2,
+        "samples": [{"prompt": "a red square"}, {"random_caption": True, "seed": 3}, {"prompt": "any", "seed": -1}]})
+    common = ("--sample_prompts", str(sample_file), "--max_epochs", "2", "--seed", "11", "--cond_dropout", "0.2",
+              "--flip_p", "0.5")
+    first = run_with_samples(tmp_path / "first", small_dataset, *common)
+    second = run_with_samples(tmp_path / "second", small_dataset, *common)
+    without = run_with_samples(tmp_path / "without", small_dataset, *common, "--sample_steps", "0")
+
+    first_files = sorted(p.name for p in (first / "samples").glob("*.jpg") if "-002-any-" not in p.name)
+    assert len(first_files) == 2 * 5  # steps 0, 2, 4, 6, 8
+    assert first_files == sorted(p.name for p in (second / "samples").glob("*.jpg") if "-002-any-" not in p.name)
+    for name in first_files:
+        assert (first / "samples" / name).read_bytes() == (second / "samples" / name).read_bytes(), name
+    early, late = (np.asarray(Image.open(first / "samples" / f"gs{s:05d}-000-a red square-s11.jpg")) for s in (0, 8))
+    assert np.abs(early.astype(int) - late).max() > 10  # the model did change between events
+
+    assert not list((without / "samples").iterdir())
+    losses = {name: read_scalars(run)["loss/log_step"] for name, run in
+              (("first", first), ("without", without))}
+    assert len(losses["first"]) == 8 and losses["first"] == losses["without"]  # exactly, step by step
+
+
+def test_unknown_scheduler_stops_the_run_before_the_model_loads(tmp_path, small_dataset, capsys):
+    import train
+
+    sample_file = write_json(tmp_path / "samples.json", {"scheduler": "dpm++2m", "samples": [{"prompt": "x"}]})
+    not_a_model = tmp_path / "model"  # loading it would fail with a different message
+    not_a_model.mkdir()
+    status = train.main(["--resume_ckpt", str(not_a_model), "--data_root", str(small_dataset), "--sample_prompts",
+                         str(sample_file), "--logdir", str(tmp_path / "logs")])
+    out = capsys.readouterr()
+    assert status == 2
+    assert f"{sample_file}: key 'scheduler' is 'dpm++2m'" in out.out + out.err
+    assert "Did you mean 'dpm++_2m'?" in out.out + out.err
+    assert not (tmp_path / "logs").exists()
+
+
+# ---------------------------------------------------------------- rendering on the tiny model
+
+@pytest.fixture(scope="module")
+def tiny():
+    from utils import models
+
+    return models.load(TINY_MODEL)
+
+
+def render(tiny, out_dir: Path, settings: SampleSettings, requests: list[SampleRequest], label: str = "",
+           step: int = 5) -> list[Path]:
+    import contextlib
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir))
+    try:
+        return sampling.generate_samples(tiny, tiny.unet, tiny.text_encoder, SampleEvent(settings, tuple(requests)),
+                                         step=step, out_dir=out_dir / "samples", tb_writer=writer,
+                                         autocast=contextlib.nullcontext, label=label)
+    finally:
+        writer.close()
+
+
+# name -> (diffusers class, options it must carry): written out here, apart from the code's table
+EXPECTED_SAMPLERS = {
+    "ddim": ("DDIMScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddpm": ("DDPMScheduler", {}),
+    "lms": ("LMSDiscreteScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "kdpm2": ("KDPM2AncestralDiscreteScheduler", {}),
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_2m": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_2m_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_2s": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_2s_k": ("DPMSolverSinglestepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++_sde": ("DPMSolverSDEScheduler", {"use_karras_sigmas": False}),
+    "dpm++_sde_k": ("DPMSolverSDEScheduler", {"use_karras_sigmas": True}),
+    "dpm++_2m_sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++", "use_karras_sigmas": False}),
+    "dpm++_2m_sde_k": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++",
+                                                       "use_karras_sigmas": True}),
+    "flow": ("DPMSolverMultistepScheduler", {"use_flow_sigmas": True, "prediction_type": "flow_prediction",
+                                             "solver_order": 1}),
+}
+
+
+def test_every_documented_sampler_name_is_offered():
+    assert set(SAMPLERS) == set(EXPECTED_SAMPLERS)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED_SAMPLERS))
+def test_each_sampler_renders_on_the_tiny_model(tiny, tmp_path, name):
+    needs = SAMPLERS[name].needs
+    if needs and not importlib.util.find_spec(needs):
+        with pytest.raises(ConfigError, match=re.escape(f"scheduler '{name}' needs the {needs} package")):
+            sampling.make_sampler(name, tiny.scheduler.config)
+        return
+    scheduler_class, options = EXPECTED_SAMPLERS[name]
+    sampler = sampling.make_sampler(name, tiny.scheduler.config)
+    assert type(sampler).__name__ == scheduler_class
+    assert {key: sampler.config[key] for key in options} == options
+    assert sampler.config.num_train_timesteps == tiny.scheduler.config.num_train_timesteps
+    if "prediction_type" not in options:  # the model's betas and prediction carry over
+        assert sampler.config.prediction_type == tiny.scheduler.config.prediction_type
+        assert sampler.config.beta_end == tiny.scheduler.config.beta_end
+
+    settings = SampleSettings(batch_size=1, seed=1, resolution=64, every_n_steps=1, generate_pretrain_samples=False,
+                              cfgs=(4.0,), scheduler=name, num_inference_steps=2)
+    (jpg,) = render(tiny, tmp_path, settings, [SampleRequest("a red circle", seed=1, size=(64, 64))])
+    pixels = np.asarray(Image.open(jpg)).astype(float)
+    assert pixels.shape == (64, 64, 3) and pixels.std() > 5  # a picture, not a blank or NaN-black tile
+
+
+def test_sampling_uses_the_live_modules_and_restores_their_modes(tiny, tmp_path):
+    calls = []
+    hook = tiny.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    tiny.unet.train()
+    tiny.text_encoder.eval()
+    settings = SampleSettings(batch_size=2, seed=1, resolution=64, every_n_steps=1, generate_pretrain_samples=False,
+                              cfgs=(3.0, 1.0), scheduler="ddim", num_inference_steps=2)
+    requests = [SampleRequest("a red circle", seed=9, size=(64, 64)),
+                SampleRequest("a blue square", seed=9, size=(64, 64), negative_prompt="red"),
+                SampleRequest("a green triangle", seed=4, size=(64, 128), random_caption=True)]
+    try:
+        written = render(tiny, tmp_path, settings, requests, label="ema", step=12)
+    finally:
+        hook.remove()
+    assert tiny.unet.training and not tiny.text_encoder.training
+    # Same-size requests share a batch, doubled for guidance at cfg 3 and not at cfg 1: 2 steps per call.
+    assert calls == [4, 4, 2, 2, 2, 2, 1, 1]
+    assert [p.name for p in written] == ["gs00012-000_ema-a red circle-s9.jpg", "gs00012-001_ema-a blue square-s9.jpg",
+                                         "gs00012-002_ema-a green triangle-s4.jpg"]
+    assert set(tensorboard_images(tmp_path)) == {"sample_000_ema_a red circle", "sample_001_ema_a blue square",
+                                                 "sample_002_ema"}
+    red, blue = (np.asarray(Image.open(p)).astype(int) for p in written[:2])
+    assert np.abs(red - blue).max() > 10  # each request renders its own prompt
+
+
+def test_zero_terminal_snr_models_get_samplers_that_follow_the_schedule(tiny):
+    zero_snr = {**tiny.scheduler.config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
+    assert sampling.make_sampler("euler", zero_snr).config.rescale_betas_zero_snr is True
+    with pytest.raises(ConfigError, match="scheduler 'pndm' .* cannot sample a zero-terminal-SNR model"):
+        sampling.make_sampler("pndm", zero_snr)
+
+
+# ---------------------------------------------------------------- the sample file
+
+def test_the_shipped_example_uses_every_key_and_loads():
+    path = REPO / "cfgs" / "sample_prompts.json"
+    raw = json.loads(path.read_text())
+    assert set(raw) == set(sampling.SETTINGS_KEYS)
+    assert set().union(*raw["samples"]) == set(sampling.REQUEST_KEYS)
+    settings = sampling.read_sample_settings(path, DEFAULTS)
+    assert settings.scheduler == raw["scheduler"] and len(settings.requests) == len(raw["samples"])
+
+
+def test_the_user_page_documents_every_key_and_sampler():
+    page = (REPO / "doc" / "SAMPLES.md").read_text()
+    for name in (*sampling.SETTINGS_KEYS, *sampling.REQUEST_KEYS, *SAMPLERS):
+        assert f"`{name}`" in page, name
+
+
+def test_txt_one_prompt_per_line_and_missing_json_keys_take_the_defaults(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a red circle\n\n  a blue square  \n")
+    settings = sampling.read_sample_settings(txt, DEFAULTS)
+    assert settings.requests == (SampleRequest("a red circle", seed=555, size=(64, 64)),
+                                 SampleRequest("a blue square", seed=555, size=(64, 64)))
+    assert settings.cfgs == (7.0, 4.0, 1.01) and settings.scheduler == "ddim" and settings.num_inference_steps == 30
+
+    only_seed = sampling.read_sample_settings(write_json(tmp_path / "s.json", {"seed": 3, "samples": [{}]}), DEFAULTS)
+    assert only_seed == SampleSettings(batch_size=2, seed=3, resolution=64, every_n_steps=10,
+                                       generate_pretrain_samples=True,
+                                       requests=(SampleRequest("", seed=3, size=(64, 64)),))
+
+
+def test_empty_file_samples_captions_of_the_current_batch(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("\n")
+    schedule = SampleSchedule(txt, SampleSettings(batch_size=3, seed=8, resolution=64, every_n_steps=5,
+                                                  generate_pretrain_samples=True))
+    event = schedule.prepare(5, ["a cat", " ", "a dog"])  # " " is a dropped caption
+    assert [r.prompt for r in event.requests] == ["a cat", "a dog", "a cat"]  # min(4, batch size 3), cycled
+    assert all(r.random_caption and r.seed == 8 for r in event.requests)
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"schedular": "ddim"}, "unknown key 'schedular'. Did you mean 'scheduler'?"),
+    ({"cfgs": 7}, "key 'cfgs' must be a non-empty list of guidance scales"),
+    ({"num_inference_steps": 0}, "key 'num_inference_steps' is 0; it must be at least 1"),
+    ({"resolution": 100}, "key 'resolution' is 100; use a multiple of 64"),
+    ({"show_progress_bars": "yes"}, "key 'show_progress_bars' must be true or false"),
+    ({"samples": [{"prompt": "x", "size": [100, 64]}]}, "samples[0]: key 'size' must be [width, height]"),
+    ({"samples": [{"promt": "x"}]}, "samples[0]: unknown key 'promt'. Did you mean 'prompt'?"),
+    ({"samples": ["a cat"]}, "samples[0]: expected an object"),
+    ({"samples": [{"aspect_ratio": 0}]}, "key 'aspect_ratio' must be a positive number"),
+])
+def test_bad_sample_files_name_the_file_and_the_key(tmp_path, content, message):
+    path = write_json(tmp_path / "samples.json", content)
+    with pytest.raises(ConfigError) as err:
+        sampling.read_sample_settings(path, DEFAULTS)
+    assert str(path) in str(err.value) and message in str(err.value)
+
+
+def test_other_file_types_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="use a .txt file .* or a .json sample config"):
+        sampling.read_sample_settings(tmp_path / "prompts.yaml", DEFAULTS)
+
+
+def test_edits_during_training_apply_at_the_next_event_and_bad_edits_keep_the_settings(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="utils.sampling")
+    path = write_json(tmp_path / "samples.json", {"generate_samples_every_n_steps": 4, "samples": [{"prompt": "a"}]})
+    schedule = SampleSchedule(path, DEFAULTS)
+    assert [s for s in range(1, 13) if schedule.due(s)] == [4, 8, 12]
+
+    write_json(path, {"generate_samples_every_n_steps": 5, "scheduler": "euler", "samples": [{"prompt": "b"}]})
+    event = schedule.prepare(4, [])
+    assert event.settings.scheduler == "euler" and [r.prompt for r in event.requests] == ["b"]
+    assert "samples now every 5 steps (was 4); next after step 5" in caplog.text
+    assert [s for s in range(5, 16) if schedule.due(s)] == [5, 10, 15]
+
+    path.write_text('{"scheduler": "euler_b",')  # caught half-saved
+    assert schedule.prepare(5, []).settings == event.settings
+    write_json(path, {"scheduler": "euler_b"})
+    assert schedule.prepare(10, []).settings == event.settings
+    assert "not valid JSON" in caplog.text and "'euler_b', which is not a sampler" in caplog.text
+    assert caplog.text.count("keeping the previous settings") == 2
+
+
+def test_sampler_must_fit_the_loaded_model_at_startup_and_after_edits(tmp_path, tiny):
+    zero_snr = {**tiny.scheduler.config, "rescale_betas_zero_snr": True}
+    path = write_json(tmp_path / "samples.json", {"scheduler": "kdpm2"})
+    with pytest.raises(ConfigError, match="scheduler 'kdpm2' .* cannot sample a zero-terminal-SNR model"):
+        SampleSchedule(path, DEFAULTS).check_model(zero_snr)
+    write_json(path, {"scheduler": "euler"})
+    schedule = SampleSchedule(path, DEFAULTS)
+    schedule.check_model(zero_snr)
+    write_json(path, {"scheduler": "pndm"})
+    assert schedule.prepare(10, []).settings.scheduler == "euler"
+
+
+def test_command_line_wins_over_the_sample_file_which_wins_over_train_json(tmp_path, small_dataset):
+    sample_file = write_json(tmp_path / "samples.json", {"generate_samples_every_n_steps": 3,
+                                                         "generate_pretrain_samples": False})
+    train_json = write_json(tmp_path / "train.json", {
+        "resume_ckpt": str(TINY_MODEL), "data_root": str(small_dataset), "sample_prompts": str(sample_file),
+        "sample_steps": 7, "generate_pretrain_samples": True})
+
+    from_files = SampleSchedule.from_args(config.load(["--config", str(train_json)])).settings
+    assert from_files.every_n_steps == 3 and not from_files.generate_pretrain_samples
+    from_cli = SampleSchedule.from_args(config.load(["--config", str(train_json), "--sample_steps", "9",
+                                                     "--generate_pretrain_samples"])).settings
+    assert from_cli.every_n_steps == 9 and from_cli.generate_pretrain_samples
+
+    sample_file.write_text("{broken")  # sampling switched off on the command line: the file is not read
+    off = SampleSchedule.from_args(config.load(["--config", str(train_json), "--sample_steps", "0"]))
+    assert not off.pretrain_due and not any(off.due(s) for s in range(1, 50))
