@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -162,6 +163,10 @@ class EpochLoader:
 
 
 def _init_worker(worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the training process decides how to stop (saving
+    # first), and a worker killed by the signal would only turn that into a DataLoader crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Each worker decodes whole images in Python/PIL; letting each also start a full torch thread
     # pool oversubscribes the CPU that the other workers and the training process need.
     torch.set_num_threads(1)

@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from utils.config import ConfigError
+
 STATE_FILE = "training_state.pt"
 FORMAT = 1
 # The settings that fix the order and grouping of the data and the random stream: a checkpoint continues a run
@@ -39,7 +41,9 @@ class TrainingState:
     loss_since_log_sum: float = 0.0
     steps_since_log: int = 0
     epoch_losses: list = field(default_factory=list)
-    validation: dict = field(default_factory=dict)
+    validation: dict = field(default_factory=dict)  # the validator's history, for its trend warnings
+    ema_updates: int = 0  # optimizer updates the EMA has counted (its update cadence)
+    skipped_updates: int = 0  # non-finite updates skipped so far
 
 
 def fingerprint(args, records, num_processes: int) -> dict:
@@ -54,7 +58,7 @@ def fingerprint(args, records, num_processes: int) -> dict:
 def differences(saved: dict, current: dict) -> list[str]:
     """Human-readable differences between a checkpoint's fingerprint and this run's."""
     changed = [key for key in current if saved.get(key) != current.get(key)]
-    return [f"the training data (images, captions or their settings) changed" if key == "data" else
+    return ["the training data (images, captions or their settings) changed" if key == "data" else
             f"{key}: {saved.get(key)!r} then, {current.get(key)!r} now" for key in changed]
 
 
@@ -108,8 +112,13 @@ def load(folder: Path) -> TrainingState | None:
     file = Path(folder) / STATE_FILE
     if not file.is_file():
         return None
-    data = torch.load(file, map_location="cpu", weights_only=True)
+    try:
+        data = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, or not ours: say which file, never a library traceback
+        raise ConfigError(f"{file}: cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]}). To start a "
+                          "new run from this checkpoint's weights, copy the folder without this file and resume "
+                          "from the copy.") from None
     if data.pop("format", None) != FORMAT:
-        raise ValueError(f"{file}: written by another version of this trainer; resume from its weights only by "
-                         "removing the file.")
+        raise ConfigError(f"{file}: written by another version of this trainer. To start a new run from this "
+                          "checkpoint's weights, copy the folder without this file and resume from the copy.")
     return TrainingState(**data)
