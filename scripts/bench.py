@@ -23,6 +23,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -485,6 +486,7 @@ def cmd_train(args) -> dict:
           f"text encoder {flops['text_encoder'] / 1e12:.3f})", flush=True)
     for name in args.recipes:
         recipe = RECIPES[name]
+        print(f"{name}: {recipe.about} ...", flush=True)
         run_args = recipe_args(recipe, dataset, resolution, cache, args.extra)
         started = time.perf_counter()
         try:
@@ -492,10 +494,15 @@ def cmd_train(args) -> dict:
             result["mfu"] = flops["total"] * result["images_per_s"] / rate
         except torch.cuda.OutOfMemoryError as e:
             result = {"batch_size": run_args.batch_size, "error": "out of memory", "detail": str(e)[:300]}
+        except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. compile on an unusual setup) is a result
+            traceback.print_exc()
+            result = {"batch_size": run_args.batch_size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
         _free(device)
         result["recipe_s"] = time.perf_counter() - started
         out["recipes"][name] = result
         print(f"{name}: {json.dumps(result)}", flush=True)
+        if args.json:  # so far, in case the run is cut short; main() writes the whole report at the end
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print("\n".join(train_table(out["recipes"])), flush=True)
     return out
 
