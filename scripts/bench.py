@@ -171,16 +171,16 @@ RECIPES = {
                         ("--batch_size", "8", "--no-cache_latents", "--gradient_checkpointing", "--no-channels_last",
                          "--no-compile", "--attn_type", "sdp"), optimizer="adamw8bit", precision="fp16"),
     "default": Recipe("cfgs/train.json as shipped"),
-    "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
-                          ("--no-cache_latents",)),
-    "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
-    "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
-    "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
-    "default_adamw": Recipe("default, but fused AdamW (fp32 states) instead of AdamW8bit", optimizer="adamw"),
-    "compiled": Recipe("default + compile", ("--compile",)),
+    "lowvram": Recipe("cfgs/lowvram.json as shipped", config="cfgs/lowvram.json"),
     "fastest": Recipe("default + compile, fused AdamW, batch 16", ("--compile", "--batch_size", "16"),
                       optimizer="adamw"),
-    "lowvram": Recipe("cfgs/lowvram.json as shipped", config="cfgs/lowvram.json"),
+    "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
+                          ("--no-cache_latents",)),
+    "default_adamw": Recipe("default, but fused AdamW (fp32 states) instead of AdamW8bit", optimizer="adamw"),
+    "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
+    "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
+    "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
+    "compiled": Recipe("default + compile", ("--compile",)),
 }
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2-v": 768, "tiny": 128}
 SKIPPED_STEPS = 2  # at the start of the timed epoch: DataLoader workers starting and filling their queue
@@ -480,6 +480,7 @@ def cmd_train(args) -> dict:
     rate, rate_what = matmul_rate(device)
     flops = flops_per_image(master, recipe_args(RECIPES["default"], dataset, resolution, cache, []), resolution,
                             device)
+    _free(device)
     out.update(matmul_flops_per_s=rate, matmul=rate_what, flops_per_image=flops, recipes={})
     print(f"{out['model']} at {resolution} px on {out['gpu']}; {rate_what}: {rate / 1e12:.1f} TFLOP/s; UNet + text "
           f"encoder forward+backward: {flops['total'] / 1e12:.3f} TFLOP per image (UNet {flops['unet'] / 1e12:.3f}, "
