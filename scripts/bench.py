@@ -364,7 +364,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     def epoch_loader(epoch: int):
         plan = data.build_epoch_batches(records, batch_size, run_args.seed, epoch, run_args.grad_accum)
         return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=run_args.cond_dropout,
-                                      seed=run_args.seed, epoch=epoch, num_workers=train.dataloader_workers(accelerator),
+                                      seed=run_args.seed, epoch=epoch,
+                                      num_workers=train.dataloader_workers(accelerator),
                                       pin_memory=device == "cuda", flip_p=run_args.flip_p,
                                       shuffle_tags=run_args.shuffle_tags, keep_tags=run_args.keep_tags,
                                       latent_cache=latent_cache)
