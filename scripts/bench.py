@@ -194,14 +194,13 @@ def build_model(kind: str):
 
     if kind == "tiny":
         return models.load(REPO / "demo" / "tiny-sd")
-    from diffusers import DDIMScheduler
-    from scripts.make_random_sd import random_sd
-
     import diffusers
+
+    from scripts.make_random_sd import random_sd
 
     unet, vae, text_encoder = random_sd(kind, dtype=torch.float32)
     scheduler_folder = shipped.config_dir(kind) / "scheduler"
-    scheduler_class = getattr(diffusers, DDIMScheduler.load_config(scheduler_folder)["_class_name"])
+    scheduler_class = getattr(diffusers, diffusers.DDIMScheduler.load_config(scheduler_folder)["_class_name"])
     return models.StableDiffusion(unet, text_encoder, vae, shipped.load_tokenizer("sd1" if kind == "sd15" else "sd2"),
                                   scheduler_class.from_pretrained(scheduler_folder), f"random-weight {kind}")
 
