@@ -92,8 +92,8 @@ FLAGS: list[Flag] = [
         ("latent_cache_dir", str, None, "Folder of the latent cache, shared by runs; unset = <logdir>/latent_cache."),
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
-        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up of a minute or two at the "
-         "first step (and a shorter one at the first step of each new bucket shape, sample or validation)."),
+        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up of about 3 minutes at the "
+         "first step (measured on an H100), and shorter ones at each new bucket shape, sample or validation."),
     ),
     *_flags(
         "Objective and noise",
