@@ -67,7 +67,6 @@ def test_a_loader_started_mid_epoch_yields_the_same_later_batches(small_dataset)
 
 # -- train.py runs stopped and resumed ----------------------------------------------------------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402
