@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     latent_cache = LatentCache(args.latent_cache_dir or Path(args.logdir) / "latent_cache", model.vae) \
         if args.cache_latents else None
 
-    fingerprint = training_state.fingerprint(args, records, accelerator.num_processes)
+    fingerprint = training_state.fingerprint(args, records, accelerator.num_processes, list(trained))
     if saved_state:
         changed = training_state.differences(saved_state.fingerprint, fingerprint)
         if any(line.startswith("num_processes") for line in changed):
