@@ -6,9 +6,10 @@ can never mix buckets (the DataLoader does no batching of its own: batch_size=No
 Reproducibility: every random choice about a sample — crop, flip, tag order, caption dropout — is
 drawn from its own `random.Random` seeded from (seed, epoch, step, slot, purpose) as a string (str
 seeds are hashed with SHA-512, not Python's per-process hash). So the choices are the same whatever
-the worker count, worker order or restarts, and `write_schedule` can show exactly what each slot is
-trained with by calling the same `EpochBatches.sample` the workers call. Separate purposes keep one
-stream's draws from shifting another's.
+the worker count, worker order, restarts or number of training processes (a slot is numbered within
+the planned batch: one process's share of it starts at `Batch.first_slot`), and `write_schedule`
+can show exactly what each slot is trained with by calling the same `EpochBatches.sample` the
+workers call. Separate purposes keep one stream's draws from shifting another's.
 """
 
 from __future__ import annotations
@@ -92,7 +93,7 @@ class EpochBatches(Dataset):
         batch = self.plan[step]
         slots: list[Optional[tuple]] = []
         skipped: list[tuple[str, str]] = []
-        for slot, index in enumerate(batch.indices):
+        for slot, index in enumerate(batch.indices, start=batch.first_slot):
             try:
                 slots.append(self._load(step, slot, index, batch.bucket))
             except DataError as e:
@@ -125,7 +126,7 @@ class EpochBatches(Dataset):
                 if record.bucket != batch.bucket or record.path in failed:
                     continue
                 try:
-                    good = [self._load(step, 0, index, batch.bucket)]
+                    good = [self._load(step, batch.first_slot, index, batch.bucket)]
                     break
                 except DataError as e:
                     skipped.append((record.path, without_path(str(e), record.path)))
@@ -171,7 +172,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       cond_dropout: float, seed: int, epoch: int, num_workers: int = 0,
                       pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
                       shuffle_tags: bool = False, keep_tags: int = 0,
-                      skipped: Optional[SkippedFiles] = None) -> EpochLoader:
+                      skipped: Optional[SkippedFiles] = None,
+                      steps: Optional[Sequence[int]] = None) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
     Workers are not persistent: a new plan is built every epoch, so each epoch gets a new loader.
@@ -180,7 +182,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     (seed, epoch); torch then gives every worker a distinct seed (base + worker id) for torch,
     random and numpy, so workers never share an RNG stream. Our own randomness ignores those
     anyway (see sample_rng). Pass the scan's `skipped` so decode failures join its list and are
-    reported once per run rather than once per loader.
+    reported once per run rather than once per loader. `steps`: the plan's steps to load, in this
+    order (default: all); each is loaded exactly as in a loader of the whole plan.
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -194,7 +197,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     loader = DataLoader(
         EpochBatches(plan, records, tokenizer, options, seed, epoch),
         batch_size=None,
-        shuffle=False,
+        sampler=range(len(plan)) if steps is None else steps,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -213,7 +216,7 @@ def write_schedule(path, batches: EpochBatches) -> None:
     with open(path, "w", encoding="utf-8") as f:
         for step, batch in enumerate(batches.plan):
             w, h = batch.bucket
-            for slot, index in enumerate(batch.indices):
+            for slot, index in enumerate(batch.indices, start=batch.first_slot):
                 caption, flip = batches.sample(step, slot, index)
                 f.write(f"step:{step:05d}, wh:[{w}, {h}], r:{batch.runt_size}, "
                         f"path:{os.path.abspath(batches.records[index].path)}, "

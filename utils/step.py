@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from diffusers.utils.torch_utils import randn_tensor
 
 from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
@@ -29,11 +30,37 @@ class StepSettings:
                    args.clip_skip)
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """Which rows of the global batch (all training processes' batches together) this process trains: process
+    `rank` of `processes`, each with b rows, has rows [rank x b, (rank + 1) x b).
+
+    A step's random draws (VAE sample, embedding perturbation, noise, timesteps) are made for the whole global
+    batch on every process, from the same seeded stream, and each process keeps its own rows. So n processes of
+    batch b train on exactly the draws one process of batch n x b would, and every process's random stream
+    stays the same as the others'. Drawing n times the numbers costs little next to the forward pass."""
+    rank: int = 0
+    processes: int = 1
+
+    def whole(self, mine: torch.Tensor) -> torch.Tensor:
+        """A zero tensor shaped like the global batch of which `mine` is this process's rows."""
+        return mine.new_zeros((mine.shape[0] * self.processes, *mine.shape[1:]))
+
+    def mine(self, whole: torch.Tensor) -> torch.Tensor:
+        rows = whole.shape[0] // self.processes
+        return whole[self.rank * rows:(self.rank + 1) * rows]
+
+
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (a posterior sample, as the model was trained)."""
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
+                  share: BatchShare = BatchShare()) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents (a posterior sample, as the model was trained; the sample's noise drawn
+    for the global batch of `share`, as DiagonalGaussianDistribution.sample draws it)."""
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype, non_blocking=True)
-    return vae.encode(pixel_values).latent_dist.sample(generator=generator) * vae.config.scaling_factor
+    posterior = vae.encode(pixel_values).latent_dist
+    mean = posterior.mean
+    eps = randn_tensor(share.whole(mean).shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return (mean + posterior.std * share.mine(eps)) * vae.config.scaling_factor
 
 
 def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
@@ -49,13 +76,22 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> to
     return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
 
 
-def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings) -> torch.Tensor:
-    """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor)."""
-    latents = encode_images(vae, batch["pixel_values"]).float()
-    encoder_hidden_states = perturb_embedding(encode_text(text_encoder, batch["input_ids"], settings.clip_skip),
-                                              settings.embedding_perturbation)
-    noise = sample_noise(latents, settings.zero_frequency_noise_ratio, settings.pyramid_noise_discount)
-    timesteps = sample_timesteps(latents.shape[0], settings.timestep_start, settings.timestep_end, latents.device)
+def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings,
+                 share: BatchShare = BatchShare()) -> torch.Tensor:
+    """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
+
+    With several processes, `batch` is this process's `share` of the global batch; the random draws are the global
+    batch's (see BatchShare) and a runt is weighed by the global batch's size, so the mean of the processes' losses
+    is the loss one process would compute for the whole global batch."""
+    latents = encode_images(vae, batch["pixel_values"], share=share).float()
+    encoder_hidden_states = encode_text(text_encoder, batch["input_ids"], settings.clip_skip)
+    if settings.embedding_perturbation > 0:  # perturbing zeros gives the global batch's perturbation alone
+        encoder_hidden_states = encoder_hidden_states + share.mine(
+            perturb_embedding(share.whole(encoder_hidden_states), settings.embedding_perturbation))
+    noise = share.mine(sample_noise(share.whole(latents), settings.zero_frequency_noise_ratio,
+                                    settings.pyramid_noise_discount))
+    timesteps = share.mine(sample_timesteps(latents.shape[0] * share.processes, settings.timestep_start,
+                                            settings.timestep_end, latents.device))
     noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
     target = training_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
@@ -64,4 +100,4 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
     loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight,
                           noise_scheduler.config.num_train_timesteps)
-    return loss * runt_weight(batch["runt_size"], settings.batch_size)
+    return loss * runt_weight(batch["runt_size"], settings.batch_size * share.processes)
