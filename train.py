@@ -20,23 +20,34 @@ from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
 from utils import config, ema, sampling, validation
+from data.batching import process_share
 from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
 log = logging.getLogger("train")
 
 
+def cuda_device(args) -> torch.device:
+    """This process's GPU: under torchrun or accelerate launch the launcher's LOCAL_RANK, else gpuid."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpuid)))
+
+
 def make_accelerator(args):
-    from accelerate import Accelerator
+    """One process of a data-parallel run when started by torchrun / accelerate launch (their environment
+    variables say how many and which; NCCL on GPUs, gloo on CPUs), else a single process (doc/MULTI_GPU.md)."""
+    from accelerate import Accelerator, DistributedDataParallelKwargs
 
     use_cuda = torch.cuda.is_available()
-    if use_cuda and "LOCAL_RANK" not in os.environ:
-        torch.cuda.set_device(args.gpuid)
+    if use_cuda:
+        torch.cuda.set_device(cuda_device(args))
     if not use_cuda or args.disable_amp:
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
+    # clip_skip leaves the text encoder's last layers out of the loss; DDP must then not wait for their gradients.
+    unused = not args.disable_textenc_training and (args.clip_skip >= 2 or args.load_settings_every_epoch)
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda,
+                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
 
 
 def prepare_models(model, args, accelerator):
@@ -63,10 +74,14 @@ def prepare_models(model, args, accelerator):
     return trained
 
 
-def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None) -> Path:
+def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None) -> Path | None:
     """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file; with EMA the
-    EMA model beside them as `<name>_ema` and `<name>_ema.safetensors`."""
+    EMA model beside them as `<name>_ema` and `<name>_ema.safetensors`. Only the first process has a run folder
+    and writes (every process holds the same weights); the others return None."""
     from utils.models import save_diffusers, save_single_file
+
+    if run is None:
+        return None
 
     unet = accelerator.unwrap_model(model.unet)
     text_encoder = accelerator.unwrap_model(model.text_encoder)
@@ -88,6 +103,19 @@ def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=No
     return folder
 
 
+def reload_live_settings(args, accelerator, max_clip_skip: int) -> tuple[list[str], list[str]]:
+    """config.reload_live_settings in the first process, which hands the live options to the others: every process
+    trains with the same settings even if the file changes between their reads."""
+    from accelerate.utils import broadcast_object_list
+
+    changes, warnings = config.reload_live_settings(args, max_clip_skip) if accelerator.is_main_process else ([], [])
+    if accelerator.num_processes > 1:
+        live = broadcast_object_list([{key: getattr(args, key) for key in config.LIVE_KEYS}])[0]
+        for key, value in live.items():
+            setattr(args, key, value)
+    return changes, warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     # -- options and data: every user error surfaces here, before a model loads or a folder is made ------------
@@ -99,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         ema_resume = ema.check_options(args)
         optimizer_file = read_optimizer_file(args.optimizer_config)
         check_optimizers_run_here(optimizer_file, args.optimizer_config,
-                                  torch.device("cuda", args.gpuid) if torch.cuda.is_available() else "cpu")
+                                  cuda_device(args) if torch.cuda.is_available() else "cpu")
         scan = data.scan(args.data_root)
         scan.require_images()
         records = data.assign_buckets(scan.records, args.resolution)
@@ -116,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
-    from utils.step import StepSettings, compute_loss
+    from utils.step import BatchShare, StepSettings, compute_loss
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)
@@ -144,16 +172,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------
-    run = RunDir(args)
-    for line in data.report_undersized(records, run.path):
-        log.warning(line)
-    plan = data.build_epoch_batches(records, args.batch_size, args.seed, 0, args.grad_accum, rated)
+    # Data parallel (doc/MULTI_GPU.md): each step's global batch of batch_size x processes images is planned as one
+    # and split by slot; the first process alone writes the run folder, logs, samples and checkpoints.
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    global_batch = args.batch_size * processes
+    run = RunDir(args) if accelerator.is_main_process else None
+    if run:
+        for line in data.report_undersized(records, run.path):
+            log.warning(line)
+    plan = data.build_epoch_batches(records, global_batch, args.seed, 0, args.grad_accum, rated)
     steps_per_epoch = len(plan)
-    settings = resolve_settings(optimizer_file, args, steps_per_epoch)
-    run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
+    settings = resolve_settings(optimizer_file, args, steps_per_epoch, processes)
+    if run:
+        run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
     opts = TrainingOptimizers(trained, settings)
     ema_model = None
-    if ema.enabled(args):
+    if ema.enabled(args) and accelerator.is_main_process:  # the EMA lives with the process that samples and saves
         ema_model = ema.EMA(trained, ema.resolve_decay(args, steps_per_epoch), args.ema_update_interval,
                             accelerator.device if args.ema_device == "cuda" else torch.device("cpu"), ema_start)
         log.info("EMA: starting from %s.", ema_resume or "the model being trained")
@@ -166,13 +200,14 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Loaded optimizer state from %s", resume)
         except ValueError as e:  # e.g. saved with the text encoder frozen, now trained: start the optimizer afresh
             log.warning("Optimizer state in %s does not fit this run (%s); starting with a fresh optimizer.", resume, e)
+    log.info("Model: %s", model.describe())  # before DistributedDataParallel wraps the trained models
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
+    trained_modules = [getattr(model, name) for name in trained]
     scaler = accelerator.scaler
 
     effective_batch = args.batch_size * args.grad_accum * accelerator.num_processes
-    log.info("Model: %s", model.describe())
-    for line in data.epoch_plan_summary(plan, args.batch_size, records).lines():
+    for line in data.epoch_plan_summary(plan, global_batch, records).lines():
         log.info("Data: %s", line)
     log.info("Training: %d epochs x %d steps = %d steps; batch %d x grad_accum %d x %d process(es) = %d images "
              "per update", args.max_epochs, steps_per_epoch, args.max_epochs * steps_per_epoch, args.batch_size,
@@ -183,21 +218,25 @@ def main(argv: list[str] | None = None) -> int:
                      s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
     if text_encoder_training:
         log.info("Text encoder: %s", text_encoder_training)
-    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision, run.path)
+    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision,
+             run.path if run else None)
 
     # -- the loop ----------------------------------------------------------------------------------------------
     step_settings = StepSettings.from_args(args)
+    share = BatchShare(rank, processes)
     # On CPU the training step needs every core; workers would only fight it for them.
     loader_workers = min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
     save_timer = SaveTimer(args.ckpt_every_n_minutes)
-    validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers) \
-        if validation_cfg else None
+    validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers, rank,
+                                     processes) if validation_cfg else None
 
     def validate(step: int) -> None:
-        validator.run(model.unet, model.text_encoder, model.vae, noise_scheduler, model.tokenizer, step, run.tb,
-                      accelerator.autocast)
+        validator.run(accelerator.unwrap_model(model.unet), accelerator.unwrap_model(model.text_encoder), model.vae,
+                      noise_scheduler, model.tokenizer, step, run.tb if run else None, accelerator.autocast)
 
     def sample(step: int, captions: list[str]) -> None:
+        if run is None:  # the first process samples for all
+            return
         event = samples.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
         for label in sampled_models:
             with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
@@ -210,30 +249,36 @@ def main(argv: list[str] | None = None) -> int:
     loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
     epoch_losses = []
     training_start = time.perf_counter()
-    epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True)
+    epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True,
+                      disable=not accelerator.is_main_process)
     try:
         if validator:
             validate(0)
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
             if args.load_settings_every_epoch and args.config:
-                changes, warnings = config.reload_live_settings(args, model.text_encoder.config.num_hidden_layers)
+                changes, warnings = reload_live_settings(
+                    args, accelerator, accelerator.unwrap_model(model.text_encoder).config.num_hidden_layers)
                 for line in changes:
                     log.info("Epoch %d: settings changed: %s", epoch, line)
                 for line in warnings:
                     log.warning("Epoch %d: %s", epoch, line)
                 step_settings = StepSettings.from_args(args)
             if epoch > 0:
-                plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch, args.grad_accum, rated)
-            loader = data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout,
-                                            seed=args.seed, epoch=epoch, num_workers=loader_workers,
-                                            pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
-                                            shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags,
-                                            skipped=scan.skipped)
-            if args.write_schedule:
-                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", loader.dataset)
+                plan = data.build_epoch_batches(records, global_batch, args.seed, epoch, args.grad_accum, rated)
+
+            def epoch_loader(batches):
+                return data.make_epoch_loader(batches, records, model.tokenizer, cond_dropout=args.cond_dropout,
+                                              seed=args.seed, epoch=epoch, num_workers=loader_workers,
+                                              pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
+                                              shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags,
+                                              skipped=scan.skipped)
+            loader = epoch_loader(process_share(plan, rank, processes))
+            if args.write_schedule and run:  # the whole plan, all processes' slots
+                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", epoch_loader(plan).dataset)
             epoch_loss = torch.zeros((), device=accelerator.device)
-            steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True)
+            steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
+                             disable=not accelerator.is_main_process)
             for local_step, batch in enumerate(steps_bar):
                 if global_step == 0 and samples.pretrain_due:
                     sample(0, batch["captions"])
@@ -243,10 +288,15 @@ def main(argv: list[str] | None = None) -> int:
                 updates_now = local_step == window_start + window - 1
                 log_now = (global_step + 1) % args.log_step == 0
 
-                with accelerator.autocast():
-                    loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch,
-                                        step_settings)
-                accelerator.backward(loss / window)
+                # Processes exchange gradients once per optimizer update, at the window's last step.
+                with contextlib.ExitStack() as no_sync:
+                    if not updates_now:
+                        for module in trained_modules:
+                            no_sync.enter_context(accelerator.no_sync(module))
+                    with accelerator.autocast():
+                        loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch,
+                                            step_settings, share)
+                    accelerator.backward(loss / window)
                 grad_norms = {}
                 if updates_now:
                     grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
@@ -255,27 +305,28 @@ def main(argv: list[str] | None = None) -> int:
                 opts.step_schedules()
 
                 global_step += 1
-                images_since_log += batch["pixel_values"].shape[0]
+                images_since_log += batch["pixel_values"].shape[0] * processes
                 loss_since_log += loss.detach()
                 epoch_loss += loss.detach()
                 steps_since_log += 1
                 if log_now:
                     elapsed = time.perf_counter() - last_log_time
-                    mean_loss = (loss_since_log / steps_since_log).item()
-                    lrs = opts.current_lrs()
-                    run.tb.add_scalar("loss/log_step", mean_loss, global_step)
-                    run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
-                    run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
-                    run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
-                    if scaler is not None:
-                        run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
-                    if torch.cuda.is_available():
-                        run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
-                    for name, norm in grad_norms.items():
-                        run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
-                                          norm.item(), global_step)
-                    steps_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
-                                          img_s=f"{images_since_log / elapsed:.1f}")
+                    mean_loss = (accelerator.reduce(loss_since_log, "mean") / steps_since_log).item()
+                    if run:
+                        lrs = opts.current_lrs()
+                        run.tb.add_scalar("loss/log_step", mean_loss, global_step)
+                        run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
+                        run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
+                        run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
+                        if scaler is not None:
+                            run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
+                        if torch.cuda.is_available():
+                            run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
+                        for name, norm in grad_norms.items():
+                            run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
+                                              norm.item(), global_step)
+                        steps_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
+                                              img_s=f"{images_since_log / elapsed:.1f}")
                     last_log_time, images_since_log = time.perf_counter(), 0
                     loss_since_log.zero_()
                     steps_since_log = 0
@@ -288,10 +339,12 @@ def main(argv: list[str] | None = None) -> int:
                     save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
                                     accelerator, ema_model)
 
-            epoch_mean = (epoch_loss / max(1, len(plan))).item()
+            epoch_mean = (accelerator.reduce(epoch_loss, "mean") / max(1, len(plan))).item()
             epoch_losses.append(epoch_mean)
-            run.tb.add_scalar("loss/epoch", epoch_mean, global_step)
-            run.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - epoch_start) / 60, global_step)
+            if run:
+                run.tb.add_scalar("loss/epoch", epoch_mean, global_step)
+                run.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - epoch_start) / 60,
+                                  global_step)
             epochs_bar.set_postfix(loss=f"{epoch_mean:.4f}")
             done = epoch + 1
             if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and \
@@ -302,7 +355,8 @@ def main(argv: list[str] | None = None) -> int:
         log.warning("Interrupted: saving a checkpoint (Ctrl-C again to abort without saving).")
         if global_step:
             save_checkpoint(model, opts, args, run, f"interrupted-gs{global_step}", accelerator, ema_model)
-        run.close()
+        if run:
+            run.close()
         return 130
     except Exception:
         if global_step:
@@ -310,7 +364,8 @@ def main(argv: list[str] | None = None) -> int:
             save_checkpoint(model, opts, args, run,
                             checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), accelerator,
                             ema_model)
-        run.close()
+        if run:
+            run.close()
         raise
 
     final = save_checkpoint(model, opts, args, run, checkpoint_name(
@@ -319,7 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - training_start) / 60
     log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
              "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)
-    run.close()
+    if run:
+        run.close()
+    accelerator.end_training()
     return 0
 
 
