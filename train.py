@@ -1,7 +1,8 @@
 """Fine-tune Stable Diffusion 1.x / 2.x: `python train.py --config cfgs/train.json [--flag value ...]`.
 
-The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> epochs of
-steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module (doc/ARCHITECTURE.md).
+The whole run reads top to bottom: options -> data scan -> model -> run folder -> optimizers -> (reflow) ->
+epochs of steps (log, sample, checkpoint) -> final checkpoint. Each concern lives in its own module
+(doc/ARCHITECTURE.md).
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import data
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
-from utils import config, ema, sampling, validation
 from data.batching import process_share
+from utils import config, ema, flow, sampling, validation
 from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.run_dir import RunDir, setup_console_logging
 
@@ -44,7 +45,8 @@ def make_accelerator(args):
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # clip_skip leaves the text encoder's last layers out of the loss; DDP must then not wait for their gradients.
+    # clip_skip (now, or after a live settings change) leaves the text encoder's last layers out of the loss; DDP
+    # must then not wait for their gradients.
     unused = not args.disable_textenc_training and (args.clip_skip >= 2 or args.load_settings_every_epoch)
     return Accelerator(mixed_precision=precision, cpu=not use_cuda,
                        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
@@ -121,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     # -- options and data: every user error surfaces here, before a model loads or a folder is made ------------
     try:
         args = config.load(argv)
+        flow.check_options(args)
         for note in args.notes:
             log.warning(note)
         resume = find_last(args.logdir) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
@@ -144,17 +147,23 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
-    from utils.step import BatchShare, StepSettings, compute_loss
+    from utils.step import BatchShare, StepSettings, compute_loss, encode_text
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)
+    if args.reflow_steps and accelerator.num_processes > 1:
+        log.error("error: %s: reflow_steps trains on one process only (its generated pairs are not split between "
+                  "processes yet); run the reflow phase with plain `python train.py`, then train on %d processes "
+                  "from its checkpoint.", args.sources.get("reflow_steps", "defaults"), accelerator.num_processes)
+        return 2
     try:
         model = models.load(resume)
         if args.enable_zero_terminal_snr:
             model.use_zero_terminal_snr()
         noise_scheduler = model.noise_scheduler(args.train_sampler)
+        flow.configure_model(model, args)
         samples.check_model(model.scheduler.config)
-    except (models.ModelLoadError, config.ConfigError) as e:
+    except (models.ModelLoadError, config.ConfigError, flow.ModelMismatch) as e:
         log.error("error: %s", e)
         return 2
     if args.clip_skip > model.text_encoder.config.num_hidden_layers:
@@ -244,16 +253,135 @@ def main(argv: list[str] | None = None) -> int:
                                           accelerator.unwrap_model(model.text_encoder), event, step=step,
                                           out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
                                           clip_skip=args.clip_skip, label=label)
+
+    def epoch_loader(plan, epoch: int):
+        return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout, seed=args.seed,
+                                      epoch=epoch, num_workers=loader_workers,
+                                      pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
+                                      shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags, skipped=scan.skipped)
     global_step, epoch = 0, 0
     last_log_time, images_since_log = time.perf_counter(), 0
     loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
+
+    def train_step(batch: dict, local_step: int, steps_in_epoch: int, bar) -> torch.Tensor:
+        """One batch: forward, backward, an optimizer update at the end of its gradient-accumulation window, the
+        LR schedules and the log_step scalars. The main epochs and reflow's training phase both train with it.
+        Returns the batch's loss."""
+        nonlocal global_step, last_log_time, images_since_log, steps_since_log
+        # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
+        window_start = local_step - local_step % args.grad_accum
+        window = min(args.grad_accum, steps_in_epoch - window_start)
+        updates_now = local_step == window_start + window - 1
+        log_now = (global_step + 1) % args.log_step == 0
+
+        # Processes exchange gradients once per optimizer update, at the window's last step.
+        with contextlib.ExitStack() as no_sync:
+            if not updates_now:
+                for module in trained_modules:
+                    no_sync.enter_context(accelerator.no_sync(module))
+            with accelerator.autocast():
+                loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, step_settings,
+                                    share)
+            accelerator.backward(loss / window)
+        grad_norms = {}
+        if updates_now:
+            grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
+            if ema_model is not None:
+                ema_model.step()
+        opts.step_schedules()
+
+        global_step += 1
+        images_since_log += batch["input_ids"].shape[0] * processes
+        loss_since_log.add_(loss.detach())
+        steps_since_log += 1
+        if log_now:
+            elapsed = time.perf_counter() - last_log_time
+            mean_loss = (accelerator.reduce(loss_since_log, "mean") / steps_since_log).item()
+            if run:
+                lrs = opts.current_lrs()
+                run.tb.add_scalar("loss/log_step", mean_loss, global_step)
+                run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
+                run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
+                run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
+                if scaler is not None:
+                    run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
+                if torch.cuda.is_available():
+                    run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
+                for name, norm in grad_norms.items():
+                    run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
+                                      norm.item(), global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
+                                img_s=f"{images_since_log / elapsed:.1f}")
+            last_log_time, images_since_log = time.perf_counter(), 0
+            loss_since_log.zero_()
+            steps_since_log = 0
+        return loss.detach()
+
+    def sample_and_save_when_due(batch: dict) -> None:
+        """Samples every sample_steps steps and checkpoints every ckpt_every_n_minutes, in reflow and main epochs."""
+        if samples.due(global_step):
+            sample(global_step, batch["captions"])
+        if save_timer.due():
+            save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
+                            accelerator, ema_model)
+
     epoch_losses = []
     training_start = time.perf_counter()
-    epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True,
-                      disable=not accelerator.is_main_process)
     try:
         if validator:
             validate(0)
+        if samples.pretrain_due and run:
+            sample(0, next(iter(epoch_loader(plan, 0)))["captions"])
+
+        # -- reflow (doc/RECTIFIED_FLOW.md): the model's own ODE pairs (noise -> its sample) retrain it straighter
+        if args.reflow_steps:
+            unet, text_encoder = accelerator.unwrap_model(model.unet), accelerator.unwrap_model(model.text_encoder)
+
+            def embed(input_ids: torch.Tensor) -> torch.Tensor:
+                return encode_text(text_encoder, input_ids, args.clip_skip)
+            prompts = flow.prompt_batches(epoch_loader(plan, 0), args.reflow_gen_batches, model.vae.config)
+            ode_steps = flow.reflow_sample_steps(args)
+            # Straightness is measured on the same noise and captions every time, so the values compare.
+            probe_noise = torch.randn(prompts[0].latent_shape, generator=torch.Generator().manual_seed(args.seed))
+            pairs_generator, shuffle_generator = (torch.Generator().manual_seed(args.seed + n) for n in (1, 2))
+            log.info("Reflow: %d iteration(s) of %d generated pairs (%d-step ODE), %d epoch(s) each",
+                     args.reflow_steps, sum(p.latent_shape[0] for p in prompts), ode_steps, args.reflow_train_epochs)
+
+            def measure_flow() -> None:
+                with flow.eval_mode(unet, text_encoder), accelerator.autocast():
+                    measures = flow.measure(unet, embed(prompts[0].input_ids), probe_noise.to(unet.device),
+                                            ode_steps, model.scheduler.config)
+                run.tb.add_scalar("reflow/straightness", measures.straightness, global_step)
+                run.tb.add_scalar("reflow/one_step_error", measures.one_step_error, global_step)
+                log.info("Reflow at step %d: straightness %.5f, one-step error %.5f", global_step,
+                         measures.straightness, measures.one_step_error)
+            measure_flow()
+            for iteration in range(args.reflow_steps):
+                pairs = flow.new_pairs_store(prompts, run.path)
+                try:
+                    with flow.eval_mode(unet, text_encoder):
+                        flow.generate_pairs(unet, embed, prompts, ode_steps, model.scheduler.config, pairs_generator,
+                                            pairs, accelerator.autocast,
+                                            f"reflow {iteration + 1}/{args.reflow_steps}: generating")
+                    for reflow_epoch in range(args.reflow_train_epochs):
+                        order = pairs.epoch(args.batch_size, shuffle_generator)
+                        steps_bar = tqdm(order, desc=f"reflow {iteration + 1}/{args.reflow_steps} epoch "
+                                         f"{reflow_epoch + 1}/{args.reflow_train_epochs}", unit="step", leave=False,
+                                         dynamic_ncols=True)
+                        reflow_loss = torch.zeros((), device=accelerator.device)
+                        for local_step, rows in enumerate(steps_bar):
+                            batch = pairs.batch(rows)
+                            reflow_loss += train_step(batch, local_step, len(order), steps_bar)
+                            sample_and_save_when_due(batch)
+                        run.tb.add_scalar("loss/reflow_epoch", (reflow_loss / len(order)).item(), global_step)
+                finally:
+                    pairs.discard()
+                measure_flow()
+                if validator:
+                    validate(global_step)
+
+        epochs_bar = tqdm(range(args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True,
+                          disable=not accelerator.is_main_process)
         for epoch in epochs_bar:
             epoch_start = time.perf_counter()
             if args.load_settings_every_epoch and args.config:
@@ -266,78 +394,17 @@ def main(argv: list[str] | None = None) -> int:
                 step_settings = StepSettings.from_args(args)
             if epoch > 0:
                 plan = data.build_epoch_batches(records, global_batch, args.seed, epoch, args.grad_accum, rated)
-
-            def epoch_loader(batches):
-                return data.make_epoch_loader(batches, records, model.tokenizer, cond_dropout=args.cond_dropout,
-                                              seed=args.seed, epoch=epoch, num_workers=loader_workers,
-                                              pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
-                                              shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags,
-                                              skipped=scan.skipped)
-            loader = epoch_loader(process_share(plan, rank, processes))
-            if args.write_schedule and run:  # the whole plan, all processes' slots
-                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", epoch_loader(plan).dataset)
+            loader = epoch_loader(process_share(plan, rank, processes), epoch)
+            if args.write_schedule and run:  # the whole plan: every process's slots
+                data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", epoch_loader(plan, epoch).dataset)
             epoch_loss = torch.zeros((), device=accelerator.device)
             steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
                              disable=not accelerator.is_main_process)
             for local_step, batch in enumerate(steps_bar):
-                if global_step == 0 and samples.pretrain_due:
-                    sample(0, batch["captions"])
-                # Gradient accumulation windows are aligned to the epoch; the last one may be shorter.
-                window_start = local_step - local_step % args.grad_accum
-                window = min(args.grad_accum, len(plan) - window_start)
-                updates_now = local_step == window_start + window - 1
-                log_now = (global_step + 1) % args.log_step == 0
-
-                # Processes exchange gradients once per optimizer update, at the window's last step.
-                with contextlib.ExitStack() as no_sync:
-                    if not updates_now:
-                        for module in trained_modules:
-                            no_sync.enter_context(accelerator.no_sync(module))
-                    with accelerator.autocast():
-                        loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch,
-                                            step_settings, share)
-                    accelerator.backward(loss / window)
-                grad_norms = {}
-                if updates_now:
-                    grad_norms = opts.clip_and_step(scaler, args.clip_grad_norm, measure_norms=log_now)
-                    if ema_model is not None:
-                        ema_model.step()
-                opts.step_schedules()
-
-                global_step += 1
-                images_since_log += batch["pixel_values"].shape[0] * processes
-                loss_since_log += loss.detach()
-                epoch_loss += loss.detach()
-                steps_since_log += 1
-                if log_now:
-                    elapsed = time.perf_counter() - last_log_time
-                    mean_loss = (accelerator.reduce(loss_since_log, "mean") / steps_since_log).item()
-                    if run:
-                        lrs = opts.current_lrs()
-                        run.tb.add_scalar("loss/log_step", mean_loss, global_step)
-                        run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
-                        run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
-                        run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
-                        if scaler is not None:
-                            run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
-                        if torch.cuda.is_available():
-                            run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
-                        for name, norm in grad_norms.items():
-                            run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
-                                              norm.item(), global_step)
-                        steps_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
-                                              img_s=f"{images_since_log / elapsed:.1f}")
-                    last_log_time, images_since_log = time.perf_counter(), 0
-                    loss_since_log.zero_()
-                    steps_since_log = 0
-
-                if samples.due(global_step):
-                    sample(global_step, batch["captions"])
+                epoch_loss += train_step(batch, local_step, len(plan), steps_bar)
+                sample_and_save_when_due(batch)
                 if validator and validator.due(epoch, local_step, len(plan)):
                     validate(global_step)
-                if save_timer.due():
-                    save_checkpoint(model, opts, args, run, checkpoint_name(args.project_name, epoch, global_step),
-                                    accelerator, ema_model)
 
             epoch_mean = (accelerator.reduce(epoch_loss, "mean") / max(1, len(plan))).item()
             epoch_losses.append(epoch_mean)

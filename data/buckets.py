@@ -160,7 +160,8 @@ def report_undersized(records: Sequence[ImageRecord], run_folder) -> list[str]:
         return []
     lines = [f"{r.path}: {r.width}x{r.height}, bucket {r.bucket[0]}x{r.bucket[1]}" for r in small]
     path = os.path.join(run_folder, UNDERSIZED_FILE)
-    with open(path, "w", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         f.write("\n".join(lines) + "\n")
     out = [f"{len(small)} image(s) are smaller than their bucket and are upscaled, which blurs them; "
            f"use larger originals where you can (all listed in {path}):"]

@@ -34,9 +34,11 @@ def parse_caption_text(text: str) -> Caption:
 
 def caption_from_filename(image_path: str) -> Caption:
     """Base name (`a.b.jpg` -> `a.b`) cut at the first '_', then parsed like a .txt, so
-    `cat, sitting_02.jpg` gives main prompt `cat` and tag `sitting` (§2.2)."""
+    `cat, sitting_02.jpg` gives main prompt `cat` and tag `sitting` (§2.2). A name that is not
+    valid UTF-8 (Python holds its stray bytes as surrogates, which no tokenizer takes) is decoded
+    from its bytes as caption files are."""
     base = os.path.splitext(os.path.basename(image_path))[0]
-    return parse_caption_text(base.split("_", 1)[0])
+    return parse_caption_text(decode_text(os.fsencode(base)).split("_", 1)[0])
 
 
 def assemble_caption(caption: Caption, shuffle: bool, keep_tags: int, max_length: int,

@@ -213,7 +213,8 @@ def write_schedule(path, batches: EpochBatches) -> None:
     caption:<caption as trained>`. The caption comes last because it may contain commas; it is
     one line since captions are whitespace-normalised when read. Written from `batches.sample`,
     the function the loader trains with, so it shows exactly what each step trains."""
-    with open(path, "w", encoding="utf-8") as f:
+    # surrogateescape: a file name that is not valid UTF-8 is written back as its own bytes
+    with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         for step, batch in enumerate(batches.plan):
             w, h = batch.bucket
             for slot, index in enumerate(batch.indices, start=batch.first_slot):

@@ -17,6 +17,9 @@ import difflib
 import json
 import math
 import os
+import re
+import reprlib
+import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -170,10 +173,13 @@ def read_folder_file(path: str, name: str, notify: Notify) -> Settings:
         line_no, value = lines[0]
         where = _Where(path, "", line_no)
         try:
-            number = float(value)
+            number = float(value)  # also takes "inf" and "nan", refused next
         except ValueError:
-            raise where.error((), f"'{value}' is not a number; write a single number such as "
+            raise where.error((), f"{_short(value)} is not a number; write a single number such as "
                                   f"{_EXAMPLES[key]}") from None
+        if not math.isfinite(number):
+            raise where.error((), f"{_short(value)} is not a finite number; write one such as "
+                                  f"{_EXAMPLES[key]}")
         if len(lines) > 1:
             raise where.error((), f"expected one number, found {len(lines)} lines")
         return Settings(**{key: _check_number(where, (), key, number, notify)})
@@ -195,11 +201,7 @@ def _referenced_file(text: str, referring: str) -> Optional[str]:
 def _parse_config_text(text: str, path: str, ext: str, notify: Notify,
                        follow_references: bool) -> Settings:
     if ext == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SettingsError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the syntax "
-                                f"(quotes around keys and strings, commas between entries)") from None
+        data = _load_json(text, path)
     else:
         try:
             data = yaml.load(text, Loader=_YAML_LOADER)
@@ -210,6 +212,8 @@ def _parse_config_text(text: str, path: str, ext: str, notify: Notify,
             raise SettingsError(f"{path}{line}: not valid YAML ({problem}); fix the syntax, e.g. "
                                 f"quote text that contains ': ' or starts with a special character"
                                 ) from None
+        except (ValueError, RecursionError) as e:
+            raise _unreadable_structure(path, e) from None
     where = _Where(path, text)
     if data is None:
         return Settings()
@@ -219,6 +223,39 @@ def _parse_config_text(text: str, path: str, ext: str, notify: Notify,
         raise where.error((), f"expected a mapping of keys such as main_prompt and tags, got a "
                               f"{_kind(data)}")
     return settings_from_mapping(data, where, notify, follow_references)
+
+
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _load_json(text: str, path: str) -> Any:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise SettingsError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the syntax "
+                            f"(quotes around keys and strings, commas between entries)") from None
+    except (ValueError, RecursionError) as e:
+        raise _unreadable_structure(path, e) from None
+    if _SURROGATE_ESCAPE.search(text) and not _encodable(data):
+        # JSON lets "\ud800" stand alone; such a string is no text, and the tokenizer refuses it.
+        raise SettingsError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which "
+                            f"is no character; fix or remove it")
+    return data
+
+
+def _encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unreadable_structure(path: str, error: Exception) -> SettingsError:
+    """Well-formed text the parser still cannot turn into values: an integer of thousands of digits
+    (Python's limit on converting them), or nesting deeper than Python's stack."""
+    return SettingsError(f"{path}: cannot be read ({type(error).__name__}: {str(error)[:120]}); "
+                         f"write plain numbers and at most a few levels of nesting")
 
 
 # ---------------------------------------------------------------- the §2.3 schema
@@ -263,12 +300,25 @@ def _kind(value: Any) -> str:
         type(value), type(value).__name__)
 
 
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxlist, _QUOTE.maxdict, _QUOTE.maxstring, _QUOTE.maxother = 2, 4, 4, 60, 60
+
+
+def _short(value: Any) -> str:
+    """A value as an error message quotes it: cut short, however large (yaml aliases can make a
+    list of billions of items in a few lines), and no digits of a huge integer (Python refuses to
+    print one of thousands of digits)."""
+    if isinstance(value, int) and value.bit_length() > 1000:
+        return "a huge integer"
+    return _QUOTE.repr(value)
+
+
 def _number(where: _Where, keys: tuple, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise where.error(keys, f"must be a number such as {_EXAMPLES.get(keys[0], '1.0')}, got "
-                                f"{_kind(value)} {value!r}")
-    if not math.isfinite(value):
-        raise where.error(keys, f"must be a finite number, got {value!r}")
+                                f"{_kind(value)} {_short(value)}")
+    if abs(value) > sys.float_info.max or not math.isfinite(value):  # the first for ints too big for a float
+        raise where.error(keys, f"must be a finite number, got {_short(value)}")
     return float(value)
 
 
@@ -294,7 +344,7 @@ def _check_number(where: _Where, keys: tuple, key: str, value: float, notify: No
 
 def _text(where: _Where, keys: tuple, value: Any) -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-        raise where.error(keys, f"must be text, got {_kind(value)} {value!r}")
+        raise where.error(keys, f"must be text, got {_kind(value)} {_short(value)}")
     return normalize_space(str(value))
 
 
@@ -326,7 +376,7 @@ def _tags(where: _Where, value: Any) -> tuple[Tag, ...]:
 
 
 def settings_from_mapping(data: dict, where: _Where, notify: Notify,
-                          follow_references: bool = True) -> Settings:
+                          follow_references: bool = True, depth: int = 0) -> Settings:
     """A §2.3 mapping (yaml/json sidecar, folder yaml, manifest entry) as Settings.
 
     `caption` (text, a path to a caption/config file, or a mapping) is read like a sidecar and merged
@@ -353,7 +403,7 @@ def settings_from_mapping(data: dict, where: _Where, notify: Notify,
             values["tags"] = _tags(where, value)
         elif key == "shuffle_tags":
             if not isinstance(value, bool):
-                raise where.error(keys, f"must be true or false, got {value!r}")
+                raise where.error(keys, f"must be true or false, got {_short(value)}")
             values["shuffle_tags"] = value
         elif key == "batch_id":
             values["batch_id"] = _text(where, keys, value) or None
@@ -363,12 +413,21 @@ def settings_from_mapping(data: dict, where: _Where, notify: Notify,
     caption = data.get("caption")
     if caption is None:
         return own
-    return merge([own, _caption_value(caption, where, notify, follow_references)])
+    return merge([own, _caption_value(caption, where, notify, follow_references, depth)])
 
 
-def _caption_value(value: Any, where: _Where, notify: Notify, follow_references: bool) -> Settings:
+# `caption` mappings nested deeper than this are refused: a yaml alias can make one contain itself.
+MAX_CAPTION_NESTING = 8
+
+
+def _caption_value(value: Any, where: _Where, notify: Notify, follow_references: bool,
+                   depth: int) -> Settings:
     if isinstance(value, dict):
-        return settings_from_mapping(value, where, notify, follow_references=False)
+        if depth >= MAX_CAPTION_NESTING:
+            raise where.error(("caption",), f"mappings nest more than {MAX_CAPTION_NESTING} deep "
+                                            f"(a yaml alias that refers to itself?); write the caption "
+                                            f"out once")
+        return settings_from_mapping(value, where, notify, follow_references=False, depth=depth + 1)
     if not isinstance(value, str):
         raise where.error(("caption",), f"must be caption text, a caption file's path or a mapping, "
                                         f"got {_kind(value)}")
@@ -382,11 +441,7 @@ def read_manifest(path: str) -> tuple[str, list]:
     """(text, entries) of a manifest file (§2.8): a JSON array of §2.3 mappings with `image` keys.
     A manifest that cannot be used at all raises SettingsError."""
     text = read_file_text(path)
-    try:
-        entries = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise SettingsError(f"{path} line {e.lineno}: not valid JSON ({e.msg}); fix the syntax "
-                            f"(quotes around keys and strings, commas between entries)") from None
+    entries = _load_json(text, path)
     if not isinstance(entries, list):
         raise SettingsError(f"{path}: a data_root manifest must be a JSON array of entries such as "
                             f'{{"image": "images/cat.jpg", "main_prompt": "a cat"}}, got a '

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
 import logging
 import math
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -57,7 +59,8 @@ PROBE_SIZE = 4096
 
 
 def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite JSON number (NaN and Infinity parse in Python's json but are no setting's valid value)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
 
 
 def _whole(value) -> bool:
@@ -78,7 +81,8 @@ VALUE_CHECKS = {
     "d0": (lambda v: _number(v) and v > 0, "a number > 0, e.g. 1e-6"),
     "decouple": (lambda v: isinstance(v, bool), "true or false"),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "growth_rate": (lambda v: _number(v) and v >= 1, "a number >= 1 (e.g. 1.02), or null for unlimited"),
+    "growth_rate": (lambda v: (_number(v) or v == math.inf) and v >= 1,
+                    "a number >= 1 (e.g. 1.02), or null or Infinity for unlimited"),
     "no_prox": (lambda v: isinstance(v, bool), "true or false"),
     "safeguard_warmup": (lambda v: isinstance(v, bool), "true or false"),
 }
@@ -108,6 +112,12 @@ def read_optimizer_file(path: str | Path) -> dict:
     for key in data:
         if key not in TOP_LEVEL_KEYS:
             raise ConfigError(f"{path}: unknown key '{key}'.{_suggest(key, TOP_LEVEL_KEYS)}")
+    for key in ("base", "text_encoder_overrides", "text_encoder_freezing"):
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            raise ConfigError(f"{path}: '{key}' must be an object of settings, got {json.dumps(data[key])}.")
+    for key in ("apply_grad_scaler_step_tweaks", "log_grad_norm"):
+        if data.get(key) is not None and not isinstance(data[key], bool):
+            raise ConfigError(f"{path}: '{key}' must be true or false, got {json.dumps(data[key])}.")
     for section in ("base", "text_encoder_overrides"):
         values = data.get(section) or {}
         if not isinstance(values, dict):

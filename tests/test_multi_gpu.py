@@ -108,8 +108,8 @@ def test_process_loaders_yield_the_rows_of_the_one_process_batch(small_dataset, 
         [b["captions"] for b in halves[1]]
 
 
-@pytest.mark.parametrize("runt_size", [0, 3])
-def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size):
+@pytest.mark.parametrize("runt_size, rectified_flow", [(0, False), (3, True)])
+def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size, rectified_flow):
     """Every random draw of the step (VAE sample, embedding perturbation, offset and pyramid noise, timesteps) is
     made for the global batch and sliced, and a runt is weighed by the global batch size: the mean of two
     processes' losses, and of their gradients (what DDP averages), equals one process's on the whole batch."""
@@ -124,7 +124,8 @@ def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size)
                                           padding="max_length", max_length=77, return_tensors="pt").input_ids,
              "loss_scale": torch.tensor([1.0, 0.5, 2.0, 1.0]), "runt_size": runt_size}
     options = dict(loss_type="mse", zero_frequency_noise_ratio=0.1, timestep_start=0, timestep_end=1000,
-                   pyramid_noise_discount=0.3, embedding_perturbation=0.5, min_snr_gamma=5.0, clip_skip=0)
+                   pyramid_noise_discount=0.3, embedding_perturbation=0.5, min_snr_gamma=5.0, clip_skip=0,
+                   rectified_flow=rectified_flow)
 
     def loss_and_grads(rows: slice, batch_size: int, share: BatchShare):
         part = {key: value[rows] if torch.is_tensor(value) else value for key, value in batch.items()}

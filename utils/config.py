@@ -12,6 +12,8 @@ import argparse
 import difflib
 import json
 import logging
+import math
+import os
 import random
 import sys
 from pathlib import Path
@@ -58,13 +60,26 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
 
     `missing` says what to do when the file is absent, `expected` what the object should hold.
     """
-    if not path.is_file():
+    if not os.path.isfile(path):  # unlike Path.is_file, also False for a name too long to look up
         raise ConfigError(f"{path}: not found. {missing}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        text = path.read_bytes().decode("utf-8-sig")  # editors on Windows may start the file with a BOM
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read it ({e.strerror or e}). Check its permissions.") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}). Save it as UTF-8 JSON.") from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON (line {e.lineno}, column {e.colno}: {e.msg}). "
                           "Fix the syntax, e.g. a missing comma or a trailing comma.") from None
+    except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
+        raise ConfigError(f"{path}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]}). Write plain "
+                          "numbers and at most a few levels of nesting.") from None
+    if "\\u" in text and not _encodable(data):
+        # JSON lets "\ud800" stand alone; such a string is no text, and no file name, log or TensorBoard tag takes it.
+        raise ConfigError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which is no character. "
+                          "Fix or remove it.")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object of {expected}, got {type(data).__name__}.")
     return data
@@ -81,17 +96,32 @@ def _coerce(flag: Flag, value: Any, where: str) -> Any:
         value = int(value) if ok else value
     elif flag.type is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if ok and not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
+            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}; it must be a finite number.")
         value = float(value) if ok else value
     else:
         ok = isinstance(value, str)
+        if ok and "\x00" in value:
+            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}, which holds a NUL character: no "
+                              "file name or text can. Retype the value.")
     if not ok:
         raise ConfigError(f"{where}: key '{flag.name}' must be a {_type_name(flag)}, got {json.dumps(value)}.")
     return value
 
 
+def _encodable(data: Any) -> bool:
+    try:
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _check_range(flag: Flag, value: Any, where: str) -> None:
     if value is None:
         return
+    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity, or `--lr nan`
+        raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be a finite number.")
     if flag.choices and value not in flag.choices:
         raise ConfigError(f"{where}: key '{flag.name}' is {value!r}; choose one of: {', '.join(flag.choices)}.")
     if flag.min is not None and value < flag.min:
@@ -193,16 +223,17 @@ def _validate(args: SimpleNamespace) -> None:
             raise ConfigError(f"{_where(args, flag.name)}: '{flag.name}' is not implemented yet in this version "
                               f"({flag.not_yet}). Remove it or set it to its default ({json.dumps(flag.default)}).")
     for key in ("resume_ckpt", "data_root"):
-        if getattr(args, key) is None:
+        if getattr(args, key) in (None, ""):
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
-    if args.resume_ckpt != "findlast" and not Path(args.resume_ckpt).exists():
+    # os.path rather than Path: False, not an exception, for names too long for the OS to look up
+    if args.resume_ckpt != "findlast" and not os.path.exists(args.resume_ckpt):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' does not exist. Give a "
                           "diffusers model folder or a .safetensors/.ckpt file on this machine, or `findlast`.")
-    if Path(args.resume_ckpt).is_file() and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
+    if os.path.isfile(args.resume_ckpt) and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
                           ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
-    data_root = Path(args.data_root)
-    if not (data_root.is_dir() or data_root.is_file() and data_root.suffix.lower() == ".json"):
+    data_root = args.data_root
+    if not (os.path.isdir(data_root) or os.path.isfile(data_root) and data_root.lower().endswith(".json")):
         raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is neither a folder nor a "
                           "manifest .json file. Point it at the folder that holds your training images and caption "
                           "files (see doc/DATA.md).")
@@ -218,7 +249,7 @@ def _validate(args: SimpleNamespace) -> None:
     if args.timestep_start >= args.timestep_end:
         raise ConfigError(f"timestep_start ({args.timestep_start}) must be below timestep_end ({args.timestep_end}).")
     custom_optimizer_file = args.optimizer_config != BY_NAME["optimizer_config"].default
-    if custom_optimizer_file and not Path(args.optimizer_config).is_file():
+    if custom_optimizer_file and not os.path.isfile(args.optimizer_config):
         raise ConfigError(f"{_where(args, 'optimizer_config')}: optimizer_config '{args.optimizer_config}' not found "
                           "(paths are relative to the working directory). Fix the path or remove the key to use "
                           "the defaults.")

@@ -107,15 +107,13 @@ FLAGS: list[Flag] = [
         ("load_settings_every_epoch", bool, False, "Re-read the --config file at each epoch start and apply the "
          "options marked live; changes to other options are refused with a warning, an unreadable or invalid file "
          "keeps the previous settings (doc/TRAINING.md)."),
-        ("rectified_flow", bool, False, "Train with the rectified-flow objective (v-prediction models only).",
-         {"planned": "#6"}),
-        ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).",
-         {"min": 0, "planned": "#6"}),
+        ("rectified_flow", bool, False,
+         "Train with the rectified-flow objective (v-prediction models; doc/RECTIFIED_FLOW.md)."),
+        ("reflow_steps", int, 0, "Reflow iterations before the main epochs (needs rectified_flow).", {"min": 0}),
         ("reflow_sample_steps", int, 0, "Euler steps when generating reflow pairs; 0 = sample_steps, else 50.",
-         {"min": 0, "planned": "#6"}),
-        ("reflow_train_epochs", int, 1, "Passes over the generated pairs per reflow iteration.", {"min": 1, "planned": "#6"}),
-        ("reflow_gen_batches", int, 1, "Training batches used as generation seeds per reflow iteration.",
-         {"min": 1, "planned": "#6"}),
+         {"min": 0}),
+        ("reflow_train_epochs", int, 1, "Passes over the generated pairs per reflow iteration.", {"min": 1}),
+        ("reflow_gen_batches", int, 1, "Training batches used as generation seeds per reflow iteration.", {"min": 1}),
     ),
     *_flags(
         "EMA",

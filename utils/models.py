@@ -14,7 +14,10 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+import pickle
+import re
 import tempfile
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,7 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils import shipped
+from utils import flow, shipped
 from utils.checkpoint import atomic_dir, atomic_file
 from utils.ldm_convert import pipeline_to_ldm
 
@@ -105,30 +108,96 @@ def load(path: str | Path) -> StableDiffusion:
     raise ModelLoadError(f"{path}: not a diffusers folder or a .safetensors/.ckpt file.")
 
 
+# The weights file each model part of a diffusers folder needs: <stem>.safetensors, .bin, or a sharded index of either.
+FOLDER_WEIGHTS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".safetensors.index.json", ".bin.index.json")
+
+
+def _missing_parts(path: Path) -> list[str]:
+    """What a diffusers folder lacks: whole parts by name, else the files a part that is there needs."""
+    missing = [] if (path / "model_index.json").is_file() else ["model_index.json"]
+    for part in ("unet", "vae", "text_encoder", "scheduler"):
+        if not (path / part).is_dir():
+            missing.append(part)
+            continue
+        config = "scheduler_config.json" if part == "scheduler" else "config.json"
+        if not (path / part / config).is_file():
+            missing.append(f"{part}/{config}")
+        stem = FOLDER_WEIGHTS.get(part)
+        if stem and not any((path / part / f"{stem}{suffix}").is_file() for suffix in WEIGHT_SUFFIXES):
+            missing.append(f"{part}/{stem}.safetensors")
+    return missing
+
+
 def _load_folder(path: Path) -> StableDiffusion:
-    missing = [part for part in ("model_index.json", "unet", "vae", "text_encoder", "scheduler")
-               if not (path / part).exists()]
+    missing = _missing_parts(path)
     if missing:
-        raise ModelLoadError(f"{path}: not a complete diffusers model folder (missing {', '.join(missing)}).")
+        raise ModelLoadError(f"{path}: not a complete diffusers model folder (missing {', '.join(missing)}). Copy the "
+                             "whole model folder again, or give a single .safetensors/.ckpt file.")
     try:
-        unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-        vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-        text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
-        scheduler = _scheduler_class(path / "scheduler").from_pretrained(path, subfolder="scheduler")
-    except (OSError, ValueError, RuntimeError) as e:
-        raise ModelLoadError(f"{path}: could not load the model: {e}") from None
-    if (path / "tokenizer" / "vocab.json").is_file():
-        tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
-    else:
-        tokenizer = shipped.load_tokenizer("sd2" if unet.config.cross_attention_dim == 1024 else "sd1")
+        with torch.serialization.safe_globals(CKPT_STAND_INS):  # .bin weights are pickles too
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+        scheduler_file = path / "scheduler" / "scheduler_config.json"
+        scheduler = _scheduler_class(json.loads(scheduler_file.read_text(encoding="utf-8")), str(scheduler_file)) \
+            .from_pretrained(path, subfolder="scheduler")
+        if (path / "tokenizer" / "vocab.json").is_file():
+            tokenizer = CLIPTokenizer.from_pretrained(path, subfolder="tokenizer", local_files_only=True)
+        else:
+            tokenizer = shipped.load_tokenizer("sd2" if unet.config.cross_attention_dim == 1024 else "sd1")
+    except ModelLoadError:
+        raise
+    except Exception as e:  # noqa: BLE001 - diffusers and transformers raise many types for a broken part
+        reason = _unreadable_reason(e)
+        advice = "Use a copy of the model with .safetensors weights." if reason.startswith("refused") else \
+            "A part of the folder is damaged or does not match its config.json; copy the model folder again."
+        raise ModelLoadError(f"{path}: could not load the model ({reason}). {advice}") from None
     return StableDiffusion(unet, text_encoder, vae, tokenizer, scheduler, str(path))
 
 
-def _scheduler_class(folder: Path):
-    name = json.loads((folder / "scheduler_config.json").read_text()).get("_class_name", "PNDMScheduler")
+def _scheduler_class(config, where: str):
+    """The diffusers scheduler class a scheduler config names (PNDM when it names none); `where` is its file."""
     import diffusers
 
-    return getattr(diffusers, name, PNDMScheduler)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{where}: not a JSON object of scheduler settings. Use another copy of the model.")
+    name = config.get("_class_name", "PNDMScheduler")
+    scheduler_class = getattr(diffusers, name, None) if isinstance(name, str) else None
+    if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+        raise ModelLoadError(f"{where}: the scheduler's '_class_name' is {json.dumps(name)}, not a diffusers scheduler "
+                             "(such as PNDMScheduler or DDIMScheduler). Use another copy of the model.")
+    return scheduler_class
+
+
+class _LightningCallbackKey:
+    """Stands in for the PyTorch Lightning callback class that original SD training checkpoints (such as
+    sd-v1-4.ckpt) name as a dictionary key next to their weights. Only the name is matched; nothing runs."""
+
+
+# The only Python objects besides tensors and plain data that a .ckpt may name, each mapped to an inert stand-in.
+CKPT_STAND_INS = [(_LightningCallbackKey, "pytorch_lightning.callbacks.model_checkpoint.ModelCheckpoint")]
+
+
+def _unreadable_reason(error: Exception) -> str:
+    """A loading library's exception as one short clause for our messages.
+
+    torch's refusal of a pickle that would import or call code gets its own wording: its text advises loading
+    the file with weights_only=False, which is exactly what must not be done with an untrusted file."""
+    refusal = error
+    while refusal is not None and not isinstance(refusal, pickle.UnpicklingError):
+        refusal = refusal.__cause__ or refusal.__context__  # diffusers re-raises torch's refusal as an OSError
+    if refusal is not None and "weights_only" in str(refusal):
+        text = str(refusal)
+        named = re.search(r"GLOBAL ([\w.]+)", text)
+        if named:
+            return (f"refused: it is a pickle that names the Python object '{named[1]}', and loading it could run "
+                    "code; only tensors and plain data are read from pickled files")
+        stopped = re.search(r"Unsupported operand \d+", text)
+        return f"not a pickle torch.save wrote; the weights-only reader stopped at: {stopped[0] if stopped else 'it'}"
+    first = next((line.strip() for line in str(error).splitlines() if line.strip()), "")
+    first = first.split(" If you want to instead overwrite")[0]  # diffusers' advice to its callers, not to ours
+    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
 
 
 def _read_file_header(path: Path) -> tuple[dict, dict]:
@@ -137,26 +206,41 @@ def _read_file_header(path: Path) -> tuple[dict, dict]:
         if path.suffix.lower() == ".safetensors":
             with safe_open(path, framework="pt") as f:
                 return f.metadata() or {}, {k: f.get_slice(k).get_shape() for k in f.keys()}
-        # weights_only refuses any pickle that would import or call code.
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        # weights_only refuses any pickle that would import or call code. Only zip-format files can be mapped.
+        with torch.serialization.safe_globals(CKPT_STAND_INS):
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except Exception as e:  # noqa: BLE001 - any failure here means an unusable file; say which and why
-        raise ModelLoadError(f"{path}: cannot read this checkpoint ({type(e).__name__}: {e}). It may be truncated, "
-                             "not a Stable Diffusion checkpoint, or (for .ckpt) contain code, which is refused.") \
-            from None
-    state = state.get("state_dict", state)
-    return {}, {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+        reason = _unreadable_reason(e)
+        advice = "Use the model's .safetensors download instead." if reason.startswith("refused") else \
+            "It may be truncated (download it again) or not a model checkpoint at all."
+        raise ModelLoadError(f"{path}: cannot read this checkpoint ({reason}). {advice}") from None
+    weights = state.get("state_dict", state) if isinstance(state, dict) else state
+    if not isinstance(weights, dict):
+        raise ModelLoadError(f"{path}: not a model checkpoint: it holds a {type(weights).__name__}, not a dictionary "
+                             "of named weights.")
+    return {}, {k: tuple(v.shape) for k, v in weights.items() if isinstance(v, torch.Tensor)}
 
 
 def _config_folder_for(path: Path, metadata: dict, shapes: dict, scratch: Path) -> tuple[Path, str]:
     """Picks (or writes, from our own metadata) the diffusers config folder for a single file."""
     if CONFIG_METADATA_KEY in metadata:
-        configs = json.loads(metadata[CONFIG_METADATA_KEY])
-        for part in ("unet", "vae", "text_encoder", "scheduler"):
+        try:
+            configs = json.loads(metadata[CONFIG_METADATA_KEY])
+            parts = {part: dict(configs[part]) for part in ("unet", "vae", "text_encoder", "scheduler")}
+            tokenizer_kind = configs["tokenizer"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ModelLoadError(f"{path}: the model configs in its '{CONFIG_METADATA_KEY}' metadata are damaged "
+                                 f"({type(e).__name__}: {str(e)[:200]}). Use another copy of the file.") from None
+        if tokenizer_kind not in ("sd1", "sd2"):
+            raise ModelLoadError(f"{path}: its metadata names tokenizer {json.dumps(tokenizer_kind)}; this trainer "
+                                 "writes 'sd1' or 'sd2'. Use another copy of the file.")
+        for part, config in parts.items():
             name = "scheduler_config.json" if part == "scheduler" else "config.json"
             (scratch / part).mkdir(parents=True)
-            (scratch / part / name).write_text(json.dumps(configs[part]))
-        (scratch / "model_index.json").write_text(json.dumps(_model_index(configs["scheduler"]["_class_name"])))
-        return scratch, configs["tokenizer"]
+            (scratch / part / name).write_text(json.dumps(config))
+        scheduler = _scheduler_class(parts["scheduler"], f"{path} (its '{CONFIG_METADATA_KEY}' metadata)").__name__
+        (scratch / "model_index.json").write_text(json.dumps(_model_index(scheduler)))
+        return scratch, tokenizer_kind
     if SD2_PROBE_KEY not in shapes:
         raise ModelLoadError(f"{path}: not a Stable Diffusion 1.x/2.x checkpoint (no '{SD2_PROBE_KEY}'). SDXL, SD3 "
                              "and other families are not supported.")
@@ -174,9 +258,10 @@ def _yaml_says_v(path: Path) -> bool:
 
     try:
         params = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("model", {}).get("params", {})
-    except (yaml.YAMLError, AttributeError) as e:
-        raise ModelLoadError(f"{path}: not a readable model yaml ({e}). Fix or remove it.") from None
-    return params.get("parameterization") == "v"
+        return params.get("parameterization") == "v"
+    except (yaml.YAMLError, AttributeError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ModelLoadError(f"{path}: not a readable model yaml ({type(e).__name__}: {str(e)[:200]}). Fix or "
+                             "remove it.") from None
 
 
 def _model_index(scheduler_class: str) -> dict:
@@ -192,12 +277,16 @@ def _load_single_file(path: Path) -> StableDiffusion:
         config, tokenizer_kind = _config_folder_for(path, metadata, shapes, Path(scratch) / "config")
         tokenizer = shipped.load_tokenizer(tokenizer_kind)
         try:
-            pipe = StableDiffusionPipeline.from_single_file(
-                str(path), config=str(config), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
-                requires_safety_checker=False, local_files_only=True, torch_dtype=torch.float32)
+            with torch.serialization.safe_globals(CKPT_STAND_INS):
+                pipe = StableDiffusionPipeline.from_single_file(
+                    str(path), config=str(config), tokenizer=tokenizer, safety_checker=None, feature_extractor=None,
+                    requires_safety_checker=False, local_files_only=True, torch_dtype=torch.float32)
         except Exception as e:  # noqa: BLE001 - diffusers raises many types for a mismatched file
-            raise ModelLoadError(f"{path}: diffusers could not load it as a Stable Diffusion checkpoint "
-                                 f"({type(e).__name__}: {e}).") from None
+            # Weights the file lacks stay on the meta device, and diffusers then fails to move them.
+            reason = "weights the model needs are missing from it" if "meta tensor" in str(e) else \
+                f"diffusers could not load it as a Stable Diffusion checkpoint ({_unreadable_reason(e)})"
+            raise ModelLoadError(f"{path}: {reason}. It may be incomplete, or for another architecture (SDXL, SD3, "
+                                 "an inpainting or LoRA file); use a complete SD 1.x/2.x checkpoint.") from None
     model = StableDiffusion(pipe.unet, pipe.text_encoder, pipe.vae, tokenizer, pipe.scheduler, str(path))
     needs_probe = CONFIG_METADATA_KEY not in metadata and model.family == "SD2.x" and \
         not path.with_suffix(".yaml").is_file()
@@ -241,12 +330,15 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
     configs = {"unet": dict(unet.config), "vae": dict(model.vae.config), "text_encoder": text_encoder.config.to_dict(),
                "scheduler": dict(model.scheduler.config),
                "tokenizer": "sd2" if model.tokenizer.pad_token == "!" else "sd1"}
-    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type}
+    metadata = {CONFIG_METADATA_KEY: json.dumps(configs, default=str), "prediction_type": model.prediction_type,
+                **flow.single_file_metadata(model.scheduler.config)}
     with atomic_file(file) as scratch:
         save_file(tensors, str(scratch), metadata=metadata)
     if unet.config.cross_attention_dim == 1024:
         # Image generators need the original SD2 yaml beside the file to tell a v-model from an epsilon one.
-        yaml_name = "v2-inference-v.yaml" if model.prediction_type == "v_prediction" else "v2-inference.yaml"
+        # A rectified-flow model started as a v-model; no original yaml describes flow sampling (its metadata does).
+        v_like = model.prediction_type in ("v_prediction", "flow_prediction")
+        yaml_name = "v2-inference-v.yaml" if v_like else "v2-inference.yaml"
         with atomic_file(file.with_suffix(".yaml")) as scratch:
             scratch.write_bytes((shipped.MODEL_CONFIGS / "ldm" / yaml_name).read_bytes())
 
@@ -255,6 +347,18 @@ def load_optimizer_states(folder: Path) -> dict[str, dict]:
     """Optimizer state saved with `save_optimizer` in a diffusers folder, if any."""
     states = {}
     for name, file in (("unet", "optimizer_unet.pt"), ("text_encoder", "optimizer_te.pt")):
-        if (Path(folder) / file).is_file():
-            states[name] = torch.load(Path(folder) / file, map_location="cpu", weights_only=True)
+        path = Path(folder) / file
+        if not path.is_file():
+            continue
+        # Optional state: one that cannot be read is skipped with a warning (REFERENCE §6.5), the model still loads.
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read the file means the same
+            log.warning("%s: cannot read the saved optimizer state (%s); starting with a fresh optimizer.", path,
+                        _unreadable_reason(e))
+            continue
+        if not (isinstance(state, dict) and {"state", "param_groups"} <= state.keys()):
+            log.warning("%s: not a saved optimizer state; starting with a fresh optimizer.", path)
+            continue
+        states[name] = state
     return states

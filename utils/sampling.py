@@ -32,6 +32,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data.buckets import buckets_for
+from utils import flow
 from utils.config import ConfigError, read_json_object
 
 log = logging.getLogger(__name__)
@@ -76,8 +77,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm++_2m_sde": SamplerSpec("DPMSolverMultistepScheduler", _DPM_SDE),
     "dpm++_2m_sde_k": SamplerSpec("DPMSolverMultistepScheduler", {**_DPM_SDE, **_KARRAS}),
     # Rectified-flow models predict the velocity from noise to image; first order = plain Euler steps in sigma.
-    "flow": SamplerSpec("DPMSolverMultistepScheduler",
-                        {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "solver_order": 1}),
+    "flow": SamplerSpec("DPMSolverMultistepScheduler", flow.FLOW_SAMPLER_OPTIONS),
 }
 
 
@@ -96,6 +96,12 @@ def check_sampler_name(name: str, where: str) -> None:
 
 def _accepts(scheduler_class, option: str) -> bool:
     return option in inspect.signature(scheduler_class.__init__).parameters
+
+
+def sampler_for(name: str, scheduler_config) -> str:
+    """The sampler a model is rendered with: the chosen one, except that a rectified-flow model can only be
+    sampled with the flow ODE solver it was trained for."""
+    return "flow" if flow.is_flow_model(scheduler_config) else name
 
 
 def make_sampler(name: str, scheduler_config):
@@ -330,7 +336,7 @@ class SampleSchedule:
     def _read(self) -> SampleSettings:
         settings = self._with_command_line(read_sample_settings(self.path, self.defaults))
         if self.scheduler_config is not None:
-            make_sampler(settings.scheduler, self.scheduler_config)
+            make_sampler(sampler_for(settings.scheduler, self.scheduler_config), self.scheduler_config)
         return settings
 
     def _warn(self, problem: str) -> None:
@@ -340,7 +346,7 @@ class SampleSchedule:
 
     def check_model(self, scheduler_config) -> None:
         """ConfigError if the chosen sampler cannot sample this model; later edits are checked against it too."""
-        make_sampler(self.settings.scheduler, scheduler_config)
+        make_sampler(sampler_for(self.settings.scheduler, scheduler_config), scheduler_config)
         self.scheduler_config = scheduler_config
 
     @property
@@ -438,14 +444,15 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
     from diffusers import StableDiffusionPipeline
 
     settings, requests = event.settings, event.requests
+    sampler = sampler_for(settings.scheduler, model.scheduler.config)
     pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=text_encoder, tokenizer=model.tokenizer, unet=unet,
-                                   scheduler=make_sampler(settings.scheduler, model.scheduler.config),
+                                   scheduler=make_sampler(sampler, model.scheduler.config),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.set_progress_bar_config(disable=not settings.show_progress_bars)
     guidance_rescale = ZERO_SNR_GUIDANCE_RESCALE if model.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     started = time.perf_counter()
     log.info("Sampling at step %d%s: %d prompt(s) x cfgs %s, %s %d steps", step, f" ({label})" if label else "",
-             len(requests), ", ".join(f"{c:g}" for c in settings.cfgs), settings.scheduler,
+             len(requests), ", ".join(f"{c:g}" for c in settings.cfgs), sampler,
              settings.num_inference_steps)
     was_training = (unet.training, text_encoder.training)
     unet.eval()
@@ -484,7 +491,7 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
         if request.negative_prompt:
             lines.append(f"negative prompt: {request.negative_prompt}")
         lines += [f"seed: {request.seed}", f"cfgs: {', '.join(f'{c:g}' for c in settings.cfgs)}",
-                  f"sampler: {settings.scheduler}, {settings.num_inference_steps} steps",
+                  f"sampler: {sampler}, {settings.num_inference_steps} steps",
                   f"size: {request.size[0]}x{request.size[1]}"]
         (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
         tb_writer.add_image(tag, np.asarray(strip), step, dataformats="HWC")

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 
+from utils import flow
 from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
 
@@ -22,12 +23,13 @@ class StepSettings:
     embedding_perturbation: float
     min_snr_gamma: float | None
     clip_skip: int
+    rectified_flow: bool = False
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
         return cls(args.loss_type, args.zero_frequency_noise_ratio, args.timestep_start, args.timestep_end,
                    args.batch_size, args.pyramid_noise_discount, args.embedding_perturbation, args.min_snr_gamma,
-                   args.clip_skip)
+                   args.clip_skip, args.rectified_flow)
 
 
 @dataclass(frozen=True)
@@ -80,24 +82,37 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
                  share: BatchShare = BatchShare()) -> torch.Tensor:
     """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
 
+    A reflow batch brings its latents and the noise they were generated from (utils.flow) instead of pixels.
     With several processes, `batch` is this process's `share` of the global batch; the random draws are the global
     batch's (see BatchShare) and a runt is weighed by the global batch's size, so the mean of the processes' losses
-    is the loss one process would compute for the whole global batch."""
-    latents = encode_images(vae, batch["pixel_values"], share=share).float()
+    is the loss one process would compute for the whole global batch.
+    """
+    if "latents" in batch:
+        latents = batch["latents"].to(vae.device, torch.float32, non_blocking=True)
+    else:
+        latents = encode_images(vae, batch["pixel_values"], share=share).float()
     encoder_hidden_states = encode_text(text_encoder, batch["input_ids"], settings.clip_skip)
     if settings.embedding_perturbation > 0:  # perturbing zeros gives the global batch's perturbation alone
         encoder_hidden_states = encoder_hidden_states + share.mine(
             perturb_embedding(share.whole(encoder_hidden_states), settings.embedding_perturbation))
-    noise = share.mine(sample_noise(share.whole(latents), settings.zero_frequency_noise_ratio,
-                                    settings.pyramid_noise_discount))
+    if "noise" in batch:
+        noise = batch["noise"].to(latents.device, torch.float32, non_blocking=True)
+    else:
+        noise = share.mine(sample_noise(share.whole(latents), settings.zero_frequency_noise_ratio,
+                                        settings.pyramid_noise_discount))
     timesteps = share.mine(sample_timesteps(latents.shape[0] * share.processes, settings.timestep_start,
                                             settings.timestep_end, latents.device))
-    noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-    target = training_target(noise_scheduler, latents, noise, timesteps)
+    num_train_timesteps = noise_scheduler.config.num_train_timesteps
+    if settings.rectified_flow:
+        noisy_latents, target = flow.training_pair(latents, noise, timesteps, num_train_timesteps)
+    else:
+        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
+        target = training_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     weight = batch["loss_scale"].to(latents.device)
-    if settings.min_snr_gamma:
+    if settings.min_snr_gamma and settings.rectified_flow:
+        weight = weight * flow.min_snr_weight(timesteps, num_train_timesteps, settings.min_snr_gamma)
+    elif settings.min_snr_gamma:
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
-    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight,
-                          noise_scheduler.config.num_train_timesteps)
+    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps)
     return loss * runt_weight(batch["runt_size"], settings.batch_size * share.processes)

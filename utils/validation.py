@@ -23,6 +23,7 @@ import logging
 import math
 import os
 import random
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 
 import data
 from data.records import DEFAULT_BATCH_ID
+from utils import flow
 from utils.config import ConfigError, read_json_object
 from utils.objectives import sample_noise, sample_timesteps, training_target
 from utils.step import StepSettings, encode_images, encode_text
@@ -96,6 +98,8 @@ def _bool(where: str, key: str, value: Any) -> bool:
 def _number(where: str, key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}: key '{key}' must be a number, got {json.dumps(value)}.")
+    if not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
+        raise ConfigError(f"{where}: key '{key}' must be a finite number, got {json.dumps(value)}.")
     return float(value)
 
 
@@ -361,8 +365,12 @@ class Validator:
                 noise = sample_noise(latents, 0.0, self.training.pyramid_noise_discount, generator=generator)
                 timesteps = sample_timesteps(latents.shape[0], self.training.timestep_start,
                                              self.training.timestep_end, latents.device, generator=generator)
-                noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                target = training_target(noise_scheduler, latents, noise, timesteps)
+                if self.training.rectified_flow:
+                    noisy, target = flow.training_pair(latents, noise, timesteps,
+                                                       noise_scheduler.config.num_train_timesteps)
+                else:
+                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+                    target = training_target(noise_scheduler, latents, noise, timesteps)
                 pred = unet(noisy, timesteps, hidden).sample
             per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             real = batch["runt_size"] or len(per_image)
