@@ -36,7 +36,7 @@ def cuda_device(args) -> torch.device:
 def make_accelerator(args):
     """One process of a data-parallel run when started by torchrun / accelerate launch (their environment
     variables say how many and which; NCCL on GPUs, gloo on CPUs), else a single process (doc/MULTI_GPU.md)."""
-    from accelerate import Accelerator, DistributedDataParallelKwargs
+    from accelerate import Accelerator
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -45,11 +45,7 @@ def make_accelerator(args):
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    # clip_skip (now, or after a live settings change) leaves the text encoder's last layers out of the loss; DDP
-    # must then not wait for their gradients.
-    unused = not args.disable_textenc_training and (args.clip_skip >= 2 or args.load_settings_every_epoch)
-    return Accelerator(mixed_precision=precision, cpu=not use_cuda,
-                       kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=unused)])
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
 
 
 def prepare_models(model, args, accelerator):
@@ -105,12 +101,31 @@ def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=No
     return folder
 
 
-def reload_live_settings(args, accelerator, max_clip_skip: int) -> tuple[list[str], list[str]]:
+def freeze_clip_skipped_layers(text_encoder, clip_skip: int) -> None:
+    """With clip_skip N >= 2 the text encoder's last N - 1 layers never reach the loss and get no gradient (with one
+    process too). Several processes freeze them before DistributedDataParallel wraps the model, so that it does not
+    wait for their gradients."""
+    parts = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests the CLIP parts here
+    layers = parts.encoder.layers
+    layers[len(layers) + 1 - clip_skip:].requires_grad_(False)
+
+
+def reload_live_settings(args, accelerator, max_clip_skip: int, text_encoder_trained: bool
+                         ) -> tuple[list[str], list[str]]:
     """config.reload_live_settings in the first process, which hands the live options to the others: every process
-    trains with the same settings even if the file changes between their reads."""
+    trains with the same settings even if the file changes between their reads. With several processes training
+    the text encoder, clip_skip keeps its starting value (see freeze_clip_skipped_layers)."""
     from accelerate.utils import broadcast_object_list
 
-    changes, warnings = config.reload_live_settings(args, max_clip_skip) if accelerator.is_main_process else ([], [])
+    changes, warnings = [], []
+    if accelerator.is_main_process:
+        clip_skip = args.clip_skip
+        changes, warnings = config.reload_live_settings(args, max_clip_skip)
+        if accelerator.num_processes > 1 and text_encoder_trained and args.clip_skip != clip_skip:
+            changes = [line for line in changes if f": clip_skip {clip_skip} -> " not in line]
+            warnings.append(f"clip_skip stays {clip_skip}: with several processes training the text encoder, which "
+                            "of its layers train is fixed at the start. Restart from a checkpoint to change it.")
+            args.clip_skip = clip_skip
     if accelerator.num_processes > 1:
         live = broadcast_object_list([{key: getattr(args, key) for key in config.LIVE_KEYS}])[0]
         for key, value in live.items():
@@ -210,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:  # e.g. saved with the text encoder frozen, now trained: start the optimizer afresh
             log.warning("Optimizer state in %s does not fit this run (%s); starting with a fresh optimizer.", resume, e)
     log.info("Model: %s", model.describe())  # before DistributedDataParallel wraps the trained models
+    if processes > 1 and "text_encoder" in trained and args.clip_skip >= 2:
+        freeze_clip_skipped_layers(model.text_encoder, args.clip_skip)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
     trained_modules = [getattr(model, name) for name in trained]
@@ -386,7 +403,8 @@ def main(argv: list[str] | None = None) -> int:
             epoch_start = time.perf_counter()
             if args.load_settings_every_epoch and args.config:
                 changes, warnings = reload_live_settings(
-                    args, accelerator, accelerator.unwrap_model(model.text_encoder).config.num_hidden_layers)
+                    args, accelerator, accelerator.unwrap_model(model.text_encoder).config.num_hidden_layers,
+                    "text_encoder" in trained)
                 for line in changes:
                     log.info("Epoch %d: settings changed: %s", epoch, line)
                 for line in warnings:

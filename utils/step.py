@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers.utils.torch_utils import randn_tensor
 
 from utils import flow
@@ -74,8 +75,10 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> to
     if clip_skip < 2:
         return text_encoder(input_ids)[0]
     hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
-    # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model. With several
+    # processes the model is wrapped in DistributedDataParallel.
+    model = extract_model_from_parallel(text_encoder)
+    return getattr(model, "text_model", model).final_layer_norm(hidden)
 
 
 def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings,
