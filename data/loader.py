@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import signal
 from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
@@ -163,6 +164,10 @@ class EpochLoader:
 
 
 def _init_worker(worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the training process decides how to stop (saving
+    # first), and a worker killed by the signal would only turn that into a DataLoader crash.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     # Each worker decodes whole images in Python/PIL; letting each also start a full torch thread
     # pool oversubscribes the CPU that the other workers and the training process need.
     torch.set_num_threads(1)
@@ -172,7 +177,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       cond_dropout: float, seed: int, epoch: int, num_workers: int = 0,
                       pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
                       shuffle_tags: bool = False, keep_tags: int = 0,
-                      skipped: Optional[SkippedFiles] = None,
+                      skipped: Optional[SkippedFiles] = None, start_step: int = 0,
                       steps: Optional[Sequence[int]] = None) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
@@ -182,8 +187,9 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     (seed, epoch); torch then gives every worker a distinct seed (base + worker id) for torch,
     random and numpy, so workers never share an RNG stream. Our own randomness ignores those
     anyway (see sample_rng). Pass the scan's `skipped` so decode failures join its list and are
-    reported once per run rather than once per loader. `steps`: the plan's steps to load, in this
-    order (default: all); each is loaded exactly as in a loader of the whole plan.
+    reported once per run rather than once per loader. `start_step` skips the plan's first steps without
+    loading them (a resumed run); every later step gets the same images and randomness as it would have.
+    `steps`, instead, loads exactly these steps of the plan, in this order, each as it would have been.
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -197,7 +203,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     loader = DataLoader(
         EpochBatches(plan, records, tokenizer, options, seed, epoch),
         batch_size=None,
-        sampler=range(len(plan)) if steps is None else steps,
+        sampler=range(start_step, len(plan)) if steps is None else steps,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,

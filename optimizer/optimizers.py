@@ -327,25 +327,31 @@ class TrainingOptimizers:
             lrs[name] = schedule.get_last_lr()[0] * scale
         return lrs
 
-    def clip_and_step(self, scaler, clip_grad_norm: float | None, measure_norms: bool) -> dict[str, torch.Tensor]:
-        """Unscales, optionally clips, steps every optimizer and updates the scaler once; returns grad norms."""
+    def clip_and_step(self, scaler, clip_grad_norm: float | None) -> tuple[dict[str, torch.Tensor], bool]:
+        """Unscales, optionally clips, and steps every optimizer, then updates the scaler once.
+
+        Returns the gradient norms and whether the update was made: gradients that are not finite (an fp16
+        overflow, a diverging run) are dropped and no optimizer steps, as GradScaler does for fp16. Telling costs
+        one host sync per update (GradScaler pays the same)."""
         norms = {}
         for name, optimizer in self.optimizers.items():
             if scaler is not None:
                 scaler.unscale_(optimizer)
-            if clip_grad_norm is not None or measure_norms:
-                params = [p for group in optimizer.param_groups for p in group["params"]]
-                norms[name] = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm or math.inf)
-        for optimizer in self.optimizers.values():
-            if scaler is not None:
-                scaler.step(optimizer)
-            else:
-                optimizer.step()
+            params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+            norms[name] = torch.nn.utils.clip_grad_norm_(params, clip_grad_norm) if clip_grad_norm is not None \
+                else torch.nn.utils.get_total_norm([p.grad for p in params])
+        finite = bool(torch.isfinite(torch.stack([n.float() for n in norms.values()])).all())
+        if finite:
+            for optimizer in self.optimizers.values():
+                if scaler is not None:
+                    scaler.step(optimizer)
+                else:
+                    optimizer.step()
         if scaler is not None:
-            scaler.update()
+            scaler.update()  # after an overflow: a smaller scale
         for optimizer in self.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        return norms
+        return norms, finite
 
     def step_schedules(self) -> None:
         for schedule in self.schedules.values():

@@ -103,12 +103,34 @@ def test_optimizers_train_a_real_model(name):
     for _ in range(30):
         loss = (unet_like(x) + te_like(x) - x).pow(2).mean()
         loss.backward()
-        norms = opts.clip_and_step(None, clip_grad_norm=1.0, measure_norms=True)
+        norms, stepped = opts.clip_and_step(None, clip_grad_norm=1.0)
+        assert stepped
         opts.step_schedules()
         losses.append(loss.item())
     assert losses[-1] < losses[0] * 0.8
     assert set(norms) == {"unet", "text_encoder"}
     assert set(opts.current_lrs()) == {"unet", "text_encoder"}
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_an_update_with_non_finite_gradients_is_skipped_whole(bad):
+    """One non-finite gradient anywhere (here only in the text encoder) drops the whole update: no weight and no
+    optimizer state moves, the gradients are cleared, and the next finite update steps as usual."""
+    torch.manual_seed(0)
+    unet_like, te_like = torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)
+    settings = resolve_settings({"base": {"optimizer": "adamw", "lr": 1e-2}}, main_args(), steps_per_epoch=10)
+    opts = TrainingOptimizers({"unet": unet_like, "text_encoder": te_like}, settings)
+    before = [p.detach().clone() for p in (*unet_like.parameters(), *te_like.parameters())]
+    (unet_like(torch.ones(1, 4)).sum() + te_like(torch.ones(1, 4)).sum() * bad).backward()
+    norms, stepped = opts.clip_and_step(None, clip_grad_norm=None)
+    assert not stepped and not math.isfinite(norms["text_encoder"]) and math.isfinite(norms["unet"])
+    after = [p.detach() for p in (*unet_like.parameters(), *te_like.parameters())]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    assert all(p.grad is None for p in (*unet_like.parameters(), *te_like.parameters()))
+    assert all(not optimizer.state for optimizer in opts.optimizers.values())
+    (unet_like(torch.ones(1, 4)).sum() + te_like(torch.ones(1, 4)).sum()).backward()
+    assert opts.clip_and_step(None, clip_grad_norm=None)[1]
+    assert not torch.equal(unet_like.weight, before[0])
 
 
 def test_scale_lr_multiplies_both_rates_by_the_effective_batch_to_the_055():

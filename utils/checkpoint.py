@@ -55,19 +55,22 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str
     return f"{prefix}{project_name}-ep{epoch:02d}-gs{global_step:05d}"
 
 
-def find_last(logdir: str | Path, ema: bool = False) -> Path:
-    """The newest complete diffusers checkpoint folder under logdir (not errored, not partial).
+def find_last(logdir: str | Path, project: str | None = None, ema: bool = False) -> Path:
+    """The newest complete diffusers checkpoint folder under logdir (not errored, not partial), of `project`'s
+    runs (`<logdir>/<project>_<run>/...`) when given.
 
     Training checkpoints only, or with `ema` only the EMA ones (folders named `*_ema`).
     """
     key = "ema_resume_model" if ema else "resume_ckpt"
     folders = [index.parent for index in Path(logdir).rglob("model_index.json")]
-    candidates = [f for f in folders if f.name.endswith(EMA_SUFFIX) == ema and not f.name.endswith(PARTIAL_SUFFIX)]
+    candidates = [f for f in folders if f.name.endswith(EMA_SUFFIX) == ema and not f.name.endswith(PARTIAL_SUFFIX)
+                  and (project is None or f.relative_to(logdir).parts[0].startswith(f"{project}_"))]
     if not candidates:
         kind = f"EMA checkpoint folder (`*{EMA_SUFFIX}`, with model_index.json)" if ema else \
             "checkpoint folder (with model_index.json)"
-        raise FileNotFoundError(f"{key} 'findlast': no {kind} under '{logdir}'. Train once first, or set {key} "
-                                "to a model.")
+        raise FileNotFoundError(f"{key} 'findlast': no {kind} under '{logdir}'"
+                                f"{f' in runs of project {project!r}' if project else ''}. Train once first, or set "
+                                f"{key} to a model.")
     newest = max(candidates, key=lambda p: (p / "model_index.json").stat().st_mtime)
     if "errored" in newest.name:
         raise FileNotFoundError(f"{key} 'findlast': the newest checkpoint '{newest}' was saved after an error. "

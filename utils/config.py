@@ -270,9 +270,10 @@ def _derive(args: SimpleNamespace) -> None:
         args.notes.append(f"seed -1: using random seed {args.seed}")
     if args.save_every_n_epochs is None and args.ckpt_every_n_minutes is None:
         args.ckpt_every_n_minutes = 20
-    for key in ("save_every_n_epochs", "ckpt_every_n_minutes"):
-        if getattr(args, key) is not None and getattr(args, key) < 1:
-            setattr(args, key, None)
+    if args.save_every_n_epochs is not None and args.save_every_n_epochs < 1:
+        args.save_every_n_epochs = None
+    if args.ckpt_every_n_minutes is not None and args.ckpt_every_n_minutes <= 0:
+        args.ckpt_every_n_minutes = None
     if args.load_settings_every_epoch and not args.config:
         args.notes.append("load_settings_every_epoch: there is no --config file to re-read, so nothing will change "
                           "during the run.")

@@ -47,7 +47,7 @@ def check_options(args: SimpleNamespace) -> Path | None:
     if args.ema_resume_model is None:
         return None
     if args.ema_resume_model == "findlast":
-        return find_last(args.logdir, ema=True)
+        return find_last(args.logdir, args.project_name, ema=True)
     where = args.sources.get("ema_resume_model", "defaults")
     path = Path(args.ema_resume_model)
     if not path.exists():

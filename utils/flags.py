@@ -78,6 +78,8 @@ FLAGS: list[Flag] = [
         ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
+        ("max_skipped_updates", int, 25, "Stop the run (saving the last finite weights) after this many optimizer "
+         "updates in a row whose gradients are not finite; each such update is skipped.", {"min": 1}),
         ("clip_grad_norm", float, None, "Clip UNet and text encoder gradient norms to this value.", {"min": 0}),
         ("seed", int, 555, "Seed for shuffling, noise and samples; -1 = random.", {"min": -1}),
         ("gpuid", int, 0, "CUDA device index.", {"min": 0}),
@@ -152,8 +154,8 @@ FLAGS: list[Flag] = [
         ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
         ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
         ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {"live": True}),
-        ("ckpt_every_n_minutes", int, None, "Save a checkpoint every N minutes; unset or <1 = never. "
-         "20 when neither cadence is set.", {}),
+        ("ckpt_every_n_minutes", float, None, "Save a checkpoint every N minutes (fractions allowed); unset or 0 "
+         "= never. 20 when neither cadence is set.", {}),
         ("save_ckpts_from_n_epochs", int, 0, "No epoch-cadence saves before this epoch.", {"min": 0, "live": True}),
         ("save_full_precision", bool, False, "Write the single-file checkpoint in fp32 instead of fp16.", {"live": True}),
         ("save_optimizer", bool, False, "Also save optimizer state (optimizer_unet.pt, optimizer_te.pt) in the diffusers "

@@ -315,12 +315,17 @@ def _pipeline(model: StableDiffusion, unet, text_encoder) -> StableDiffusionPipe
 
 
 def save_diffusers(model: StableDiffusion, unet, text_encoder, folder: Path,
-                   optimizer_states: dict[str, dict] | None = None) -> None:
-    """Writes a complete diffusers pipeline folder (plus optimizer state when given), atomically."""
+                   optimizer_states: dict[str, dict] | None = None, run_state=None) -> None:
+    """Writes a complete diffusers pipeline folder (plus optimizer state and the run's training state when
+    given: utils.training_state), atomically."""
+    from utils import training_state
+
     with atomic_dir(folder) as scratch:
         _pipeline(model, unet, text_encoder).save_pretrained(scratch, safe_serialization=True)
         for name, state in (optimizer_states or {}).items():
             torch.save(state, scratch / f"optimizer_{'te' if name == 'text_encoder' else name}.pt")
+        if run_state is not None:
+            training_state.save(run_state, scratch)
 
 
 def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, full_precision: bool) -> None:
