@@ -588,6 +588,7 @@ def main(argv: list[str] | None = None) -> int:
                                  prefix="" if args.no_prepend_last else "last-"), args.max_epochs, 0,
                  resumable=args.save_optimizer)
     if run is None:
+        accelerator.wait_for_everyone()  # the processes leave their process group together
         accelerator.end_training()
         return 0
     if final is None:
@@ -598,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
              "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)
     run.close()
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
 

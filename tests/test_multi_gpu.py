@@ -7,16 +7,26 @@ the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import re
+import signal
+import subprocess
+import sys
+import time
 from collections import Counter
+from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import data
 from data.batching import process_share
 from data.records import DEFAULT_BATCH_ID, Caption, ImageRecord
-from tests.conftest import TINY_MODEL
+from tests.conftest import REPO, TINY_MODEL, write_json
+from tests.test_train import read_scalars
 
 BUCKETS = [(512, 512), (576, 448), (448, 576)]
 
@@ -155,3 +165,191 @@ def test_batch_share_slices_what_one_process_draws():
     share = BatchShare(rank=1, processes=3)
     mine = share.mine(torch.randn(share.whole(torch.empty(2, 2)).shape))
     assert torch.equal(mine, whole[2:4])
+
+
+def test_scale_lr_counts_the_images_of_an_update_over_all_processes():
+    from optimizer.optimizers import resolve_settings
+    from tests.test_optimizer import main_args
+
+    rates = {"base": {"optimizer": "adamw", "lr": 2e-6}, "text_encoder_overrides": {"lr": 1e-6}}
+    settings = resolve_settings(rates, main_args(scale_lr=True, batch_size=3, grad_accum=2), steps_per_epoch=5,
+                                processes=4)
+    assert settings["unet"].lr == pytest.approx(2e-6 * 24 ** 0.55)
+    assert settings["text_encoder"].lr == pytest.approx(1e-6 * 24 ** 0.55)
+
+
+@pytest.mark.parametrize("clip_skip", [2, 3])
+def test_the_layers_frozen_for_clip_skip_are_those_without_a_gradient(clip_skip):
+    """DistributedDataParallel must be told which parameters get no gradient; with clip_skip, several processes
+    freeze exactly the text encoder layers that one process's backward leaves without one."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from train import freeze_clip_skipped_layers
+    from utils.step import encode_text
+
+    torch.manual_seed(0)
+    config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
+                            num_attention_heads=2, max_position_embeddings=8)
+    text_encoder = CLIPTextModel(config)
+    encode_text(text_encoder, torch.randint(0, 100, (2, 8)), clip_skip).square().sum().backward()
+    without_gradient = {name for name, p in text_encoder.named_parameters() if p.grad is None}
+    freeze_clip_skipped_layers(text_encoder, clip_skip)
+    frozen = {name for name, p in text_encoder.named_parameters() if not p.requires_grad}
+    assert frozen == without_gradient and len(frozen) == (clip_skip - 1) * 16  # 16 tensors per CLIP layer
+
+
+# ---------------------------------------------------------------- train.py under torchrun, two processes (gloo)
+
+# Per process batch 2 on 2 processes = global batch 4, in grad_accum windows of 2. Every source of randomness is
+# on (flips, caption dropout and tag shuffling, offset and pyramid noise, embedding perturbation), with EMA,
+# validation, samples and resumable epoch saves.
+RUN_ARGS = ["--resolution", "64", "--grad_accum", "2", "--max_epochs", "3", "--log_step", "1", "--seed", "5",
+            "--flip_p", "0.5", "--cond_dropout", "0.2", "--shuffle_tags", "--zero_frequency_noise_ratio", "0.1",
+            "--pyramid_noise_discount", "0.3", "--embedding_perturbation", "0.1", "--ema_decay_rate", "0.9",
+            "--ema_update_interval", "1", "--sample_steps", "4", "--save_every_n_epochs", "1", "--save_optimizer",
+            "--write_schedule", "--no_save_ckpt"]
+
+
+def torchrun(args: list[str]) -> subprocess.Popen:
+    """train.py on two CPU processes, launched as a user would: `torchrun --nproc_per_node 2 train.py ...`."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                             str(REPO / "train.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(process: subprocess.Popen) -> str:
+    output = process.communicate(timeout=600)[0]
+    assert process.returncode == 0, output[-4000:]
+    return output
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """The same training as one process with batch 4 and as two processes with batch 2 each."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("multi")
+    images = root / "images"
+    images.mkdir()
+    for i in range(14):  # 10 square and 4 wide images, each a different colour gradient, captions with tags
+        size = (64, 64) if i < 10 else (96, 64)
+        gradient = torch.linspace(0, 1, size[0]).expand(size[1], size[0])
+        pixels = torch.stack([gradient * 25 * i % 255, 255 - gradient * 200, torch.full_like(gradient, 18 * i)], -1)
+        Image.fromarray(pixels.to(torch.uint8).numpy()).save(images / f"img_{i:02d}.png")
+        (images / f"img_{i:02d}.txt").write_text(f"shape {i}, colour {i % 3}, light, plain")
+    prompts = root / "prompts.txt"
+    prompts.write_text("shape 3, colour 0\n")
+    # An Adam whose epsilon dwarfs the gradients' scale steps in proportion to the gradient, so that the float
+    # rounding of a two-process reduction stays as small in the weights as it is in the gradients.
+    optimizer = write_json(root / "optimizer.json", {"base": {"optimizer": "adamw", "lr": 0.05, "epsilon": 1.0,
+                                                              "weight_decay": 0.0}})
+    validation = write_json(root / "validation.json", {"val_split_mode": "automatic", "auto_split_proportion": 0.2,
+                                                        "every_n_epochs": 1, "seed": 3, "batch_size": 2})
+    common = ["--resume_ckpt", str(TINY_MODEL), "--data_root", str(images), "--optimizer_config", str(optimizer),
+              "--validation_config", str(validation), "--sample_prompts", str(prompts), *RUN_ARGS]
+    import train
+
+    assert train.main([*common, "--batch_size", "4", "--logdir", str(root / "one")]) == 0
+    output = finish(torchrun([*common, "--batch_size", "2", "--logdir", str(root / "two")]))
+    (one,), (two,) = (root / "one").iterdir(), (root / "two").iterdir()
+    return dict(root=root, common=common, one=one, two=two, output=output)
+
+
+def trained_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {f"unet.{k}": v for k, v in load_file(folder / "unet" / "diffusion_pytorch_model.safetensors").items()} | \
+        {f"te.{k}": v for k, v in load_file(folder / "text_encoder" / "model.safetensors").items()}
+
+
+def final(run: Path, suffix: str = "") -> Path:
+    (folder,) = run.glob(f"ckpts/last-*{suffix}")
+    return folder
+
+
+def test_two_processes_of_batch_b_train_the_weights_of_one_process_of_batch_2b(two_runs):
+    start = trained_weights(TINY_MODEL)
+    for suffix in ("[0-9]", "_ema"):  # the live model and its EMA
+        one, two = trained_weights(final(two_runs["one"], suffix)), trained_weights(final(two_runs["two"], suffix))
+        assert one.keys() == two.keys() == start.keys()
+        moved = max((one[k] - start[k]).abs().max().item() for k in one)
+        apart = max((one[k] - two[k]).abs().max().item() for k in one)
+        assert moved > 1e-3 and apart < 1e-5, (moved, apart)  # float reduction order only
+    scalars_one, scalars_two = read_scalars(two_runs["one"]), read_scalars(two_runs["two"])
+    for tag in ("loss/log_step", "loss/epoch", "loss/val", "hyperparameter/lr unet"):
+        (steps_one, values_one), (steps_two, values_two) = zip(*scalars_one[tag]), zip(*scalars_two[tag])
+        assert steps_one == steps_two and len(steps_one) > 1, tag
+        np.testing.assert_allclose(values_two, values_one, rtol=1e-4, err_msg=tag)
+
+
+def test_the_first_process_alone_writes_the_run_folder_logs_samples_and_checkpoints(two_runs):
+    run, output = two_runs["two"], two_runs["output"]
+    assert [p.name for p in run.parent.iterdir()] == [run.name]  # one run folder
+    assert len(list(run.glob("events.out.tfevents.*"))) == 1 and len(list(run.glob("*.log"))) == 1
+    log_text = (run / f"{run.name}.log").read_text()
+    assert "batch 2 x grad_accum 2 x 2 process(es) = 8 images per update" in log_text  # the effective batch
+    assert output.count("Training: 3 epochs") == 1  # the other process prints errors only
+    # Samples: the one-process run's, once each.
+    assert sorted(p.name for p in (run / "samples").iterdir()) == \
+        sorted(p.name for p in (two_runs["one"] / "samples").iterdir()) != []
+    # Checkpoints: the one-process run's, each written once and complete.
+    saved = re.findall(r"Saved diffusers model: (\S+)", log_text)
+    assert len(saved) == len(set(saved)) and not list(run.rglob("*.partial"))
+    assert sorted(Path(folder).name for folder in saved) == sorted(p.name for p in (run / "ckpts").iterdir()) == \
+        sorted(p.name for p in (two_runs["one"] / "ckpts").iterdir())
+
+
+def at_window_end(global_step: int, run: Path) -> bool:
+    """Whether a step ends a grad_accum window of 2 (windows restart with every epoch)."""
+    per_epoch = len({line.split(",")[0] for line in (run / "ep0_batch_schedule.txt").read_text().splitlines()})
+    in_epoch = (global_step - 1) % per_epoch + 1
+    return in_epoch % 2 == 0 or in_epoch == per_epoch
+
+
+def test_the_schedule_is_the_one_process_schedule_and_trains_each_image_once_per_epoch(two_runs):
+    held_out = 3  # ceil(0.2 x 14) images of validation
+    for epoch in range(3):
+        lines = (two_runs["two"] / f"ep{epoch}_batch_schedule.txt").read_text().splitlines()
+        assert lines == (two_runs["one"] / f"ep{epoch}_batch_schedule.txt").read_text().splitlines()
+        slots: dict[str, list] = {}
+        for line in lines:
+            step, runt, path = re.match(r"step:(\d+), wh:\[\d+, \d+\], r:(\d+), path:(.+?), batch_id", line).groups()
+            slots.setdefault(step, []).append((int(runt), path))
+        real = Counter(path for batch in slots.values() for slot, (runt, path) in enumerate(batch)
+                       if not runt or slot < runt)
+        assert len(real) == 14 - held_out and set(real.values()) == {1}
+        assert all(len(batch) == 4 for batch in slots.values())  # whole global batches, 2 per process
+
+
+def test_an_interrupted_two_process_run_resumes_to_the_same_weights(two_runs, tmp_path, capsys):
+    """Ctrl-C to torchrun reaches both processes; they stop together at the end of a grad_accum window and the
+    first saves a resumable checkpoint. Resumed on two processes it ends on the uninterrupted run's weights bit for
+    bit; one process is refused, before training, with what to do. Timed checkpoints, too, are taken at the ends
+    of windows."""
+    logdir = tmp_path / "logs"
+    process = torchrun([*two_runs["common"], "--batch_size", "2", "--logdir", str(logdir), "--ckpt_every_n_minutes",
+                        "1e-9"])
+    deadline = time.monotonic() + 300
+    while not list(logdir.glob("*/ckpts/myproj-ep00-gs00002")):
+        assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-4000:]
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    output = process.communicate(timeout=300)[0]
+    assert "SIGINT received: stopping after this step" in output
+    (interrupted,) = (p for p in logdir.glob("*/ckpts/interrupted-gs*") if not p.name.endswith("_ema"))
+    steps = [int(p.name.split("gs")[1]) for p in interrupted.parent.glob("*-gs*[0-9]")]
+    assert len(steps) >= 2 and all(at_window_end(step, two_runs["two"]) for step in steps)
+
+    import train
+
+    alone = train.main([*two_runs["common"], "--batch_size", "2", "--resume_ckpt", str(interrupted),
+                        "--logdir", str(tmp_path / "alone")])
+    assert alone == 2 and not (tmp_path / "alone").exists()
+    assert f"{interrupted} continues a run trained with 2 processes; this run has 1." in capsys.readouterr().out
+
+    output = finish(torchrun([*two_runs["common"], "--batch_size", "2", "--resume_ckpt", str(interrupted),
+                              "--logdir", str(logdir)]))
+    assert f"Resuming the run of {interrupted}" in output
+    resumed = max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)
+    for suffix in ("[0-9]", "_ema"):
+        expected, got = trained_weights(final(two_runs["two"], suffix)), trained_weights(final(resumed, suffix))
+        assert all(torch.equal(expected[k], got[k]) for k in expected)
