@@ -20,6 +20,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import data
+from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
@@ -45,6 +46,11 @@ def make_accelerator(args):
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
+        # Read when CUDA starts: segments that grow in place instead of fixed cached blocks keep the memory
+        # reserved close to the memory used (part of what fits cfgs/lowvram.json in 10 GiB).
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        # Buckets repeat the same few shapes all run long: finding the fastest convolution once per shape pays.
+        torch.backends.cudnn.benchmark = True
         torch.cuda.set_device(cuda_device(args))
     if not use_cuda or args.disable_amp:
         precision = "no"
@@ -54,6 +60,11 @@ def make_accelerator(args):
     # default 10 minutes before calling that a hang is short for a big sample set or a slow disk.
     wait = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_WAIT_MINUTES))
     return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=[wait])
+
+
+def dataloader_workers(accelerator) -> int:
+    # On CPU the training step needs every core; workers would only fight it for them.
+    return min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
 
 
 def prepare_models(model, args, accelerator):
@@ -77,6 +88,10 @@ def prepare_models(model, args, accelerator):
         model.unet.set_attention_slice("auto")
     elif args.attn_type == "xformers":
         model.unet.enable_xformers_memory_efficient_attention()
+    if args.channels_last:
+        model.unet.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.unet.compile()  # in place: the module, its state_dict keys and checkpoints stay as they are
     return trained
 
 
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
 
     # -- model -------------------------------------------------------------------------------------------------
     from utils import models
-    from utils.step import BatchShare, StepSettings, compute_loss, encode_text
+    from utils.step import StepSettings, encode_text, training_step
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)
@@ -230,8 +245,10 @@ def main(argv: list[str] | None = None) -> int:
     except (config.ConfigError, models.ModelLoadError) as e:
         log.error("error: %s", e)
         return 2
+    latent_cache = LatentCache(args.latent_cache_dir or Path(args.logdir) / "latent_cache", model.vae) \
+        if args.cache_latents else None
 
-    fingerprint = training_state.fingerprint(args, records, accelerator.num_processes)
+    fingerprint = training_state.fingerprint(args, records, accelerator.num_processes, list(trained))
     if saved_state:
         changed = training_state.differences(saved_state.fingerprint, fingerprint)
         if any(line.startswith("num_processes") for line in changed):
@@ -279,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         freeze_clip_skipped_layers(model.text_encoder, args.clip_skip)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
-    trained_modules = [getattr(model, name) for name in trained]
     scaler = accelerator.scaler
     if saved_state:
         for name, schedule in opts.schedules.items():
@@ -306,12 +322,12 @@ def main(argv: list[str] | None = None) -> int:
         log.info("Text encoder: %s", text_encoder_training)
     log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision,
              run.path if run else None)
+    if latent_cache:
+        log.info("Latent cache: %s (%d entries)", latent_cache.folder, len(latent_cache))
 
     # -- the loop ----------------------------------------------------------------------------------------------
     step_settings = StepSettings.from_args(args)
-    share = BatchShare(rank, processes)
-    # On CPU the training step needs every core; workers would only fight it for them.
-    loader_workers = min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
+    loader_workers = dataloader_workers(accelerator)
     save_timer = SaveTimer(args.ckpt_every_n_minutes)
     validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers, rank,
                                      processes) if validation_cfg else None
@@ -331,12 +347,12 @@ def main(argv: list[str] | None = None) -> int:
                                           out_dir=run.samples, tb_writer=run.tb, autocast=accelerator.autocast,
                                           clip_skip=args.clip_skip, label=label)
 
-    def epoch_loader(plan, epoch: int, start_step: int = 0):
+    def epoch_loader(plan, epoch: int, start_step: int = 0, cache: LatentCache | None = latent_cache):
         return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=args.cond_dropout, seed=args.seed,
                                       epoch=epoch, num_workers=loader_workers,
                                       pin_memory=accelerator.device.type == "cuda", flip_p=args.flip_p,
                                       shuffle_tags=args.shuffle_tags, keep_tags=args.keep_tags, skipped=scan.skipped,
-                                      start_step=start_step)
+                                      start_step=start_step, latent_cache=cache)
     global_step, epoch, start_epoch, start_step = 0, 0, 0, 0
     last_log_time, images_since_log = time.perf_counter(), 0
     loss_since_log, steps_since_log = torch.zeros((), device=accelerator.device), 0
@@ -363,18 +379,10 @@ def main(argv: list[str] | None = None) -> int:
         updates_now = local_step == window_start + window - 1
         log_now = (global_step + 1) % args.log_step == 0
 
-        # Processes exchange gradients once per optimizer update, at the window's last step.
-        with contextlib.ExitStack() as no_sync:
-            if not updates_now:
-                for module in trained_modules:
-                    no_sync.enter_context(accelerator.no_sync(module))
-            with accelerator.autocast():
-                loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, step_settings,
-                                    share)
-            accelerator.backward(loss / window)
-        grad_norms = {}
+        loss, grad_norms, updated = training_step(model, noise_scheduler, batch, step_settings, accelerator, opts,
+                                                  window=window, update=updates_now,
+                                                  clip_grad_norm=args.clip_grad_norm)
         if updates_now:
-            grad_norms, updated = opts.clip_and_step(scaler, args.clip_grad_norm)
             if updated:
                 skipped_in_a_row = 0
                 if ema_model is not None:
@@ -386,11 +394,10 @@ def main(argv: list[str] | None = None) -> int:
                         "update skipped (%d in a row).", global_step + 1, skipped_in_a_row)
                 if skipped_in_a_row >= args.max_skipped_updates:
                     raise TrainingDiverged(global_step + 1, skipped_in_a_row)
-        opts.step_schedules()
 
         global_step += 1
         images_since_log += batch["input_ids"].shape[0] * processes
-        loss_since_log.add_(loss.detach())
+        loss_since_log.add_(loss)
         steps_since_log += 1
         if log_now:
             elapsed = time.perf_counter() - last_log_time
@@ -414,7 +421,7 @@ def main(argv: list[str] | None = None) -> int:
             last_log_time, images_since_log = time.perf_counter(), 0
             loss_since_log.zero_()
             steps_since_log = 0
-        return loss.detach()
+        return loss
 
     def run_state(next_epoch: int, next_step: int) -> training_state.TrainingState:
         """Where the run stands after its last step: everything needed to continue exactly from there. Every process
@@ -463,7 +470,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 def embed(input_ids: torch.Tensor) -> torch.Tensor:
                     return encode_text(text_encoder, input_ids, args.clip_skip)
-                prompts = flow.prompt_batches(epoch_loader(plan, 0), args.reflow_gen_batches, model.vae.config)
+                # (without the latent cache: prompt_batches reads the batch shape from its pixels)
+                prompts = flow.prompt_batches(epoch_loader(plan, 0, cache=None), args.reflow_gen_batches,
+                                              model.vae.config)
                 ode_steps = flow.reflow_sample_steps(args)
                 # Straightness is measured on the same noise and captions every time, so the values compare.
                 probe_noise = torch.randn(prompts[0].latent_shape, generator=torch.Generator().manual_seed(args.seed))

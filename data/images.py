@@ -94,16 +94,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def _orient_and_draft(img: Image.Image, min_size: tuple[int, int] | None) -> int:
+    """Reads the EXIF orientation of an opened, not yet decoded image and, with `min_size` (w, h, as
+    displayed), lets a JPEG decode at a reduced scale as long as both sides stay at least that large."""
+    orientation = exif_orientation(img)
+    if min_size is not None and img.format == "JPEG":
+        w, h = min_size
+        if orientation in (5, 6, 7, 8):
+            w, h = h, w  # the file's pixels are stored rotated
+        img.draft(None, (w, h))
+    return orientation
+
+
 def open_oriented_rgb(path: str, min_size: tuple[int, int] | None = None) -> Image.Image:
-    """Open `path` as upright RGB. With `min_size` (w, h, as displayed) a JPEG may be decoded at a
-    reduced scale as long as both sides stay at least that large."""
+    """Open `path` as upright RGB (see _orient_and_draft for `min_size`)."""
     with Image.open(path) as img:  # closes the file even when decoding fails
-        orientation = exif_orientation(img)
-        if min_size is not None and img.format == "JPEG":
-            w, h = min_size
-            if orientation in (5, 6, 7, 8):
-                w, h = h, w  # the file's pixels are stored rotated
-            img.draft(None, (w, h))
+        orientation = _orient_and_draft(img, min_size)
         img.load()
     if orientation != 1:
         img = img.transpose(_UNDO_ORIENTATION[orientation])
@@ -150,6 +156,27 @@ def to_tensor(img: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(arr / 127.5 - 1.0))
 
 
+def _decode_error(path: str, e: Exception) -> DataError:
+    return DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); "
+                     f"re-save it with an image editor or remove it from the dataset")
+
+
+def training_crop(path: str, bucket: tuple[int, int], rng: random.Random,
+                  jitter: bool = True) -> tuple[float, float, float, float]:
+    """The crop box `load_training_image` draws from `rng` in the same state, read from the file's
+    header alone (size, orientation, JPEG draft scale): the latent cache keys on it before deciding
+    whether the image needs decoding at all."""
+    bw, bh = bucket
+    try:
+        with Image.open(path) as img:
+            orientation = _orient_and_draft(img, (_DRAFT_MARGIN * bw, _DRAFT_MARGIN * bh))
+            w, h = img.size
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise _decode_error(path, e) from e
+    size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+    return crop_box(size, bucket, rng, jitter)
+
+
 def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
                         jitter: bool = True, flip: bool = False) -> torch.Tensor:
     """Decode `path` into a [3, bucket_h, bucket_w] float tensor in [-1, 1] (REFERENCE §2.9).
@@ -166,6 +193,5 @@ def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
         if flip:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        raise DataError(f"{path}: cannot decode the image ({type(e).__name__}: {e}); "
-                        f"re-save it with an image editor or remove it from the dataset") from e
+        raise _decode_error(path, e) from e
     return to_tensor(img)

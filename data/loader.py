@@ -26,7 +26,8 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.batching import Batch
 from data.captions import assemble_caption
-from data.images import load_training_image
+from data.images import load_training_image, training_crop
+from data.latent_cache import LatentCache, collate_slots, content_hash, crop_rng
 from data.records import DataError, ImageRecord, SkippedFiles, without_path
 
 log = logging.getLogger(__name__)
@@ -55,8 +56,9 @@ class EpochBatches(Dataset):
     """The batches of one epoch plan; `dataset[step]` is the whole batch for that step."""
 
     def __init__(self, plan: Sequence[Batch], records: Sequence[ImageRecord], tokenizer,
-                 options: SampleOptions, seed: int, epoch: int):
+                 options: SampleOptions, seed: int, epoch: int, latent_cache: Optional[LatentCache] = None):
         self.plan = list(plan)
+        self.latent_cache = latent_cache
         self.records = records
         self.tokenizer = tokenizer
         self.options = options
@@ -83,16 +85,34 @@ class EpochBatches(Dataset):
                                    self._rng(step, slot, "tags") if shuffle else None)
         return caption, flip
 
-    def _load(self, step: int, slot: int, index: int, bucket) -> tuple[torch.Tensor, str, float]:
+    def _load(self, step: int, slot: int, index: int, bucket) -> dict:
+        """{caption, loss_scale} and either the image's `pixels` or, from the latent cache, its
+        `latent_params` (a cache miss also names the `entry` its latents are to be stored in)."""
         caption, flip = self.sample(step, slot, index)
         record = self.records[index]
-        pixels = load_training_image(record.path, bucket, self._rng(step, slot, "crop"),
-                                     self.options.crop_jitter, flip)
-        return pixels, caption, record.loss_scale
+        item = {"caption": caption, "loss_scale": record.loss_scale}
+        if self.latent_cache is None:
+            item["pixels"] = load_training_image(record.path, bucket, self._rng(step, slot, "crop"),
+                                                 self.options.crop_jitter, flip)
+            return item
+        try:
+            content = content_hash(record.path)
+        except OSError as e:
+            raise DataError(f"{record.path}: cannot read the file ({e})") from e
+        box = training_crop(record.path, bucket, crop_rng(content), self.options.crop_jitter)
+        entry = self.latent_cache.entry(content, bucket, box, flip)
+        params = self.latent_cache.load(entry)
+        if params is not None:
+            item["latent_params"] = params
+        else:
+            item["pixels"] = load_training_image(record.path, bucket, crop_rng(content),
+                                                 self.options.crop_jitter, flip)
+            item["entry"] = entry
+        return item
 
     def __getitem__(self, step: int) -> dict:
         batch = self.plan[step]
-        slots: list[Optional[tuple]] = []
+        slots: list[Optional[dict]] = []
         skipped: list[tuple[str, str]] = []
         for slot, index in enumerate(batch.indices, start=batch.first_slot):
             try:
@@ -103,16 +123,18 @@ class EpochBatches(Dataset):
                 slots.append(None)
         if skipped:
             slots = self._fill_failed(step, batch, slots, skipped)
-        pixels, captions, loss_scale = zip(*slots)
+        captions = [s["caption"] for s in slots]
         input_ids = self.tokenizer(
-            list(captions), padding="max_length", truncation=True,
+            captions, padding="max_length", truncation=True,
             max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        images = {"pixel_values": torch.stack([s["pixels"] for s in slots])} if self.latent_cache is None \
+            else collate_slots(slots)
         return {
-            "pixel_values": torch.stack(pixels),
+            **images,
             "input_ids": input_ids.long(),
-            "captions": list(captions),
+            "captions": captions,
             "runt_size": batch.runt_size,
-            "loss_scale": torch.tensor(loss_scale, dtype=torch.float32),
+            "loss_scale": torch.tensor([s["loss_scale"] for s in slots], dtype=torch.float32),
             "skipped": skipped,
         }
 
@@ -178,7 +200,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
                       shuffle_tags: bool = False, keep_tags: int = 0,
                       skipped: Optional[SkippedFiles] = None, start_step: int = 0,
-                      steps: Optional[Sequence[int]] = None) -> EpochLoader:
+                      steps: Optional[Sequence[int]] = None,
+                      latent_cache: Optional[LatentCache] = None) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
     Workers are not persistent: a new plan is built every epoch, so each epoch gets a new loader.
@@ -190,6 +213,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     reported once per run rather than once per loader. `start_step` skips the plan's first steps without
     loading them (a resumed run); every later step gets the same images and randomness as it would have.
     `steps`, instead, loads exactly these steps of the plan, in this order, each as it would have been.
+    With a `latent_cache`, batches carry cached latents where it has them and pixels only for the rest
+    (data/latent_cache.py).
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -201,7 +226,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                             shuffle_tags=bool(shuffle_tags), keep_tags=int(keep_tags),
                             crop_jitter=crop_jitter)
     loader = DataLoader(
-        EpochBatches(plan, records, tokenizer, options, seed, epoch),
+        EpochBatches(plan, records, tokenizer, options, seed, epoch, latent_cache),
         batch_size=None,
         sampler=range(start_step, len(plan)) if steps is None else steps,
         num_workers=num_workers,

@@ -3,22 +3,34 @@
 Subcommands (each registered in `SUBCOMMANDS` with its help, its arguments and the function that runs it):
   data   the data pipeline on CPU: scan speed on a generated folder of N small captioned images, then
          images/s of the DataLoader alone (decode, crop, resize, flip, tokenize) at 0/1/2 workers.
+  train  whole training steps (train.py's own setup and `utils.step.training_step`, real DataLoader on
+         generated JPEGs) of a real-size SD1.5 or SD2.1-768 with random weights, for each recipe in
+         RECIPES: images/s, a per-phase breakdown, peak memory and MFU. Made for a GPU; on CPU it runs
+         the tiny demo model (`--model tiny`) as a check that everything works.
 
 Generated datasets are cached under --cache (default /tmp/sdtrainer-bench) so a rerun only measures.
 """
 from __future__ import annotations
 
 import argparse
+import copy
+import gc
 import json
+import math
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
+import traceback
+from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
 # Aspect ratios of generated images: every one lands in a different bucket at 512.
 SMALL_SIZES = [(96, 96), (128, 96), (96, 128), (160, 96), (96, 160), (192, 80)]
@@ -144,8 +156,382 @@ def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="/tmp/sdtrainer-bench", help="where generated datasets are kept")
 
 
+@dataclass(frozen=True)
+class Recipe:
+    about: str
+    flags: tuple[str, ...] = ()      # train.py command-line flags over the config file, as a user would give them
+    config: str = "cfgs/train.json"
+    optimizer: str | None = None     # replaces the optimizer of optimizer.json (UNet and text encoder)
+    precision: str | None = None     # "fp16": fp16 autocast and a grad scaler instead of make_accelerator's choice
+
+
+RECIPES = {
+    "reference": Recipe("EveryDream2's defaults: fp32 weights, fp16 autocast + grad scaler, VAE every step, "
+                        "gradient checkpointing, AdamW8bit, batch 8",
+                        ("--batch_size", "8", "--no-cache_latents", "--gradient_checkpointing", "--no-channels_last",
+                         "--no-compile", "--attn_type", "sdp"), optimizer="adamw8bit", precision="fp16"),
+    "default": Recipe("cfgs/train.json as shipped"),
+    "lowvram": Recipe("cfgs/lowvram.json as shipped", config="cfgs/lowvram.json"),
+    "fastest": Recipe("default + compile, fused AdamW, batch 16", ("--compile", "--batch_size", "16"),
+                      optimizer="adamw"),
+    "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
+                          ("--no-cache_latents",)),
+    "default_8bit": Recipe("default, but AdamW8bit instead of fused AdamW", optimizer="adamw8bit"),
+    "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
+    "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
+    "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
+    "compiled": Recipe("default + compile", ("--compile",)),
+}
+DEFAULT_RESOLUTION = {"sd15": 512, "sd2-v": 768, "tiny": 128}
+SKIPPED_STEPS = 2  # at the start of the timed epoch: DataLoader workers starting and filling their queue
+
+
+def build_model(kind: str):
+    """The model on CPU in fp32: the tiny demo model, or a real-size architecture with random weights."""
+    import torch
+
+    from utils import models, shipped
+
+    if kind == "tiny":
+        return models.load(REPO / "demo" / "tiny-sd")
+    import diffusers
+
+    from scripts.make_random_sd import random_sd
+
+    unet, vae, text_encoder = random_sd(kind, dtype=torch.float32)
+    scheduler_folder = shipped.config_dir(kind) / "scheduler"
+    scheduler_class = getattr(diffusers, diffusers.DDIMScheduler.load_config(scheduler_folder)["_class_name"])
+    return models.StableDiffusion(unet, text_encoder, vae, shipped.load_tokenizer("sd1" if kind == "sd15" else "sd2"),
+                                  scheduler_class.from_pretrained(scheduler_folder), f"random-weight {kind}")
+
+
+def _sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(device: str) -> tuple[float, str]:
+    """(FLOP/s, what was measured): the median of 20 timed square matrix products on random data."""
+    import torch
+
+    n, dtype = (8192, torch.bfloat16) if device == "cuda" else (1024, torch.float32)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(20):
+        _sync(device)
+        start = time.perf_counter()
+        a @ b
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 2 * n ** 3 / statistics.median(times), f"{n}x{n}x{n} {str(dtype).removeprefix('torch.')} matmul"
+
+
+def flops_per_image(model, run_args, resolution: int, device: str) -> dict[str, float]:
+    """Forward + backward FLOPs of the UNet and the text encoder for one image (torch's flop counter on one
+    training step of batch 1 from given latents, so the VAE does not run; no gradient checkpointing, so
+    nothing is counted twice)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from utils.step import StepSettings, compute_loss
+
+    model = copy.deepcopy(model)
+    for module in (model.unet, model.text_encoder, model.vae):
+        module.to(device).train()
+    side = resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
+    batch = {"latent_params": torch.randn(1, 2 * model.vae.config.latent_channels, side, side, device=device),
+             "latent_misses": {"slots": torch.zeros(0, dtype=torch.long), "entries": []},
+             "input_ids": model.tokenizer(["a photo of a cat"], padding="max_length", return_tensors="pt",
+                                          max_length=model.tokenizer.model_max_length).input_ids,
+             "loss_scale": torch.ones(1), "runt_size": 0}
+    settings = StepSettings.from_args(run_args)
+    settings.batch_size = 1
+    counter = FlopCounterMode(display=False)
+    with counter, torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        compute_loss(model.unet, model.text_encoder, model.vae, model.noise_scheduler("ddpm"), batch,
+                     settings).backward()
+    counts = counter.get_flop_counts()
+    per_module = {part: sum(counts.get(type(module).__name__, {}).values())
+                  for part, module in (("unet", model.unet), ("text_encoder", model.text_encoder))}
+    return {"total": counter.get_total_flops(), **per_module}
+
+
+class PhaseClock:
+    """Times each step's phases as the device runs them: CUDA events recorded between phases (nothing waits),
+    or the host clock on CPU, where every operation runs when it is called. `idle` is the device's time
+    between one step's end and the next one's start (waiting for data or for the host)."""
+
+    def __init__(self, device: str):
+        self.device = device
+        self.steps: list[list[tuple[str, object]]] = []
+        self.origin = self._now()
+
+    def _now(self):
+        import torch
+
+        if self.device != "cuda":
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start_step(self) -> None:
+        self.steps.append([("start", self._now())])
+
+    def mark(self, phase: str) -> None:
+        self.steps[-1].append((phase, self._now()))
+
+    def ms_per_step(self) -> dict[str, float]:
+        _sync(self.device)
+
+        def ms(a, b) -> float:
+            return a.elapsed_time(b) if self.device == "cuda" else 1000 * (b - a)
+
+        totals, previous = defaultdict(float), self.origin
+        for marks in self.steps:
+            totals["idle"] += ms(previous, marks[0][1])
+            for (_, earlier), (phase, later) in zip(marks, marks[1:]):
+                totals[phase] += ms(earlier, later)
+            previous = marks[-1][1]
+        return {phase: total / len(self.steps) for phase, total in totals.items()}
+
+
+def _optimizer_variant(base: Path, optimizer: str, out: Path) -> Path:
+    settings = json.loads(base.read_text())
+    settings.setdefault("base", {})["optimizer"] = optimizer
+    settings.setdefault("text_encoder_overrides", {})["optimizer"] = None
+    path = out / f"optimizer_{optimizer}.json"
+    path.write_text(json.dumps(settings, indent=2))
+    return path
+
+
+def recipe_args(recipe: Recipe, dataset: Path, resolution: int, cache: Path, extra: list[str]):
+    """The recipe's options, parsed and checked by train.py's own option code."""
+    from utils import config
+
+    argv = ["--config", str(REPO / recipe.config), "--data_root", str(dataset), "--resolution", str(resolution),
+            # The bench builds the model itself; any existing model satisfies the option check.
+            "--resume_ckpt", str(REPO / "demo" / "tiny-sd"),
+            "--logdir", str(cache / "logs"), "--latent_cache_dir", str(cache / "latent_cache"), *recipe.flags, *extra]
+    run_args = config.load(argv)
+    optimizer_config = Path(run_args.optimizer_config)
+    run_args.optimizer_config = str(optimizer_config if optimizer_config.is_absolute() else REPO / optimizer_config)
+    if recipe.optimizer:
+        run_args.optimizer_config = str(_optimizer_variant(Path(run_args.optimizer_config), recipe.optimizer, cache))
+    return run_args
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
+def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> dict:
+    """Sets the model up as train.py does, fills the latent cache or warms up, then times `opts.steps` steps of
+    the next epoch."""
+    import torch
+
+    import data
+    import train
+    from data.latent_cache import LatentCache
+    from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
+    from utils.step import StepSettings, training_step
+
+    _reset_accelerate()
+    accelerator = train.make_accelerator(run_args)
+    notes = []
+    if recipe.precision and accelerator.mixed_precision != recipe.precision:
+        if device == "cuda":
+            from accelerate import Accelerator
+
+            _reset_accelerate()
+            accelerator = Accelerator(mixed_precision=recipe.precision)
+        else:
+            notes.append(f"{recipe.precision} needs a GPU: ran in {accelerator.mixed_precision}")
+    torch.manual_seed(run_args.seed)
+    model = copy.deepcopy(master)
+    trained = train.prepare_models(model, run_args, accelerator)
+    latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
+    batch_size = run_args.batch_size
+
+    def epoch_loader(epoch: int):
+        plan = data.build_epoch_batches(records, batch_size, run_args.seed, epoch, run_args.grad_accum)
+        return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=run_args.cond_dropout,
+                                      seed=run_args.seed, epoch=epoch,
+                                      num_workers=train.dataloader_workers(accelerator),
+                                      pin_memory=device == "cuda", flip_p=run_args.flip_p,
+                                      shuffle_tags=run_args.shuffle_tags, keep_tags=run_args.keep_tags,
+                                      latent_cache=latent_cache)
+
+    steps_per_epoch = len(records) // batch_size
+    settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch)
+    optimizers = TrainingOptimizers(trained, settings)
+    for name, module in trained.items():
+        setattr(model, name, accelerator.prepare(module))
+    noise_scheduler = model.noise_scheduler(run_args.train_sampler)
+    step_settings = StepSettings.from_args(run_args)
+
+    def step(batch, mark=lambda phase: None):
+        return training_step(model, noise_scheduler, batch, step_settings, accelerator, optimizers, window=1,
+                             update=True, clip_grad_norm=run_args.clip_grad_norm, mark=mark)[0]
+
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    # Warm-up: a whole epoch while the latent cache still lacks images (filling it, timed), else a few steps.
+    fills_cache = latent_cache is not None and len(latent_cache) < len(records)
+    loader = epoch_loader(0)
+    warmup_steps = len(loader) if fills_cache else min(opts.warmup, len(loader))
+    started, first_step_s = time.perf_counter(), None
+    for _, batch in zip(range(warmup_steps), loader):
+        step(batch)
+        if first_step_s is None:
+            _sync(device)
+            first_step_s = time.perf_counter() - started
+    _sync(device)
+    warmup_s = time.perf_counter() - started
+    del loader
+
+    loader = epoch_loader(1)
+    steps = min(max(opts.steps, math.ceil(opts.min_images / batch_size)), len(loader) - SKIPPED_STEPS)
+    batches = iter(loader)
+    for _ in range(SKIPPED_STEPS):
+        step(next(batches))
+    _sync(device)
+    clock, data_wait = PhaseClock(device), 0.0
+    started = time.perf_counter()
+    for _ in range(steps):
+        fetch = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - fetch
+        clock.start_step()
+        loss = step(batch, clock.mark)
+    _sync(device)
+    wall = time.perf_counter() - started
+    del batches, loader
+    result = {
+        "about": recipe.about, "batch_size": batch_size, "precision": accelerator.mixed_precision,
+        "images_per_s": steps * batch_size / wall, "step_ms": 1000 * wall / steps,
+        "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,
+        "first_step_s": first_step_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
+        "last_loss": float(loss), "notes": notes,
+    }
+    if fills_cache and warmup_steps > 1:  # the first step's one-off set-up costs are reported on their own
+        result["cache_build_images_per_s"] = (warmup_steps - 1) * batch_size / (warmup_s - first_step_s)
+    if device == "cuda":
+        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
+        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+    return result
+
+
+def _free(device: str) -> None:
+    import torch
+
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    torch._dynamo.reset()
+
+
+PHASES = ("vae", "text_encoder", "unet", "backward", "optimizer", "idle")
+
+
+def train_table(results: dict) -> list[str]:
+    reference = results.get("reference", {}).get("images_per_s")
+    lines = ["| recipe | batch | images/s | x reference | MFU | step ms | data wait | VAE | TE fwd | UNet fwd+loss | "
+             "backward (UNet+TE) | optimizer | GPU idle | peak reserved GiB | first step s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r.get('batch_size', '')} | {r['error']} |" + " |" * 12)
+            continue
+        ratio = f"{r['images_per_s'] / reference:.2f}" if reference else "-"
+        phases = " | ".join(f"{r['phases_ms'].get(p, 0):.1f}" for p in PHASES)
+        reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
+        lines.append(f"| {name} | {r['batch_size']} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
+                     f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | "
+                     f"{r['first_step_s']:.1f} |")
+    return lines
+
+
+def cmd_train(args) -> dict:
+    import torch
+
+    import data
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    # As train.py does, before CUDA starts (the setting is read once per process).
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    cache = Path(args.cache)
+    resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
+    side = resolution * 3 // 2  # larger than the bucket, so crops and resizes happen as with photos
+    dataset = generated_dataset(cache, args.images, (side, side), 90, f"square{side}")
+    records = data.assign_buckets(data.scan(str(dataset)).records, resolution)
+    started = time.perf_counter()
+    master = build_model(args.model)
+    out = {"model": master.describe(), "resolution": resolution, "device": device,
+           "gpu": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or platform.machine(),
+           "versions": _versions(), "model_build_s": round(time.perf_counter() - started, 1)}
+    rate, rate_what = matmul_rate(device)
+    flops = flops_per_image(master, recipe_args(RECIPES["default"], dataset, resolution, cache, []), resolution,
+                            device)
+    _free(device)
+    out.update(matmul_flops_per_s=rate, matmul=rate_what, flops_per_image=flops, recipes={})
+    print(f"{out['model']} at {resolution} px on {out['gpu']}; {rate_what}: {rate / 1e12:.1f} TFLOP/s; UNet + text "
+          f"encoder forward+backward: {flops['total'] / 1e12:.3f} TFLOP per image (UNet {flops['unet'] / 1e12:.3f}, "
+          f"text encoder {flops['text_encoder'] / 1e12:.3f})", flush=True)
+    for name in args.recipes:
+        recipe = RECIPES[name]
+        print(f"{name}: {recipe.about} ...", flush=True)
+        run_args = recipe_args(recipe, dataset, resolution, cache, args.extra)
+        started = time.perf_counter()
+        try:
+            result = run_recipe(recipe, master, records, run_args, device, args)
+            result["mfu"] = flops["total"] * result["images_per_s"] / rate
+        except torch.cuda.OutOfMemoryError as e:
+            result = {"batch_size": run_args.batch_size, "error": "out of memory", "detail": str(e)[:300]}
+        except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. compile on an unusual setup) is a result
+            traceback.print_exc()
+            result = {"batch_size": run_args.batch_size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+        _free(device)
+        result["recipe_s"] = time.perf_counter() - started
+        out["recipes"][name] = result
+        print(f"{name}: {json.dumps(result)}", flush=True)
+        if args.json:  # so far, in case the run is cut short; main() writes the whole report at the end
+            Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    print("\n".join(train_table(out["recipes"])), flush=True)
+    return out
+
+
+def _versions() -> dict:
+    import importlib.metadata
+
+    names = ("torch", "diffusers", "transformers", "accelerate", "bitsandbytes")
+    return {name: importlib.metadata.version(name) for name in names}
+
+
+def train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=sorted(DEFAULT_RESOLUTION), default="sd15",
+                   help="sd15 / sd2-v: real-size architecture with random weights; tiny: the demo model")
+    p.add_argument("--resolution", type=int, help="default: 512 for sd15, 768 for sd2-v, 128 for tiny")
+    p.add_argument("--recipes", nargs="+", choices=list(RECIPES), default=list(RECIPES))
+    p.add_argument("--images", type=int, default=512, help="generated training images (JPEG, 1.5x the resolution)")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps when the latent cache needs no filling")
+    p.add_argument("--steps", type=int, default=25, help="timed steps (more for small batches, see --min-images)")
+    p.add_argument("--min-images", type=int, default=64, help="timed steps cover at least this many images")
+    p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                   help="train.py flags added to every recipe (e.g. --extra --batch_size 2), last")
+    p.add_argument("--cache", default="/tmp/sdtrainer-bench", help="generated datasets and the latent cache")
+
+
 # name -> (help, add its arguments, run it and return the results)
-SUBCOMMANDS = {"data": ("scan and DataLoader speed on CPU", data_args, cmd_data)}
+SUBCOMMANDS = {"data": ("scan and DataLoader speed on CPU", data_args, cmd_data),
+               "train": ("training-step speed and memory of each recipe (GPU)", train_args, cmd_train)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -37,6 +37,11 @@ def random_sd(kind: str, dtype=torch.float16, seed: int = 0):
         for tensor in module.state_dict().values():
             if tensor.is_floating_point():
                 tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.02)
+    # The text encoder's position ids are a buffer outside the state dict, so to_empty left them uninitialised;
+    # they index the position table.
+    for name, buffer in text_encoder.named_buffers():
+        if name.endswith("position_ids"):
+            buffer.copy_(torch.arange(buffer.shape[-1]).expand_as(buffer))
     return unet, vae, text_encoder
 
 

@@ -142,7 +142,7 @@ def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size,
         model.unet.zero_grad()
         torch.manual_seed(7)
         loss = compute_loss(model.unet, model.text_encoder, model.vae, scheduler, part,
-                            StepSettings.from_args(SimpleNamespace(batch_size=batch_size, **options)), share)
+                            StepSettings.from_args(SimpleNamespace(batch_size=batch_size, **options)), share=share)
         loss.backward()
         return loss.detach(), [p.grad.clone() for p in model.unet.parameters()]
 

@@ -40,14 +40,16 @@ def test_fingerprint_names_what_changed(small_dataset):
     from types import SimpleNamespace
 
     records = data.assign_buckets(data.scan(small_dataset).records, 128)
-    args = SimpleNamespace(batch_size=2, grad_accum=1, seed=5, resolution=128)
-    saved = training_state.fingerprint(args, records, 1)
-    assert training_state.differences(saved, training_state.fingerprint(args, records, 1)) == []
+    args = SimpleNamespace(batch_size=2, grad_accum=1, seed=5, resolution=128, cache_latents=False)
+    saved = training_state.fingerprint(args, records, 1, ["unet"])
+    assert training_state.differences(saved, training_state.fingerprint(args, records, 1, ["unet"])) == []
     (small_dataset / "img_0.txt").write_text("a green square")
     changed = data.assign_buckets(data.scan(small_dataset).records, 128)
     args.batch_size = 4
-    assert training_state.differences(saved, training_state.fingerprint(args, changed, 2)) == [
+    now = training_state.fingerprint(args, changed, 2, ["text_encoder", "unet"])
+    assert training_state.differences(saved, now) == [
         "batch_size: 2 then, 4 now", "num_processes: 1 then, 2 now",
+        "trained: ['unet'] then, ['text_encoder', 'unet'] now",
         "the training data (images, captions or their settings) changed"]
 
 
@@ -67,7 +69,6 @@ def test_a_loader_started_mid_epoch_yields_the_same_later_batches(small_dataset)
 
 # -- train.py runs stopped and resumed ----------------------------------------------------------------------------
 
-import json  # noqa: E402
 import os  # noqa: E402
 import signal  # noqa: E402
 import subprocess  # noqa: E402

@@ -1,12 +1,16 @@
-"""The one training step (forward and loss), shared by the training loop and the benchmark."""
+"""The one training step (forward, loss, backward, optimizer), shared by the training loop and the benchmark."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from accelerate.utils import extract_model_from_parallel
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
+from data.latent_cache import store
 from utils import flow
 from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
@@ -54,16 +58,49 @@ class BatchShare:
         return whole[self.rank * rows:(self.rank + 1) * rows]
 
 
+def _no_mark(phase: str) -> None:
+    pass
+
+
 @torch.no_grad()
-def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None,
-                  share: BatchShare = BatchShare()) -> torch.Tensor:
-    """Pixels in [-1, 1] -> scaled latents (a posterior sample, as the model was trained; the sample's noise drawn
-    for the global batch of `share`, as DiagonalGaussianDistribution.sample draws it)."""
+def posterior_parameters(vae, pixel_values: torch.Tensor) -> torch.Tensor:
+    """Pixels in [-1, 1] -> the VAE posterior's mean and log-variance, [N, 2 x latent channels, h, w]."""
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype, non_blocking=True)
-    posterior = vae.encode(pixel_values).latent_dist
+    return vae.encode(pixel_values).latent_dist.parameters
+
+
+@torch.no_grad()
+def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | None = None,
+                   share: BatchShare = BatchShare()) -> torch.Tensor:
+    """Scaled latents: a sample of the posterior, as the model was trained (the same draw vae.encode's would be;
+    with several processes, drawn for the global batch of `share`)."""
+    posterior = DiagonalGaussianDistribution(parameters)
     mean = posterior.mean
-    eps = randn_tensor(share.whole(mean).shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    eps = randn_tensor(share.whole(mean).shape, generator=generator, device=parameters.device, dtype=parameters.dtype)
     return (mean + posterior.std * share.mine(eps)) * vae.config.scaling_factor
+
+
+def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Pixels in [-1, 1] -> scaled latents."""
+    return sample_latents(vae, posterior_parameters(vae, pixel_values), generator)
+
+
+def batch_posterior(vae, batch: dict) -> torch.Tensor:
+    """The posterior parameters of every image of a batch: from the latent cache where the loader found them,
+    from the VAE for the rest (which are then stored in the cache; that copy to the host is the one sync, and
+    happens only while the cache fills)."""
+    misses = batch.get("latent_misses")  # present when the loader uses a latent cache
+    encoded = posterior_parameters(vae, batch["pixel_values"]) if "pixel_values" in batch else None
+    if misses is None:
+        return encoded
+    if encoded is not None:
+        store(misses["entries"], encoded)
+    if batch["latent_params"] is None:
+        return encoded
+    params = batch["latent_params"].to(vae.device, non_blocking=True)
+    if encoded is not None:
+        params[misses["slots"].to(vae.device)] = encoded.to(params.dtype)
+    return params
 
 
 def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
@@ -82,10 +119,11 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> to
 
 
 def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings,
-                 share: BatchShare = BatchShare()) -> torch.Tensor:
+                 mark: Callable[[str], None] = _no_mark, share: BatchShare = BatchShare()) -> torch.Tensor:
     """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
 
     A reflow batch brings its latents and the noise they were generated from (utils.flow) instead of pixels.
+    `mark(phase)` is called as each phase has been queued (the benchmark times the phases with it).
     With several processes, `batch` is this process's `share` of the global batch; the random draws are the global
     batch's (see BatchShare) and a runt is weighed by the global batch's size, so the mean of the processes' losses
     is the loss one process would compute for the whole global batch.
@@ -93,11 +131,13 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
     if "latents" in batch:
         latents = batch["latents"].to(vae.device, torch.float32, non_blocking=True)
     else:
-        latents = encode_images(vae, batch["pixel_values"], share=share).float()
+        latents = sample_latents(vae, batch_posterior(vae, batch), share=share).float()
+    mark("vae")
     encoder_hidden_states = encode_text(text_encoder, batch["input_ids"], settings.clip_skip)
     if settings.embedding_perturbation > 0:  # perturbing zeros gives the global batch's perturbation alone
         encoder_hidden_states = encoder_hidden_states + share.mine(
             perturb_embedding(share.whole(encoder_hidden_states), settings.embedding_perturbation))
+    mark("text_encoder")
     if "noise" in batch:
         noise = batch["noise"].to(latents.device, torch.float32, non_blocking=True)
     else:
@@ -112,10 +152,37 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
         noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
         target = training_target(noise_scheduler, latents, noise, timesteps)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
-    weight = batch["loss_scale"].to(latents.device)
+    weight = batch["loss_scale"].to(latents.device, non_blocking=True)
     if settings.min_snr_gamma and settings.rectified_flow:
         weight = weight * flow.min_snr_weight(timesteps, num_train_timesteps, settings.min_snr_gamma)
     elif settings.min_snr_gamma:
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
     loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps)
+    mark("unet")
     return loss * runt_weight(batch["runt_size"], settings.batch_size * share.processes)
+
+
+def training_step(model, noise_scheduler, batch: dict, settings: StepSettings, accelerator, optimizers, *,
+                  window: int, update: bool, clip_grad_norm: float | None,
+                  mark: Callable[[str], None] = _no_mark) -> tuple[torch.Tensor, dict[str, torch.Tensor], bool]:
+    """One batch: forward and loss under autocast, backward of loss / `window` (the gradient accumulation
+    window), and with `update` the optimizer step; LR schedules advance every call. Returns the loss (detached,
+    still on the device), the gradient norms of an update and whether it was made (False: gradients were not
+    finite and the update was skipped).
+
+    With several processes, `batch` is this process's share of the global batch (doc/MULTI_GPU.md) and the
+    processes exchange gradients once per update: the window's earlier steps run under DDP's no_sync."""
+    share = BatchShare(accelerator.process_index, accelerator.num_processes)
+    with contextlib.ExitStack() as no_sync:
+        if not update:
+            for module in (model.unet, model.text_encoder):  # a frozen, unwrapped model has nothing to sync
+                no_sync.enter_context(accelerator.no_sync(module))
+        with accelerator.autocast():
+            loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, settings, mark,
+                                share=share)
+        accelerator.backward(loss / window)
+    mark("backward")
+    grad_norms, updated = optimizers.clip_and_step(accelerator.scaler, clip_grad_norm) if update else ({}, True)
+    optimizers.step_schedules()
+    mark("optimizer")
+    return loss.detach(), grad_norms, updated

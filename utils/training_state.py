@@ -24,7 +24,7 @@ STATE_FILE = "training_state.pt"
 FORMAT = 1
 # The settings that fix the order and grouping of the data and the random stream: a checkpoint continues a run
 # exactly only when they are unchanged.
-RUN_DEFINING_KEYS = ("batch_size", "grad_accum", "seed", "resolution")
+RUN_DEFINING_KEYS = ("batch_size", "grad_accum", "seed", "resolution", "cache_latents")
 
 
 @dataclass
@@ -46,13 +46,14 @@ class TrainingState:
     skipped_updates: int = 0  # non-finite updates skipped so far
 
 
-def fingerprint(args, records, num_processes: int) -> dict:
-    """What must match for an exact continuation: the run-defining options and the data as bucketed."""
+def fingerprint(args, records, num_processes: int, trained: list[str]) -> dict:
+    """What must match for an exact continuation: the run-defining options, the models trained and the data as
+    bucketed. (cache_latents: with it, each image keeps one crop.)"""
     digest = hashlib.sha256()
     for record in records:  # every field: path, caption, size, bucket, repeats, batch group, per-image options
         digest.update(repr(record).encode())
     return {**{key: getattr(args, key) for key in RUN_DEFINING_KEYS}, "num_processes": num_processes,
-            "images": len(records), "data": digest.hexdigest()}
+            "trained": sorted(trained), "images": len(records), "data": digest.hexdigest()}
 
 
 def differences(saved: dict, current: dict) -> list[str]:

@@ -1,0 +1,40 @@
+"""scripts/bench.py train on CPU with the tiny model: it runs train.py's own step code for each recipe, prints
+the table, and its numbers hang together (MFU from its parts, the phase breakdown accounting for the step)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+
+
+def test_bench_train_prints_its_table_and_consistent_numbers(tmp_path):
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "scripts/bench.py", "train", "--model", "tiny", "--recipes", "reference", "default",
+               "lowvram", "--images", "24", "--warmup", "1", "--steps", "3", "--min-images", "1",
+               "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| recipe | batch | images/s | x reference | MFU |")
+    assert [row.split(" | ")[0] for row in table[1:]] == ["| reference", "| default", "| lowvram"]
+
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python scripts/bench.py train --model tiny")
+    flops = report["flops_per_image"]
+    assert flops["unet"] > 0 and flops["text_encoder"] > 0 and flops["unet"] + flops["text_encoder"] <= flops["total"]
+    recipes = report["recipes"]
+    assert [r["batch_size"] for r in recipes.values()] == [8, 8, 1]  # reference, cfgs/train.json, cfgs/lowvram.json
+    assert "cache_build_images_per_s" in recipes["default"]  # a fresh cache is filled, and that is timed
+    assert "cache_build_images_per_s" not in recipes["lowvram"]  # then found by the next recipe
+    for name, r in recipes.items():
+        assert r["images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["step_ms"], rel=1e-6), name
+        assert r["mfu"] == pytest.approx(flops["total"] * r["images_per_s"] / report["matmul_flops_per_s"]), name
+        phases = r["phases_ms"]
+        assert set(phases) == {"idle", "vae", "text_encoder", "unet", "backward", "optimizer"}, name
+        assert sum(phases.values()) == pytest.approx(r["step_ms"], rel=0.05, abs=2.0), name
+    assert recipes["reference"]["phases_ms"]["vae"] > 3 * recipes["default"]["phases_ms"]["vae"]  # cached latents
