@@ -20,11 +20,11 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import data
+from data.batching import process_share
 from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
-from data.batching import process_share
 from utils import config, ema, flow, sampling, training_state, validation
 from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
 from utils.interrupts import StopSignals, TrainingDiverged
@@ -63,8 +63,10 @@ def make_accelerator(args):
 
 
 def dataloader_workers(accelerator) -> int:
-    # On CPU the training step needs every core; workers would only fight it for them.
-    return min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
+    # On CPU the training step needs every core; workers would only fight it for them. A machine's cores are
+    # shared by its training processes (LOCAL_WORLD_SIZE, set by torchrun and accelerate launch).
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, cores)) if accelerator.device.type == "cuda" else 0
 
 
 def prepare_models(model, args, accelerator):
