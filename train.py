@@ -7,8 +7,10 @@ epochs of steps (log, sample, checkpoint) -> final checkpoint. Each concern live
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -18,6 +20,7 @@ from safetensors import SafetensorError
 from tqdm.auto import tqdm
 
 import data
+from data.batching import process_share
 from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
@@ -28,10 +31,18 @@ from utils.interrupts import StopSignals, TrainingDiverged
 from utils.run_dir import RunDir, setup_console_logging
 
 log = logging.getLogger("train")
+PROCESS_WAIT_MINUTES = 30  # how long processes wait for each other before a run counts as hung
+
+
+def cuda_device(args) -> torch.device:
+    """This process's GPU: under torchrun or accelerate launch the launcher's LOCAL_RANK, else gpuid."""
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpuid)))
 
 
 def make_accelerator(args):
-    from accelerate import Accelerator
+    """One process of a data-parallel run when started by torchrun / accelerate launch (their environment
+    variables say how many and which; NCCL on GPUs, gloo on CPUs), else a single process (doc/MULTI_GPU.md)."""
+    from accelerate import Accelerator, InitProcessGroupKwargs
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -40,18 +51,22 @@ def make_accelerator(args):
         os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         # Buckets repeat the same few shapes all run long: finding the fastest convolution once per shape pays.
         torch.backends.cudnn.benchmark = True
-    if use_cuda and "LOCAL_RANK" not in os.environ:
-        torch.cuda.set_device(args.gpuid)
+        torch.cuda.set_device(cuda_device(args))
     if not use_cuda or args.disable_amp:
         precision = "no"
     else:
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return Accelerator(mixed_precision=precision, cpu=not use_cuda)
+    # While the first process samples or writes a checkpoint the others wait at their next exchange; NCCL's
+    # default 10 minutes before calling that a hang is short for a big sample set or a slow disk.
+    wait = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_WAIT_MINUTES))
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=[wait])
 
 
 def dataloader_workers(accelerator) -> int:
-    # On CPU the training step needs every core; workers would only fight it for them.
-    return min(8, os.cpu_count() or 1) if accelerator.device.type == "cuda" else 0
+    # On CPU the training step needs every core; workers would only fight it for them. A machine's cores are
+    # shared by its training processes (LOCAL_WORLD_SIZE, set by torchrun and accelerate launch).
+    cores = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return min(8, max(1, cores)) if accelerator.device.type == "cuda" else 0
 
 
 def prepare_models(model, args, accelerator):
@@ -108,6 +123,63 @@ def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=No
     return save(name, opts.state_dicts() if args.save_optimizer or run_state is not None else None, run_state)
 
 
+def freeze_clip_skipped_layers(text_encoder, clip_skip: int) -> None:
+    """With clip_skip N >= 2 the text encoder's last N - 1 layers never reach the loss and get no gradient (with one
+    process too). Several processes freeze them before DistributedDataParallel wraps the model, so that it does not
+    wait for their gradients."""
+    parts = getattr(text_encoder, "text_model", text_encoder)  # transformers 4 nests the CLIP parts here
+    layers = parts.encoder.layers
+    layers[len(layers) + 1 - clip_skip:].requires_grad_(False)
+
+
+def reload_live_settings(args, accelerator, max_clip_skip: int, text_encoder_trained: bool
+                         ) -> tuple[list[str], list[str]]:
+    """config.reload_live_settings in the first process, which hands the live options to the others: every process
+    trains with the same settings even if the file changes between their reads. With several processes training
+    the text encoder, clip_skip keeps its starting value (see freeze_clip_skipped_layers)."""
+    from accelerate.utils import broadcast_object_list
+
+    changes, warnings = [], []
+    if accelerator.is_main_process:
+        clip_skip = args.clip_skip
+        changes, warnings = config.reload_live_settings(args, max_clip_skip)
+        if accelerator.num_processes > 1 and text_encoder_trained and args.clip_skip != clip_skip:
+            changes = [line for line in changes if f": clip_skip {clip_skip} -> " not in line]
+            warnings.append(f"clip_skip stays {clip_skip}: with several processes training the text encoder, which "
+                            "of its layers train is fixed at the start. Restart from a checkpoint to change it.")
+            args.clip_skip = clip_skip
+    if accelerator.num_processes > 1:
+        live = broadcast_object_list([{key: getattr(args, key) for key in config.LIVE_KEYS}])[0]
+        for key, value in live.items():
+            setattr(args, key, value)
+    return changes, warnings
+
+
+class StopOrSave:
+    """After each step: whether the run stops (a SIGINT or SIGTERM arrived) and whether a timed checkpoint is due.
+
+    One process decides at every step. Several decide together at the end of each gradient accumulation window, so
+    that no process holds gradients the others lack and a resumable checkpoint has none pending: a signal to any
+    process stops all of them, the first process's timer saves for all. The flags travel over a gloo group on the
+    CPU, so nothing waits for the GPU."""
+
+    def __init__(self, stop: StopSignals, save_timer: SaveTimer, accelerator):
+        self.stop, self.save_timer = stop, save_timer
+        self.main_process = accelerator.is_main_process
+        self.group = torch.distributed.new_group(backend="gloo") if accelerator.num_processes > 1 else None
+
+    def after_step(self, window_end: bool) -> tuple[int, bool]:
+        """(the number of the signal to stop for, 0 to go on; whether to save a timed checkpoint now)."""
+        signum = signal.Signals[self.stop.received].value if self.stop.received else 0
+        if self.group is None:
+            return signum, self.save_timer.due()
+        if not window_end:
+            return 0, False
+        flags = torch.tensor([signum, self.main_process and self.save_timer.due()], dtype=torch.int64)
+        torch.distributed.all_reduce(flags, torch.distributed.ReduceOp.MAX, group=self.group)
+        return int(flags[0]), bool(flags[1])
+
+
 def main(argv: list[str] | None = None) -> int:
     setup_console_logging()
     # -- options and data: every user error surfaces here, before a model loads or a folder is made ------------
@@ -125,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
             ema_resume = resume.with_name(resume.name + EMA_SUFFIX)  # the run's own EMA continues with it
         optimizer_file = read_optimizer_file(args.optimizer_config)
         check_optimizers_run_here(optimizer_file, args.optimizer_config,
-                                  torch.device("cuda", args.gpuid) if torch.cuda.is_available() else "cpu")
+                                  cuda_device(args) if torch.cuda.is_available() else "cpu")
         scan = data.scan(args.data_root)
         scan.require_images()
         records = data.assign_buckets(scan.records, args.resolution)
@@ -146,6 +218,11 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)
+    if args.reflow_steps and accelerator.num_processes > 1:
+        log.error("error: %s: reflow_steps trains on one process only (its generated pairs are not split between "
+                  "processes yet); run the reflow phase with plain `python train.py`, then train on %d processes "
+                  "from its checkpoint.", args.sources.get("reflow_steps", "defaults"), accelerator.num_processes)
+        return 2
     try:
         model = models.load(resume)
         if args.enable_zero_terminal_snr:
@@ -165,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         text_encoder_training = freeze_text_encoder(trained, optimizer_file.get("text_encoder_freezing"),
                                                     args.optimizer_config)
-        ema_start = ema.load_start(ema_resume, trained) if ema_resume else None
+        # The EMA lives with the first process, which samples and saves it.
+        ema_start = ema.load_start(ema_resume, trained) if ema_resume and accelerator.is_main_process else None
     except (config.ConfigError, models.ModelLoadError) as e:
         log.error("error: %s", e)
         return 2
@@ -187,16 +265,22 @@ def main(argv: list[str] | None = None) -> int:
             saved_state = None
 
     # -- run folder, plan, optimizers ------------------------------------------------------------------------------
-    run = RunDir(args)
-    for line in data.report_undersized(records, run.path):
-        log.warning(line)
-    plan = data.build_epoch_batches(records, args.batch_size, args.seed, 0, args.grad_accum, rated)
+    # Data parallel (doc/MULTI_GPU.md): each step's global batch of batch_size x processes images is planned as one
+    # and split by slot; the first process alone writes the run folder, logs, samples and checkpoints.
+    rank, processes = accelerator.process_index, accelerator.num_processes
+    global_batch = args.batch_size * processes
+    run = RunDir(args) if accelerator.is_main_process else None
+    if run:
+        for line in data.report_undersized(records, run.path):
+            log.warning(line)
+    plan = data.build_epoch_batches(records, global_batch, args.seed, 0, args.grad_accum, rated)
     steps_per_epoch = len(plan)
-    settings = resolve_settings(optimizer_file, args, steps_per_epoch)
-    run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
+    settings = resolve_settings(optimizer_file, args, steps_per_epoch, processes)
+    if run:
+        run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
     opts = TrainingOptimizers(trained, settings)
     ema_model = None
-    if ema.enabled(args):
+    if ema.enabled(args) and accelerator.is_main_process:
         ema_model = ema.EMA(trained, ema.resolve_decay(args, steps_per_epoch), args.ema_update_interval,
                             accelerator.device if args.ema_device == "cuda" else torch.device("cpu"), ema_start)
         log.info("EMA: starting from %s.", ema_resume or "the model being trained")
@@ -209,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
             log.info("Loaded optimizer state from %s", resume)
         except ValueError as e:  # e.g. saved with the text encoder frozen, now trained: start the optimizer afresh
             log.warning("Optimizer state in %s does not fit this run (%s); starting with a fresh optimizer.", resume, e)
+    log.info("Model: %s", model.describe())  # before DistributedDataParallel wraps the trained models
+    if processes > 1 and "text_encoder" in trained and args.clip_skip >= 2:
+        freeze_clip_skipped_layers(model.text_encoder, args.clip_skip)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
     scaler = accelerator.scaler
@@ -224,8 +311,7 @@ def main(argv: list[str] | None = None) -> int:
                  saved_state.epoch, saved_state.step_in_epoch, saved_state.global_step)
 
     effective_batch = args.batch_size * args.grad_accum * accelerator.num_processes
-    log.info("Model: %s", model.describe())
-    for line in data.epoch_plan_summary(plan, args.batch_size, records).lines():
+    for line in data.epoch_plan_summary(plan, global_batch, records).lines():
         log.info("Data: %s", line)
     log.info("Training: %d epochs x %d steps = %d steps; batch %d x grad_accum %d x %d process(es) = %d images "
              "per update", args.max_epochs, steps_per_epoch, args.max_epochs * steps_per_epoch, args.batch_size,
@@ -236,7 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                      s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
     if text_encoder_training:
         log.info("Text encoder: %s", text_encoder_training)
-    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision, run.path)
+    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision,
+             run.path if run else None)
     if latent_cache:
         log.info("Latent cache: %s (%d entries)", latent_cache.folder, len(latent_cache))
 
@@ -244,14 +331,16 @@ def main(argv: list[str] | None = None) -> int:
     step_settings = StepSettings.from_args(args)
     loader_workers = dataloader_workers(accelerator)
     save_timer = SaveTimer(args.ckpt_every_n_minutes)
-    validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers) \
-        if validation_cfg else None
+    validator = validation.Validator(validation_cfg, validation_sets, step_settings, loader_workers, rank,
+                                     processes) if validation_cfg else None
 
     def validate(step: int) -> None:
-        validator.run(model.unet, model.text_encoder, model.vae, noise_scheduler, model.tokenizer, step, run.tb,
-                      accelerator.autocast)
+        validator.run(accelerator.unwrap_model(model.unet), accelerator.unwrap_model(model.text_encoder), model.vae,
+                      noise_scheduler, model.tokenizer, step, run.tb if run else None, accelerator.autocast)
 
     def sample(step: int, captions: list[str]) -> None:
+        if run is None:  # the first process samples for all
+            return
         event = samples.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
         for label in sampled_models:
             with ema_model.swapped_in() if label == "ema" else contextlib.nullcontext():
@@ -309,50 +398,56 @@ def main(argv: list[str] | None = None) -> int:
                     raise TrainingDiverged(global_step + 1, skipped_in_a_row)
 
         global_step += 1
-        images_since_log += batch["input_ids"].shape[0]
+        images_since_log += batch["input_ids"].shape[0] * processes
         loss_since_log.add_(loss)
         steps_since_log += 1
         if log_now:
             elapsed = time.perf_counter() - last_log_time
-            mean_loss = (loss_since_log / steps_since_log).item()
-            lrs = opts.current_lrs()
-            run.tb.add_scalar("loss/log_step", mean_loss, global_step)
-            run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
-            run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
-            run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
-            run.tb.add_scalar("optimizer/skipped_updates", skipped_updates, global_step)
-            if scaler is not None:
-                run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
-            if torch.cuda.is_available():
-                run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
-            for name, norm in grad_norms.items():
-                run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
-                                  norm.item(), global_step)
-            bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
-                            img_s=f"{images_since_log / elapsed:.1f}")
+            mean_loss = (accelerator.reduce(loss_since_log, "mean") / steps_since_log).item()
+            if run:
+                lrs = opts.current_lrs()
+                run.tb.add_scalar("loss/log_step", mean_loss, global_step)
+                run.tb.add_scalar("hyperparameter/lr unet", lrs.get("unet", 0.0), global_step)
+                run.tb.add_scalar("hyperparameter/lr text encoder", lrs.get("text_encoder", 0.0), global_step)
+                run.tb.add_scalar("performance/images per second", images_since_log / elapsed, global_step)
+                run.tb.add_scalar("optimizer/skipped_updates", skipped_updates, global_step)
+                if scaler is not None:
+                    run.tb.add_scalar("hyperparameter/grad scale", scaler.get_scale(), global_step)
+                if torch.cuda.is_available():
+                    run.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, global_step)
+                for name, norm in grad_norms.items():
+                    run.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm",
+                                      norm.item(), global_step)
+                bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{lrs.get('unet', lrs.get('text_encoder')):.2e}",
+                                img_s=f"{images_since_log / elapsed:.1f}")
             last_log_time, images_since_log = time.perf_counter(), 0
             loss_since_log.zero_()
             steps_since_log = 0
         return loss
 
     def run_state(next_epoch: int, next_step: int) -> training_state.TrainingState:
-        """Where the run stands after its last step: everything needed to continue exactly from there."""
+        """Where the run stands after its last step: everything needed to continue exactly from there. Every process
+        calls it at the same step: the loss sums are averaged over the processes."""
         return training_state.TrainingState(
             epoch=next_epoch, step_in_epoch=next_step, global_step=global_step, fingerprint=fingerprint,
             rng=training_state.capture_rng(), schedules={name: s.state_dict() for name, s in opts.schedules.items()},
             scaler=scaler.state_dict() if scaler is not None else None,
-            pending_grads=training_state.pending_gradients(trained), epoch_loss_sum=float(epoch_loss),
-            loss_since_log_sum=float(loss_since_log), steps_since_log=steps_since_log,
+            pending_grads=training_state.pending_gradients(trained),
+            epoch_loss_sum=float(accelerator.reduce(epoch_loss, "mean")),
+            loss_since_log_sum=float(accelerator.reduce(loss_since_log, "mean")), steps_since_log=steps_since_log,
             epoch_losses=list(epoch_losses),
             validation={"history": validator.history, "first": validator.first} if validator else {},
             ema_updates=ema_model.optimizer_updates if ema_model is not None else 0, skipped_updates=skipped_updates)
 
     def save(name: str, next_epoch: int, next_step: int, resumable: bool) -> Path | None:
         """A checkpoint; a resumable one also holds the run's state at (next_epoch, next_step). A save that
-        cannot be written (a full disk) leaves nothing behind, is reported, and training goes on."""
+        cannot be written (a full disk) leaves nothing behind, is reported, and training goes on. Of several
+        processes, the first writes (they all hold the same weights); the others return None."""
+        state = run_state(next_epoch, next_step) if resumable else None
+        if run is None:
+            return None
         try:
-            return save_checkpoint(model, opts, args, run, name, accelerator, ema_model,
-                                   run_state(next_epoch, next_step) if resumable else None)
+            return save_checkpoint(model, opts, args, run, name, accelerator, ema_model, state)
         except (OSError, SafetensorError, RuntimeError) as e:
             if isinstance(e, RuntimeError) and "writ" not in str(e):  # torch.save's I/O failures are RuntimeErrors
                 raise
@@ -368,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 if validator:
                     validate(0)
-                if samples.pretrain_due:
+                if samples.pretrain_due and run:
                     sample(0, next(iter(epoch_loader(plan, 0)))["captions"])
 
             # -- reflow (doc/RECTIFIED_FLOW.md): the model's own ODE pairs (noise -> its sample) retrain it straighter
@@ -429,44 +524,51 @@ def main(argv: list[str] | None = None) -> int:
                         validate(global_step)
 
             epochs_bar = tqdm(range(start_epoch, args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True,
-                              initial=start_epoch, total=args.max_epochs)
+                              initial=start_epoch, total=args.max_epochs, disable=not accelerator.is_main_process)
+            stop_or_save = StopOrSave(stop, save_timer, accelerator)
             for epoch in epochs_bar:
                 epoch_start = time.perf_counter()
                 if args.load_settings_every_epoch and args.config:
-                    changes, warnings = config.reload_live_settings(args, model.text_encoder.config.num_hidden_layers)
+                    changes, warnings = reload_live_settings(
+                        args, accelerator, accelerator.unwrap_model(model.text_encoder).config.num_hidden_layers,
+                        "text_encoder" in trained)
                     for line in changes:
                         log.info("Epoch %d: settings changed: %s", epoch, line)
                     for line in warnings:
                         log.warning("Epoch %d: %s", epoch, line)
                     step_settings = StepSettings.from_args(args)
                 if epoch > 0:
-                    plan = data.build_epoch_batches(records, args.batch_size, args.seed, epoch, args.grad_accum, rated)
+                    plan = data.build_epoch_batches(records, global_batch, args.seed, epoch, args.grad_accum, rated)
                 first_step = start_step if epoch == start_epoch else 0
-                loader = epoch_loader(plan, epoch, first_step)
-                if args.write_schedule:
-                    data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", loader.dataset)
+                loader = epoch_loader(process_share(plan, rank, processes), epoch, first_step)
+                if args.write_schedule and run:  # the whole plan: every process's slots
+                    data.write_schedule(run.path / f"ep{epoch}_batch_schedule.txt", epoch_loader(plan, epoch).dataset)
                 steps_bar = tqdm(loader, desc=f"epoch {epoch}", unit="step", leave=False, dynamic_ncols=True,
-                                 initial=first_step, total=len(plan))
+                                 initial=first_step, total=len(plan), disable=not accelerator.is_main_process)
                 for local_step, batch in enumerate(steps_bar, start=first_step):
                     epoch_loss += train_step(batch, local_step, len(plan), steps_bar)
                     if samples.due(global_step):
                         sample(global_step, batch["captions"])
                     if validator and validator.due(epoch, local_step, len(plan)):
                         validate(global_step)
-                    if stop.received:
+                    window_end = (local_step + 1) % args.grad_accum == 0 or local_step + 1 == len(plan)
+                    stop_signal, save_due = stop_or_save.after_step(window_end)
+                    if stop_signal:
                         save(f"interrupted-gs{global_step}", epoch, local_step + 1, resumable=True)
-                        run.close()
-                        return stop.exit_code
-                    if save_timer.due():
+                        if run:
+                            run.close()
+                        return 128 + stop_signal  # the shell's convention
+                    if save_due:
                         save(checkpoint_name(args.project_name, epoch, global_step), epoch, local_step + 1,
                              resumable=args.save_optimizer)
 
-                epoch_mean = (epoch_loss / max(1, len(plan))).item()
+                epoch_mean = (accelerator.reduce(epoch_loss, "mean") / max(1, len(plan))).item()
                 epoch_losses.append(epoch_mean)
                 epoch_loss.zero_()
-                run.tb.add_scalar("loss/epoch", epoch_mean, global_step)
-                run.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - epoch_start) / 60,
-                                  global_step)
+                if run:
+                    run.tb.add_scalar("loss/epoch", epoch_mean, global_step)
+                    run.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - epoch_start) / 60,
+                                      global_step)
                 epochs_bar.set_postfix(loss=f"{epoch_mean:.4f}")
                 done = epoch + 1
                 if args.save_every_n_epochs and done % args.save_every_n_epochs == 0 and \
@@ -474,25 +576,32 @@ def main(argv: list[str] | None = None) -> int:
                     save(checkpoint_name(args.project_name, done, global_step), done, 0, resumable=args.save_optimizer)
         except KeyboardInterrupt:
             log.warning("Stopped at once, without saving.")
-            run.close()
+            if run:
+                run.close()
             return 130
         except TrainingDiverged as e:
             folder = save(checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), 0, 0,
                           resumable=False)
-            log.error("error: %s The weights before those updates are saved in %s.", e, folder or "(nothing: the "
-                      "save failed)")
-            run.close()
+            if run:  # every process diverges at the same step; the first reports it
+                log.error("error: %s The weights before those updates are saved in %s.", e, folder or "(nothing: the "
+                          "save failed)")
+                run.close()
             return 3
         except Exception:
             if global_step:
                 log.exception("Training failed at step %d; saving what was trained as errored-.", global_step)
                 save(checkpoint_name(args.project_name, epoch, global_step, prefix="errored-"), 0, 0, resumable=False)
-            run.close()
+            if run:
+                run.close()
             raise
 
     final = save(checkpoint_name(args.project_name, args.max_epochs, global_step,
                                  prefix="" if args.no_prepend_last else "last-"), args.max_epochs, 0,
                  resumable=args.save_optimizer)
+    if run is None:
+        accelerator.wait_for_everyone()  # the processes leave their process group together
+        accelerator.end_training()
+        return 0
     if final is None:
         log.error("error: training finished but its final checkpoint could not be saved (see above).")
         run.close()
@@ -501,6 +610,8 @@ def main(argv: list[str] | None = None) -> int:
     log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: tensorboard "
              "--logdir %s", global_step, minutes, epoch_losses[0], epoch_losses[-1], final, args.logdir)
     run.close()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
     return 0
 
 

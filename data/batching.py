@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import random
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from fractions import Fraction
 from typing import Optional, Sequence
 
@@ -31,8 +31,12 @@ Bucket = tuple[int, int]
 class Batch:
     indices: tuple[int, ...]   # into the record list; may repeat (multiply, runt padding)
     bucket: Bucket             # (width, height) shared by every image of the batch
-    runt_size: int = 0         # r > 0: the first r indices are real, the rest duplicates of them
+    runt_size: int = 0         # r > 0: the planned batch's first r slots are real, the rest duplicates
     batch_id: str = DEFAULT_BATCH_ID
+    # One process's share of a planned batch (`process_share`) holds slots first_slot, first_slot+1,
+    # ... of it; runt_size still counts the planned batch's slots, so every process weighs its loss
+    # the same.
+    first_slot: int = 0
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,28 @@ def _pack(chunks: dict[str, list[Batch]], grad_accum: int) -> list[list[Batch]]:
     groups += [loose[i:i + grad_accum] for i in range(0, len(loose), grad_accum)]
     groups += [default[i:i + grad_accum] for i in range(0, len(default), grad_accum)]
     return groups
+
+
+def process_share(plan: Sequence[Batch], rank: int, processes: int) -> list[Batch]:
+    """Process `rank`'s part of every batch of a plan built for all `processes` together, i.e. with
+    batch size = per-process batch size x processes: of a batch of B slots, slots
+    [rank x B/processes, (rank + 1) x B/processes).
+
+    So at every step every process trains images of the same bucket and batch_id; over an epoch the
+    processes together train each planned slot once; and the images, their order and (through the
+    slot number kept in `first_slot`) their per-sample randomness are those of one process training
+    the whole plan, whatever the number of processes."""
+    if not 0 <= rank < processes:
+        raise ValueError(f"rank {rank} is not one of {processes} processes")
+    share = []
+    for batch in plan:
+        size, leftover = divmod(len(batch.indices), processes)
+        if leftover:
+            raise ValueError(f"a batch of {len(batch.indices)} images cannot be split evenly over "
+                             f"{processes} processes; plan with a multiple of {processes}")
+        share.append(replace(batch, indices=batch.indices[rank * size:(rank + 1) * size],
+                             first_slot=batch.first_slot + rank * size))
+    return share
 
 
 @dataclass

@@ -6,9 +6,10 @@ can never mix buckets (the DataLoader does no batching of its own: batch_size=No
 Reproducibility: every random choice about a sample — crop, flip, tag order, caption dropout — is
 drawn from its own `random.Random` seeded from (seed, epoch, step, slot, purpose) as a string (str
 seeds are hashed with SHA-512, not Python's per-process hash). So the choices are the same whatever
-the worker count, worker order or restarts, and `write_schedule` can show exactly what each slot is
-trained with by calling the same `EpochBatches.sample` the workers call. Separate purposes keep one
-stream's draws from shifting another's.
+the worker count, worker order, restarts or number of training processes (a slot is numbered within
+the planned batch: one process's share of it starts at `Batch.first_slot`), and `write_schedule`
+can show exactly what each slot is trained with by calling the same `EpochBatches.sample` the
+workers call. Separate purposes keep one stream's draws from shifting another's.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ class EpochBatches(Dataset):
         batch = self.plan[step]
         slots: list[Optional[dict]] = []
         skipped: list[tuple[str, str]] = []
-        for slot, index in enumerate(batch.indices):
+        for slot, index in enumerate(batch.indices, start=batch.first_slot):
             try:
                 slots.append(self._load(step, slot, index, batch.bucket))
             except DataError as e:
@@ -148,7 +149,7 @@ class EpochBatches(Dataset):
                 if record.bucket != batch.bucket or record.path in failed:
                     continue
                 try:
-                    good = [self._load(step, 0, index, batch.bucket)]
+                    good = [self._load(step, batch.first_slot, index, batch.bucket)]
                     break
                 except DataError as e:
                     skipped.append((record.path, without_path(str(e), record.path)))
@@ -199,6 +200,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       pin_memory: bool = False, crop_jitter: bool = True, *, flip_p: float = 0.0,
                       shuffle_tags: bool = False, keep_tags: int = 0,
                       skipped: Optional[SkippedFiles] = None, start_step: int = 0,
+                      steps: Optional[Sequence[int]] = None,
                       latent_cache: Optional[LatentCache] = None) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
@@ -210,6 +212,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     anyway (see sample_rng). Pass the scan's `skipped` so decode failures join its list and are
     reported once per run rather than once per loader. `start_step` skips the plan's first steps without
     loading them (a resumed run); every later step gets the same images and randomness as it would have.
+    `steps`, instead, loads exactly these steps of the plan, in this order, each as it would have been.
     With a `latent_cache`, batches carry cached latents where it has them and pixels only for the rest
     (data/latent_cache.py).
     """
@@ -225,7 +228,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     loader = DataLoader(
         EpochBatches(plan, records, tokenizer, options, seed, epoch, latent_cache),
         batch_size=None,
-        sampler=range(start_step, len(plan)),
+        sampler=range(start_step, len(plan)) if steps is None else steps,
         num_workers=num_workers,
         pin_memory=pin_memory,
         persistent_workers=False,
@@ -245,7 +248,7 @@ def write_schedule(path, batches: EpochBatches) -> None:
     with open(path, "w", encoding="utf-8", errors="surrogateescape") as f:
         for step, batch in enumerate(batches.plan):
             w, h = batch.bucket
-            for slot, index in enumerate(batch.indices):
+            for slot, index in enumerate(batch.indices, start=batch.first_slot):
                 caption, flip = batches.sample(step, slot, index)
                 f.write(f"step:{step:05d}, wh:[{w}, {h}], r:{batch.runt_size}, "
                         f"path:{os.path.abspath(batches.records[index].path)}, "

@@ -198,8 +198,10 @@ def _probe(name: str, device: torch.device | str) -> str | None:
     return None
 
 
-def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: int) -> dict[str, OptimizerSettings]:
-    """Resolves the UNet and text encoder settings (REFERENCE.md §6.3)."""
+def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: int,
+                     processes: int = 1) -> dict[str, OptimizerSettings]:
+    """Resolves the UNet and text encoder settings (REFERENCE.md §6.3). `processes`: the training processes, each
+    with batch_size images per step; scale_lr scales by the images of one update over all of them."""
     decay = args.lr_decay_steps or int(steps_per_epoch * args.max_epochs * 1.5)
     main = {"lr_scheduler": args.lr_scheduler, "lr_decay_steps": decay,
             "lr_warmup_steps": args.lr_warmup_steps if args.lr_warmup_steps is not None else int(decay / 50)}
@@ -207,9 +209,10 @@ def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: in
     te = _layer(base, file_data.get("text_encoder_overrides"))
     base["lr"], te["lr"] = _learning_rates(file_data, args, base["optimizer"].lower(), te["optimizer"].lower())
     if args.scale_lr:
-        factor = (args.batch_size * args.grad_accum) ** 0.55
-        log.info("scale_lr: learning rates x %.3f = (batch_size %d x grad_accum %d) ^ 0.55: UNet %g, text encoder %g",
-                 factor, args.batch_size, args.grad_accum, base["lr"] * factor, te["lr"] * factor)
+        factor = (args.batch_size * args.grad_accum * processes) ** 0.55
+        log.info("scale_lr: learning rates x %.3f = (batch_size %d x grad_accum %d x %d process(es)) ^ 0.55: UNet "
+                 "%g, text encoder %g", factor, args.batch_size, args.grad_accum, processes, base["lr"] * factor,
+                 te["lr"] * factor)
         base["lr"], te["lr"] = base["lr"] * factor, te["lr"] * factor
     for model, values in (("UNet", base), ("text encoder", te)):
         name = values["optimizer"].lower()

@@ -48,7 +48,7 @@ FLAGS: list[Flag] = [
          "listing them (doc/DATA.md). Required."),
         ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
          {"min": 64, "max": 2048}),
-        ("batch_size", int, 2, "Images per step.", {"min": 1}),
+        ("batch_size", int, 2, "Images per step (per process with several GPUs, doc/MULTI_GPU.md).", {"min": 1}),
         ("flip_p", float, 0.0, "Probability of flipping each image horizontally, for images whose folder "
          "(flip_p.txt, yaml) or sidecar sets none.", {"min": 0, "max": 1}),
         ("shuffle_tags", bool, False, "Shuffle the comma-separated tags of every caption each epoch (first part "
@@ -70,8 +70,8 @@ FLAGS: list[Flag] = [
         ("lr_decay_steps", int, None, "Steps for the LR to reach 0; unset or 0 = 1.5 x the whole run.", {"min": 0}),
         ("optimizer_config", str, "optimizer.json", "Optimizer settings JSON (path relative to the working directory). "
          "A missing default file means AdamW8bit with lr 1e-6."),
-        ("scale_lr", bool, False, "Multiply the learning rates by (batch_size x grad_accum)^0.55; the rates used "
-         "are logged."),
+        ("scale_lr", bool, False, "Multiply the learning rates by (batch_size x grad_accum x processes)^0.55; the "
+         "rates used are logged."),
         ("disable_textenc_training", bool, False, "Freeze the text encoder."),
         ("disable_unet_training", bool, False, "Freeze the UNet."),
         ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU."),
@@ -82,7 +82,8 @@ FLAGS: list[Flag] = [
          "updates in a row whose gradients are not finite; each such update is skipped.", {"min": 1}),
         ("clip_grad_norm", float, None, "Clip UNet and text encoder gradient norms to this value.", {"min": 0}),
         ("seed", int, 555, "Seed for shuffling, noise and samples; -1 = random.", {"min": -1}),
-        ("gpuid", int, 0, "CUDA device index.", {"min": 0}),
+        ("gpuid", int, 0, "CUDA device index; under torchrun or accelerate launch each process takes its own.",
+         {"min": 0}),
     ),
     *_flags(
         "Speed and memory",

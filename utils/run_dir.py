@@ -1,8 +1,10 @@
-"""The run's log folder: text log, effective config copy, TensorBoard events, samples and checkpoints."""
+"""The run's log folder: text log, effective config copy, TensorBoard events, samples and checkpoints. With several
+training processes only the first makes one (train.py)."""
 from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -23,7 +25,9 @@ class _TqdmHandler(logging.Handler):
 
 def setup_console_logging() -> None:
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    # Of several training processes (torchrun and accelerate launch number them in RANK), the first speaks for all;
+    # the others report only errors.
+    root.setLevel(logging.INFO if int(os.environ.get("RANK", "0")) == 0 else logging.ERROR)
     handler = _TqdmHandler()
     handler.setFormatter(logging.Formatter("%(message)s"))
     root.handlers[:] = [handler]

@@ -1,11 +1,14 @@
 """The one training step (forward, loss, backward, optimizer), shared by the training loop and the benchmark."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
+from accelerate.utils import extract_model_from_parallel
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_cache import store
 from utils import flow
@@ -34,6 +37,27 @@ class StepSettings:
                    args.clip_skip, args.rectified_flow)
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """Which rows of the global batch (all training processes' batches together) this process trains: process
+    `rank` of `processes`, each with b rows, has rows [rank x b, (rank + 1) x b).
+
+    A step's random draws (VAE sample, embedding perturbation, noise, timesteps) are made for the whole global
+    batch on every process, from the same seeded stream, and each process keeps its own rows. So n processes of
+    batch b train on exactly the draws one process of batch n x b would, and every process's random stream
+    stays the same as the others'. Drawing n times the numbers costs little next to the forward pass."""
+    rank: int = 0
+    processes: int = 1
+
+    def whole(self, mine: torch.Tensor) -> torch.Tensor:
+        """A zero tensor shaped like the global batch of which `mine` is this process's rows."""
+        return mine.new_zeros((mine.shape[0] * self.processes, *mine.shape[1:]))
+
+    def mine(self, whole: torch.Tensor) -> torch.Tensor:
+        rows = whole.shape[0] // self.processes
+        return whole[self.rank * rows:(self.rank + 1) * rows]
+
+
 def _no_mark(phase: str) -> None:
     pass
 
@@ -46,9 +70,14 @@ def posterior_parameters(vae, pixel_values: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Scaled latents: a sample of the posterior, as the model was trained (the same draw vae.encode's would be)."""
-    return DiagonalGaussianDistribution(parameters).sample(generator=generator) * vae.config.scaling_factor
+def sample_latents(vae, parameters: torch.Tensor, generator: torch.Generator | None = None,
+                   share: BatchShare = BatchShare()) -> torch.Tensor:
+    """Scaled latents: a sample of the posterior, as the model was trained (the same draw vae.encode's would be;
+    with several processes, drawn for the global batch of `share`)."""
+    posterior = DiagonalGaussianDistribution(parameters)
+    mean = posterior.mean
+    eps = randn_tensor(share.whole(mean).shape, generator=generator, device=parameters.device, dtype=parameters.dtype)
+    return (mean + posterior.std * share.mine(eps)) * vae.config.scaling_factor
 
 
 def encode_images(vae, pixel_values: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -83,30 +112,39 @@ def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> to
     if clip_skip < 2:
         return text_encoder(input_ids)[0]
     hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
-    # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model.
-    return getattr(text_encoder, "text_model", text_encoder).final_layer_norm(hidden)
+    # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model. With several
+    # processes the model is wrapped in DistributedDataParallel.
+    model = extract_model_from_parallel(text_encoder)
+    return getattr(model, "text_model", model).final_layer_norm(hidden)
 
 
 def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings: StepSettings,
-                 mark: Callable[[str], None] = _no_mark) -> torch.Tensor:
+                 mark: Callable[[str], None] = _no_mark, share: BatchShare = BatchShare()) -> torch.Tensor:
     """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
 
     A reflow batch brings its latents and the noise they were generated from (utils.flow) instead of pixels.
     `mark(phase)` is called as each phase has been queued (the benchmark times the phases with it).
+    With several processes, `batch` is this process's `share` of the global batch; the random draws are the global
+    batch's (see BatchShare) and a runt is weighed by the global batch's size, so the mean of the processes' losses
+    is the loss one process would compute for the whole global batch.
     """
     if "latents" in batch:
         latents = batch["latents"].to(vae.device, torch.float32, non_blocking=True)
     else:
-        latents = sample_latents(vae, batch_posterior(vae, batch)).float()
+        latents = sample_latents(vae, batch_posterior(vae, batch), share=share).float()
     mark("vae")
-    encoder_hidden_states = perturb_embedding(encode_text(text_encoder, batch["input_ids"], settings.clip_skip),
-                                              settings.embedding_perturbation)
+    encoder_hidden_states = encode_text(text_encoder, batch["input_ids"], settings.clip_skip)
+    if settings.embedding_perturbation > 0:  # perturbing zeros gives the global batch's perturbation alone
+        encoder_hidden_states = encoder_hidden_states + share.mine(
+            perturb_embedding(share.whole(encoder_hidden_states), settings.embedding_perturbation))
     mark("text_encoder")
     if "noise" in batch:
         noise = batch["noise"].to(latents.device, torch.float32, non_blocking=True)
     else:
-        noise = sample_noise(latents, settings.zero_frequency_noise_ratio, settings.pyramid_noise_discount)
-    timesteps = sample_timesteps(latents.shape[0], settings.timestep_start, settings.timestep_end, latents.device)
+        noise = share.mine(sample_noise(share.whole(latents), settings.zero_frequency_noise_ratio,
+                                        settings.pyramid_noise_discount))
+    timesteps = share.mine(sample_timesteps(latents.shape[0] * share.processes, settings.timestep_start,
+                                            settings.timestep_end, latents.device))
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     if settings.rectified_flow:
         noisy_latents, target = flow.training_pair(latents, noise, timesteps, num_train_timesteps)
@@ -121,7 +159,7 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
     loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps)
     mark("unet")
-    return loss * runt_weight(batch["runt_size"], settings.batch_size)
+    return loss * runt_weight(batch["runt_size"], settings.batch_size * share.processes)
 
 
 def training_step(model, noise_scheduler, batch: dict, settings: StepSettings, accelerator, optimizers, *,
@@ -130,10 +168,19 @@ def training_step(model, noise_scheduler, batch: dict, settings: StepSettings, a
     """One batch: forward and loss under autocast, backward of loss / `window` (the gradient accumulation
     window), and with `update` the optimizer step; LR schedules advance every call. Returns the loss (detached,
     still on the device), the gradient norms of an update and whether it was made (False: gradients were not
-    finite and the update was skipped)."""
-    with accelerator.autocast():
-        loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, settings, mark)
-    accelerator.backward(loss / window)
+    finite and the update was skipped).
+
+    With several processes, `batch` is this process's share of the global batch (doc/MULTI_GPU.md) and the
+    processes exchange gradients once per update: the window's earlier steps run under DDP's no_sync."""
+    share = BatchShare(accelerator.process_index, accelerator.num_processes)
+    with contextlib.ExitStack() as no_sync:
+        if not update:
+            for module in (model.unet, model.text_encoder):  # a frozen, unwrapped model has nothing to sync
+                no_sync.enter_context(accelerator.no_sync(module))
+        with accelerator.autocast():
+            loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, settings, mark,
+                                share=share)
+        accelerator.backward(loss / window)
     mark("backward")
     grad_norms, updated = optimizers.clip_and_step(accelerator.scaler, clip_grad_norm) if update else ({}, True)
     optimizers.step_schedules()

@@ -307,11 +307,15 @@ class Validator:
     """Runs validation passes over prebuilt sets and logs them; see the module docstring for use."""
 
     def __init__(self, cfg: ValidationConfig, sets: dict[str, list[data.ImageRecord]], training: StepSettings,
-                 num_workers: int = 0):
+                 num_workers: int = 0, rank: int = 0, processes: int = 1):
         """`training`: the training step's settings at the start of the run. Passes use its timestep range,
         pyramid noise and clip_skip (what the model is trained to do) and none of its loss shaping. They are
-        kept as given, so a live settings change mid-run does not make later passes incomparable to earlier."""
+        kept as given, so a live settings change mid-run does not make later passes incomparable to earlier.
+
+        With several training processes, process `rank` of `processes` evaluates batches rank, rank + processes,
+        ... of each set and the sums are combined across processes; every process must then call `run`."""
         self.cfg = cfg
+        self.rank, self.processes = rank, processes
         self.training = dataclasses.replace(training)
         self.batch_size = cfg.batch_size or training.batch_size
         self.num_workers = num_workers
@@ -343,13 +347,17 @@ class Validator:
     @torch.no_grad()
     def _set_loss(self, name: str, unet, text_encoder, vae, noise_scheduler, tokenizer, autocast) -> float:
         """Mean over the set's images of each image's MSE; padding duplicates in a runt batch are not counted,
-        so every image weighs the same."""
+        so every image weighs the same. Batch k's draws come from a generator seeded with (seed, k), so the
+        result is the same whichever process evaluates which batch."""
         plan, records = self.plans[name], self.sets[name]
+        steps = range(self.rank, len(plan), self.processes)
         loader = data.make_epoch_loader(plan, records, tokenizer, cond_dropout=0.0, seed=self.cfg.seed, epoch=0,
-                                        num_workers=self.num_workers, crop_jitter=False, skipped=self.skipped)
-        generator = torch.Generator(device=vae.device).manual_seed(self.cfg.seed)
-        total, count = torch.zeros((), device=vae.device), 0
-        for batch in tqdm(loader, desc=f"validate {name}", unit="step", leave=False, dynamic_ncols=True):
+                                        num_workers=self.num_workers, crop_jitter=False, skipped=self.skipped,
+                                        steps=steps)
+        total, count = torch.zeros((), device=vae.device), torch.zeros((), device=vae.device)
+        for step, batch in zip(steps, tqdm(loader, desc=f"validate {name}", unit="step", leave=False,
+                                           dynamic_ncols=True, disable=self.rank != 0)):
+            generator = torch.Generator(device=vae.device).manual_seed(self.cfg.seed + (step << 32))
             with autocast():
                 # Its own generator: repeatable passes that leave training's random state untouched.
                 latents = encode_images(vae, batch["pixel_values"], generator).float()
@@ -368,7 +376,11 @@ class Validator:
             real = batch["runt_size"] or len(per_image)
             total += per_image[:real].sum()  # kept on the device: one host sync per set, not per batch
             count += real
-        return total.item() / count
+        if self.processes > 1:
+            sums = torch.stack([total, count])
+            torch.distributed.all_reduce(sums)
+            total, count = sums
+        return (total / count).item()
 
     def run(self, unet, text_encoder, vae, noise_scheduler, tokenizer, global_step: int, tb_writer,
             autocast) -> dict[str, float]:
@@ -376,7 +388,9 @@ class Validator:
         `_relative` twins with use_relative_loss) at `global_step`. Returns {set name: loss}.
 
         `autocast` is a callable returning a context manager (accelerator.autocast). The models are put in eval
-        mode for the pass and given back in the mode they were in.
+        mode for the pass and given back in the mode they were in. With several processes, pass the models
+        unwrapped from DistributedDataParallel (processes may run different numbers of batches, and a wrapped
+        model's forward synchronises them) and a `tb_writer` only to the first process: None writes nothing.
         """
         was_training = (unet.training, text_encoder.training)
         unet.eval()
@@ -394,7 +408,7 @@ class Validator:
         if self.cfg.use_relative_loss:
             for tag, value in list(scalars.items()):
                 scalars[f"{tag}_relative"] = value / self.first.setdefault(tag, value)
-        for tag, value in scalars.items():
+        for tag, value in scalars.items() if tb_writer is not None else ():
             tb_writer.add_scalar(tag, value, global_step)
         if losses:
             log.info("Validation at step %d: %s", global_step,
