@@ -7,6 +7,7 @@ the same global batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
@@ -198,7 +199,54 @@ def test_the_layers_frozen_for_clip_skip_are_those_without_a_gradient(clip_skip)
     assert frozen == without_gradient and len(frozen) == (clip_skip - 1) * 16  # 16 tensors per CLIP layer
 
 
-# ---------------------------------------------------------------- train.py under torchrun, two processes (gloo)
+# ---------------------------------------------------------------- torchrun, two processes (gloo)
+
+NO_SYNC_SCRIPT = """
+import json, sys
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+sys.path.insert(0, sys.argv[1])
+import train
+from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
+from utils import config, models
+from utils.step import StepSettings, training_step
+
+args = config.load(["--resume_ckpt", sys.argv[2], "--data_root", sys.argv[3], "--optimizer_config", sys.argv[4]])
+accelerator = train.make_accelerator(args)
+model = models.load(args.resume_ckpt)
+trained = train.prepare_models(model, args, accelerator)
+optimizers = TrainingOptimizers(trained, resolve_settings(read_optimizer_file(args.optimizer_config), args, 3))
+exchanges = []
+for name in trained:
+    setattr(model, name, accelerator.prepare(getattr(model, name)))
+    getattr(model, name).register_comm_hook(None, lambda group, bucket: exchanges.append(1) or
+                                            allreduce_hook(group, bucket))
+torch.manual_seed(accelerator.process_index)
+batch = {"pixel_values": torch.rand(2, 3, 64, 64) * 2 - 1, "loss_scale": torch.ones(2), "runt_size": 0,
+         "input_ids": model.tokenizer(["a red circle"] * 2, padding="max_length", return_tensors="pt").input_ids}
+after_each_step = []
+for step in range(3):  # one grad_accum window of 3
+    training_step(model, model.noise_scheduler("ddpm"), batch, StepSettings.from_args(args), accelerator,
+                  optimizers, window=3, update=step == 2, clip_grad_norm=None)
+    after_each_step.append(len(exchanges))
+if accelerator.is_main_process:
+    print("EXCHANGES", json.dumps(after_each_step))
+"""
+
+
+def test_processes_exchange_gradients_once_per_optimizer_update(tmp_path):
+    """The window's earlier steps run under no_sync: DDP's communication hook runs only in the last one."""
+    script = tmp_path / "no_sync.py"
+    script.write_text(NO_SYNC_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
+                             str(REPO), str(TINY_MODEL), str(REPO / "demo" / "data"),
+                             str(REPO / "cfgs" / "demo_optimizer.json")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (counts,) = re.findall(r"EXCHANGES (\[.*\])", result.stdout)
+    first, second, third = json.loads(counts)
+    assert first == second == 0 and third > 0  # UNet and text encoder buckets, once
 
 # Per process batch 2 on 2 processes = global batch 4, in grad_accum windows of 2. Every source of randomness is
 # on (flips, caption dropout and tag shuffling, offset and pyramid noise, embedding perturbation), with EMA,
