@@ -186,7 +186,8 @@ def test_a_changed_dataset_or_batch_size_starts_a_new_run_from_the_weights(refer
 
 
 def launch(args: list[str], **popen) -> subprocess.Popen:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    # As many threads as this process trains with: the float sums, and so the weights, depend on it.
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=REPO, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 

@@ -269,7 +269,7 @@ def _derive(args: SimpleNamespace) -> None:
         args.seed = random.randint(0, 2**30)
         args.notes.append(f"seed -1: using random seed {args.seed}")
     if args.save_every_n_epochs is None and args.ckpt_every_n_minutes is None:
-        args.ckpt_every_n_minutes = 20
+        args.ckpt_every_n_minutes = 20.0
     if args.save_every_n_epochs is not None and args.save_every_n_epochs < 1:
         args.save_every_n_epochs = None
     if args.ckpt_every_n_minutes is not None and args.ckpt_every_n_minutes <= 0:
