@@ -9,6 +9,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from PIL import Image
 
@@ -354,3 +355,40 @@ def test_command_line_wins_over_the_sample_file_which_wins_over_train_json(tmp_p
     sample_file.write_text("{broken")  # sampling switched off on the command line: the file is not read
     off = SampleSchedule.from_args(config.load(["--config", str(train_json), "--sample_steps", "0"]))
     assert not off.pretrain_due and not any(off.due(s) for s in range(1, 50))
+
+
+def test_clip_skip_conditions_samples_as_training_does(tmp_path):
+    """Samples with clip_skip 2 use the penultimate layer through the final layer norm (as training does), so they
+    differ from clip_skip 0 and match a stock pipeline given that conditioning."""
+    import contextlib
+
+    from diffusers import StableDiffusionPipeline
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils import models
+    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples, make_sampler
+    from utils.step import encode_text
+
+    model = models.load(TINY_MODEL)
+    settings = SampleSettings(batch_size=1, seed=4, resolution=64, every_n_steps=1, generate_pretrain_samples=False,
+                              cfgs=(1.0,), num_inference_steps=3)
+    event = SampleEvent(settings, (SampleRequest(prompt="a red square", seed=4, size=(64, 64)),))
+
+    def render(clip_skip, folder):
+        with SummaryWriter(str(tmp_path / folder)) as writer:
+            (jpeg,) = generate_samples(model, model.unet, model.text_encoder, event, step=0, out_dir=tmp_path / folder,
+                                       tb_writer=writer, autocast=contextlib.nullcontext, clip_skip=clip_skip)
+        return np.asarray(Image.open(jpeg), dtype=float)
+
+    skipped, plain = render(2, "skip"), render(0, "plain")
+    assert np.abs(skipped - plain).mean() > 0.5
+    pipe = StableDiffusionPipeline(vae=model.vae, text_encoder=model.text_encoder, tokenizer=model.tokenizer,
+                                   unet=model.unet, scheduler=make_sampler("ddim", model.scheduler.config),
+                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    ids = model.tokenizer(["a red square"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        expected = pipe(prompt_embeds=encode_text(model.text_encoder, ids, 2), guidance_scale=1.0, height=64,
+                        width=64, num_inference_steps=3, generator=[torch.Generator().manual_seed(4)]).images[0]
+    expected.save(tmp_path / "expected.jpg", quality=95)
+    tile = skipped[:40, :40]  # away from the cfg label
+    assert np.abs(tile - np.asarray(Image.open(tmp_path / "expected.jpg"), dtype=float)[:40, :40]).max() <= 1

@@ -43,7 +43,8 @@ def atomic_file(final: Path):
     """Yields a temporary path next to `final`; it replaces `final` in one rename once written."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    scratch = final.with_name(final.name + PARTIAL_SUFFIX)
+    # Named per process: two processes writing the same file (the latent cache under multi-GPU) never share it.
+    scratch = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield scratch
         os.replace(scratch, final)

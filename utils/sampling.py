@@ -34,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.buckets import buckets_for
 from utils import flow
 from utils.config import ConfigError, read_json_object
+from utils.step import encode_text
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +415,11 @@ def _label(tile: Image.Image, text: str) -> Image.Image:
     return tile
 
 
+def _token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
+    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                     return_tensors="pt").input_ids
+
+
 def sample_names(step: int, index: int, request: SampleRequest, label: str = "") -> tuple[str, str]:
     """(file stem, TensorBoard tag) of one request's strip; doc/SAMPLES.md documents both."""
     marker = f"_{label}" if label else ""
@@ -463,14 +469,17 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             for batch in _batches(requests, settings.batch_size):
                 width, height = requests[batch[0]].size
+                # The conditioning as training computes it (clip_skip included), not the pipeline's own encoding.
+                prompt_embeds, negative_embeds = (
+                    encode_text(text_encoder, _token_ids(model.tokenizer, texts), clip_skip)
+                    for texts in ([requests[i].prompt for i in batch], [requests[i].negative_prompt for i in batch]))
                 for cfg in settings.cfgs:
                     # One generator per request, so an image depends on its own seed, not on its batch-mates.
                     generators = [torch.Generator(device).manual_seed(requests[i].seed) for i in batch]
-                    images = pipe([requests[i].prompt for i in batch],
-                                  negative_prompt=[requests[i].negative_prompt for i in batch],
+                    images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
                                   height=height, width=width, num_inference_steps=settings.num_inference_steps,
-                                  guidance_scale=cfg, guidance_rescale=guidance_rescale, generator=generators,
-                                  clip_skip=clip_skip - 1 if clip_skip >= 2 else None).images  # diffusers counts from 0
+                                  guidance_scale=cfg, guidance_rescale=guidance_rescale,
+                                  generator=generators).images
                     for i, image in zip(batch, images):
                         strips[i].append(_label(image, f"cfg:{cfg:g}"))
     finally:
