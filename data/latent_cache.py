@@ -46,9 +46,14 @@ def content_hash(path: str | Path) -> str:
 
 
 def vae_fingerprint(vae) -> str:
-    """A hash of the VAE's config, parameter dtype and weights (a one-off pass over ~80M values per run)."""
+    """A hash of the VAE's config, parameter dtype and weights (a one-off pass over ~80M values per run).
+
+    diffusers' bookkeeping keys (`_name_or_path`, `_diffusers_version`, `_use_default_values`, ...) stay out: they
+    say where the model came from, not what it computes, and `_use_default_values` is listed from a set, in an
+    order that changes with every process's string hash seed."""
     digest = hashlib.blake2b(digest_size=8)
-    digest.update(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    config = {key: value for key, value in vae.config.items() if not key.startswith("_")}
+    digest.update(json.dumps(config, sort_keys=True, default=str).encode())
     for name, tensor in sorted(vae.state_dict().items()):
         digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
         digest.update(tensor.detach().reshape(-1).view(torch.uint8).cpu().numpy().tobytes())

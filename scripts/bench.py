@@ -6,7 +6,10 @@ Subcommands (each registered in `SUBCOMMANDS` with its help, its arguments and t
   train  whole training steps (train.py's own setup and `utils.step.training_step`, real DataLoader on
          generated JPEGs) of a real-size SD1.5 or SD2.1-768 with random weights, for each recipe in
          RECIPES: images/s, a per-phase breakdown, peak memory and MFU. Made for a GPU; on CPU it runs
-         the tiny demo model (`--model tiny`) as a check that everything works.
+         the tiny demo model (`--model tiny`) as a check that everything works. Started by
+         `accelerate launch` or `torchrun`, it trains data-parallel as train.py does (each process
+         `batch_size` images of every global batch): images/s of all processes together and the peak
+         memory of each.
 
 Generated datasets are cached under --cache (default /tmp/sdtrainer-bench) so a rerun only measures.
 """
@@ -339,6 +342,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
 
     import data
     import train
+    from data.batching import process_share
     from data.latent_cache import LatentCache
     from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
     from utils.step import StepSettings, training_step
@@ -358,19 +362,22 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     model = copy.deepcopy(master)
     trained = train.prepare_models(model, run_args, accelerator)
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
-    batch_size = run_args.batch_size
+    # As train.py: each step's global batch is planned as one and every process trains its share of it.
+    batch_size, rank, processes = run_args.batch_size, accelerator.process_index, accelerator.num_processes
+    global_batch = batch_size * processes
 
     def epoch_loader(epoch: int):
-        plan = data.build_epoch_batches(records, batch_size, run_args.seed, epoch, run_args.grad_accum)
-        return data.make_epoch_loader(plan, records, model.tokenizer, cond_dropout=run_args.cond_dropout,
+        plan = data.build_epoch_batches(records, global_batch, run_args.seed, epoch, run_args.grad_accum)
+        return data.make_epoch_loader(process_share(plan, rank, processes), records, model.tokenizer,
+                                      cond_dropout=run_args.cond_dropout,
                                       seed=run_args.seed, epoch=epoch,
                                       num_workers=train.dataloader_workers(accelerator),
                                       pin_memory=device == "cuda", flip_p=run_args.flip_p,
                                       shuffle_tags=run_args.shuffle_tags, keep_tags=run_args.keep_tags,
                                       latent_cache=latent_cache)
 
-    steps_per_epoch = len(records) // batch_size
-    settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch)
+    steps_per_epoch = len(records) // global_batch
+    settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch, processes)
     optimizers = TrainingOptimizers(trained, settings)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
@@ -384,6 +391,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     # Warm-up: a whole epoch while the latent cache still lacks images (filling it, timed), else a few steps.
+    # Every process must take the same number of steps: they look at the cache only once all of them got here.
+    accelerator.wait_for_everyone()
     fills_cache = latent_cache is not None and len(latent_cache) < len(records)
     loader = epoch_loader(0)
     warmup_steps = len(loader) if fills_cache else min(opts.warmup, len(loader))
@@ -399,6 +408,9 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
 
     loader = epoch_loader(1)
     steps = min(max(opts.steps, math.ceil(opts.min_images / batch_size)), len(loader) - SKIPPED_STEPS)
+    if steps < 1:
+        raise ValueError(f"{len(records)} images make {len(loader)} steps of {global_batch} images per epoch, too few "
+                         f"to time after {SKIPPED_STEPS} start-up steps: give more --images")
     batches = iter(loader)
     for _ in range(SKIPPED_STEPS):
         step(next(batches))
@@ -415,17 +427,20 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     wall = time.perf_counter() - started
     del batches, loader
     result = {
-        "about": recipe.about, "batch_size": batch_size, "precision": accelerator.mixed_precision,
-        "images_per_s": steps * batch_size / wall, "step_ms": 1000 * wall / steps,
+        "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
+        "precision": accelerator.mixed_precision,
+        "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,
         "first_step_s": first_step_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
         "last_loss": float(loss), "notes": notes,
     }
     if fills_cache and warmup_steps > 1:  # the first step's one-off set-up costs are reported on their own
-        result["cache_build_images_per_s"] = (warmup_steps - 1) * batch_size / (warmup_s - first_step_s)
+        result["cache_build_images_per_s"] = (warmup_steps - 1) * global_batch / (warmup_s - first_step_s)
     if device == "cuda":
-        result["peak_reserved_gib"] = torch.cuda.max_memory_reserved() / 2 ** 30
-        result["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+        peaks = accelerator.gather(torch.tensor([[torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()]],
+                                                device=accelerator.device)).cpu() / 2 ** 30
+        result["peak_reserved_gib"], result["peak_allocated_gib"] = (float(v) for v in peaks.max(dim=0).values)
+        result["peak_reserved_gib_per_process"] = [round(float(v), 2) for v in peaks[:, 0]]
     return result
 
 
@@ -452,8 +467,9 @@ def train_table(results: dict) -> list[str]:
             continue
         ratio = f"{r['images_per_s'] / reference:.2f}" if reference else "-"
         phases = " | ".join(f"{r['phases_ms'].get(p, 0):.1f}" for p in PHASES)
-        reserved = f"{r['peak_reserved_gib']:.2f}" if "peak_reserved_gib" in r else "-"
-        lines.append(f"| {name} | {r['batch_size']} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
+        reserved = " / ".join(f"{v:.2f}" for v in r.get("peak_reserved_gib_per_process", [])) or "-"
+        batch = f"{r['processes']} x {r['batch_size']}" if r["processes"] > 1 else r["batch_size"]
+        lines.append(f"| {name} | {batch} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
                      f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | "
                      f"{r['first_step_s']:.1f} |")
     return lines
@@ -464,13 +480,22 @@ def cmd_train(args) -> dict:
 
     import data
 
+    from accelerate import PartialState
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     # As train.py does, before CUDA starts (the setting is read once per process).
     os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    # Joins the launcher's other processes now (if any), so that one of them generates the data.
+    processes = PartialState(cpu=device == "cpu")
+    is_main = processes.is_main_process
+    report = print if is_main else (lambda *_, **__: None)
     cache = Path(args.cache)
     resolution = args.resolution or DEFAULT_RESOLUTION[args.model]
     side = resolution * 3 // 2  # larger than the bucket, so crops and resizes happen as with photos
-    dataset = generated_dataset(cache, args.images, (side, side), 90, f"square{side}")
+    with processes.local_main_process_first():
+        dataset = generated_dataset(cache, args.images, (side, side), 90, f"square{side}")
     records = data.assign_buckets(data.scan(str(dataset)).records, resolution)
     started = time.perf_counter()
     master = build_model(args.model)
@@ -482,17 +507,17 @@ def cmd_train(args) -> dict:
                             device)
     _free(device)
     out.update(matmul_flops_per_s=rate, matmul=rate_what, flops_per_image=flops, recipes={})
-    print(f"{out['model']} at {resolution} px on {out['gpu']}; {rate_what}: {rate / 1e12:.1f} TFLOP/s; UNet + text "
+    report(f"{out['model']} at {resolution} px on {out['gpu']}; {rate_what}: {rate / 1e12:.1f} TFLOP/s; UNet + text "
           f"encoder forward+backward: {flops['total'] / 1e12:.3f} TFLOP per image (UNet {flops['unet'] / 1e12:.3f}, "
           f"text encoder {flops['text_encoder'] / 1e12:.3f})", flush=True)
     for name in args.recipes:
         recipe = RECIPES[name]
-        print(f"{name}: {recipe.about} ...", flush=True)
+        report(f"{name}: {recipe.about} ...", flush=True)
         run_args = recipe_args(recipe, dataset, resolution, cache, args.extra)
         started = time.perf_counter()
         try:
             result = run_recipe(recipe, master, records, run_args, device, args)
-            result["mfu"] = flops["total"] * result["images_per_s"] / rate
+            result["mfu"] = flops["total"] * result["images_per_s"] / (rate * result["processes"])
         except torch.cuda.OutOfMemoryError as e:
             result = {"batch_size": run_args.batch_size, "error": "out of memory", "detail": str(e)[:300]}
         except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. compile on an unusual setup) is a result
@@ -501,11 +526,13 @@ def cmd_train(args) -> dict:
         _free(device)
         result["recipe_s"] = time.perf_counter() - started
         out["recipes"][name] = result
-        print(f"{name}: {json.dumps(result)}", flush=True)
-        if args.json:  # so far, in case the run is cut short; main() writes the whole report at the end
+        report(f"{name}: {json.dumps(result)}", flush=True)
+        if args.json and is_main:  # so far, in case the run is cut short; main() writes the whole report at the end
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    print("\n".join(train_table(out["recipes"])), flush=True)
-    return out
+    report("\n".join(train_table(out["recipes"])), flush=True)
+    if processes.num_processes > 1:
+        processes.destroy_process_group()
+    return out if is_main else None
 
 
 def _versions() -> dict:
@@ -543,10 +570,13 @@ def main(argv: list[str] | None = None) -> int:
         add_args(p)
     args = parser.parse_args(argv)
 
+    measured = SUBCOMMANDS[args.command][2](args)
+    if measured is None:  # not the first process of a launched run: that one reports for all
+        return 0
     results = {"command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
                           f"Python {platform.python_version()}",
-               **SUBCOMMANDS[args.command][2](args)}
+               **measured}
     print(json.dumps(results, indent=2))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")

@@ -149,6 +149,43 @@ def test_another_vae_or_precision_never_reads_these_latents(tmp_path, vae):
     assert LatentCache(tmp_path, other.to(torch.bfloat16)).folder != in_fp32
 
 
+def test_the_same_vae_finds_its_latents_in_every_process_and_from_any_folder(tmp_path):
+    """An older VAE config (as SD1.5's) lacks keys that diffusers then fills with defaults and lists in
+    `_use_default_values`, in an order set by the process's string hash seed. The fingerprint must not depend on
+    it, or every run and every process of a multi-GPU run would encode all images again in a folder of its own."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    folders = []
+    for copy in ("a", "b"):
+        shutil.copytree(TINY_MODEL / "vae", tmp_path / copy)
+        folders.append(tmp_path / copy)
+    for folder in folders:
+        config = json.loads((folder / "config.json").read_text())
+        for key in ("latents_mean", "latents_std", "shift_factor", "mid_block_add_attention", "use_quant_conv",
+                    "use_post_quant_conv", "force_upcast"):
+            del config[key]
+        (folder / "config.json").write_text(json.dumps(config))
+    script = ("import sys; from diffusers import AutoencoderKL; from data.latent_cache import LatentCache; "
+              "vae = AutoencoderKL.from_pretrained(sys.argv[1]); "
+              "print(len(vae.config._use_default_values), ','.join(vae.config._use_default_values)); "
+              "print(LatentCache('cache', vae).folder.name)")
+    outputs = []
+    for folder, hash_seed in zip(folders, ("1", "2")):
+        result = subprocess.run([sys.executable, "-c", script, str(folder)], cwd=REPO, capture_output=True, text=True,
+                                env={"PYTHONHASHSEED": hash_seed, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(result.stdout.split())
+    (count_a, order_a, folder_a), (count_b, order_b, folder_b) = outputs
+    assert int(count_a) == int(count_b) == 7
+    assert order_a != order_b  # the hash seeds do list the defaults in another order
+    assert folder_a == folder_b
+
+
 def test_entries_are_written_whole_and_a_damaged_one_is_encoded_again(tmp_path, photos, vae, tokenizer):
     from data.latent_cache import LatentCache
 
