@@ -39,10 +39,17 @@ def cuda_device(args) -> torch.device:
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", args.gpuid)))
 
 
-def make_accelerator(args):
+# DistributedDataParallel's settings; together +4% images/s on two H100s over DDP's defaults (doc/PERFORMANCE.md),
+# computing the same. Gradients live in DDP's all-reduce buckets instead of being copied there and back. No buffer
+# broadcast before every forward: the only buffers (the text encoder's position ids) never change, and the broadcast
+# made each forward wait for the slowest process.
+DDP_OPTIONS = {"gradient_as_bucket_view": True, "broadcast_buffers": False}
+
+
+def make_accelerator(args, ddp_options: dict = DDP_OPTIONS):
     """One process of a data-parallel run when started by torchrun / accelerate launch (their environment
     variables say how many and which; NCCL on GPUs, gloo on CPUs), else a single process (doc/MULTI_GPU.md)."""
-    from accelerate import Accelerator, InitProcessGroupKwargs
+    from accelerate import Accelerator, DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     use_cuda = torch.cuda.is_available()
     if use_cuda:
@@ -59,7 +66,8 @@ def make_accelerator(args):
     # While the first process samples or writes a checkpoint the others wait at their next exchange; NCCL's
     # default 10 minutes before calling that a hang is short for a big sample set or a slow disk.
     wait = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_WAIT_MINUTES))
-    return Accelerator(mixed_precision=precision, cpu=not use_cuda, kwargs_handlers=[wait])
+    return Accelerator(mixed_precision=precision, cpu=not use_cuda,
+                       kwargs_handlers=[wait, DistributedDataParallelKwargs(**ddp_options)])
 
 
 def dataloader_workers(accelerator) -> int:

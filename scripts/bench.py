@@ -159,6 +159,12 @@ def data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", default="/tmp/sdtrainer-bench", help="where generated datasets are kept")
 
 
+def train_ddp_options() -> tuple[tuple[str, object], ...]:
+    import train
+
+    return tuple(train.DDP_OPTIONS.items())
+
+
 @dataclass(frozen=True)
 class Recipe:
     about: str
@@ -166,6 +172,7 @@ class Recipe:
     config: str = "cfgs/train.json"
     optimizer: str | None = None     # replaces the optimizer of optimizer.json (UNet and text encoder)
     precision: str | None = None     # "fp16": fp16 autocast and a grad scaler instead of make_accelerator's choice
+    ddp: tuple[tuple[str, object], ...] | None = None  # DistributedDataParallel's settings instead of train.py's
 
 
 RECIPES = {
@@ -184,6 +191,12 @@ RECIPES = {
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
     "compiled": Recipe("default + compile", ("--compile",)),
+    # Several processes only: train.py's DistributedDataParallel settings against others.
+    "default_ddp_stock": Recipe("default, with DistributedDataParallel's own defaults", ddp=()),
+    "default_ddp_bucket100": Recipe("default, DDP all-reduce buckets of 100 MB instead of 25",
+                                    ddp=(*train_ddp_options(), ("bucket_cap_mb", 100))),
+    "default_ddp_bf16": Recipe("default, gradients averaged in bf16 (DDP's bf16 compression hook)",
+                               ddp=(*train_ddp_options(), ("comm_hook", "bf16"))),
 }
 DEFAULT_RESOLUTION = {"sd15": 512, "sd2-v": 768, "tiny": 128}
 SKIPPED_STEPS = 2  # at the start of the timed epoch: DataLoader workers starting and filling their queue
@@ -348,14 +361,16 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     from utils.step import StepSettings, training_step
 
     _reset_accelerate()
-    accelerator = train.make_accelerator(run_args)
+    ddp_options = train.DDP_OPTIONS if recipe.ddp is None else dict(recipe.ddp)
+    accelerator = train.make_accelerator(run_args, ddp_options)
     notes = []
     if recipe.precision and accelerator.mixed_precision != recipe.precision:
         if device == "cuda":
-            from accelerate import Accelerator
+            from accelerate import Accelerator, DistributedDataParallelKwargs
 
             _reset_accelerate()
-            accelerator = Accelerator(mixed_precision=recipe.precision)
+            accelerator = Accelerator(mixed_precision=recipe.precision,
+                                      kwargs_handlers=[DistributedDataParallelKwargs(**ddp_options)])
         else:
             notes.append(f"{recipe.precision} needs a GPU: ran in {accelerator.mixed_precision}")
     torch.manual_seed(run_args.seed)

@@ -38,3 +38,25 @@ def test_bench_train_prints_its_table_and_consistent_numbers(tmp_path):
         assert set(phases) == {"idle", "vae", "text_encoder", "unet", "backward", "optimizer"}, name
         assert sum(phases.values()) == pytest.approx(r["step_ms"], rel=0.05, abs=2.0), name
     assert recipes["reference"]["phases_ms"]["vae"] > 3 * recipes["default"]["phases_ms"]["vae"]  # cached latents
+
+
+def test_bench_train_under_torchrun_trains_the_global_batch_and_reports_once(tmp_path):
+    """Launched with two processes, as doc/PERFORMANCE.md's scaling runs are: each process trains its share of a
+    global batch of 2 x batch_size, images/s counts both, and only the first process reports."""
+    out = tmp_path / "bench.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "scripts/bench.py", "train", "--model", "tiny", "--recipes", "default",
+               "--images", "80", "--warmup", "1", "--steps", "3", "--min-images", "1",
+               "--cache", str(tmp_path / "cache"), "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert [line for line in result.stdout.splitlines() if line.startswith("| default")][0].startswith(
+        "| default | 2 x 8 |")
+    assert result.stdout.count('"recipes"') == 1  # one report, from the first process
+    report = json.loads(out.read_text())
+    r = report["recipes"]["default"]
+    assert (r["processes"], r["batch_size"], r["global_batch"]) == (2, 8, 16)
+    assert r["timed_steps"] == 3
+    assert r["images_per_s"] == pytest.approx(16 * 1000 / r["step_ms"], rel=1e-6)
+    assert r["mfu"] == pytest.approx(report["flops_per_image"]["total"] * r["images_per_s"]
+                                     / (2 * report["matmul_flops_per_s"]))
