@@ -25,10 +25,13 @@ from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (TrainingOptimizers, check_optimizers_run_here, read_optimizer_file,
                                   resolve_settings)
-from utils import config, ema, flow, sampling, training_state, validation
-from utils.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
-from utils.interrupts import StopSignals, TrainingDiverged
-from utils.run_dir import RunDir, setup_console_logging
+from utils.options import config
+from utils.watch import ema, sampling, validation
+from utils.objective import flow
+from utils.run import training_state
+from utils.run.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name, find_last
+from utils.run.interrupts import StopSignals, TrainingDiverged
+from utils.run.run_dir import RunDir, setup_console_logging
 
 log = logging.getLogger("train")
 PROCESS_WAIT_MINUTES = 30  # how long processes wait for each other before a run counts as hung
@@ -108,9 +111,9 @@ def prepare_models(model, args, accelerator):
 def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None, run_state=None) -> Path:
     """A diffusers folder in the run's ckpts/ and (unless no_save_ckpt) a single .safetensors file; with EMA the
     EMA model beside them as `<name>_ema` and `<name>_ema.safetensors`, written first so that a complete
-    checkpoint always has its EMA. `run_state` (utils.training_state) makes the checkpoint resumable; it brings
+    checkpoint always has its EMA. `run_state` (utils.run.training_state) makes the checkpoint resumable; it brings
     the optimizer state with it."""
-    from utils.models import save_diffusers, save_single_file
+    from utils.model.models import save_diffusers, save_single_file
 
     unet = accelerator.unwrap_model(model.unet)
     text_encoder = accelerator.unwrap_model(model.text_encoder)
@@ -221,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     rated = data.RatedDataset(args.max_epochs, args.rated_dataset_target_dropout_percent) if args.rated_dataset else None
 
     # -- model -------------------------------------------------------------------------------------------------
-    from utils import models
-    from utils.step import StepSettings, encode_text, training_step
+    from utils.model import models
+    from utils.objective.step import StepSettings, encode_text, training_step
 
     torch.manual_seed(args.seed)
     accelerator = make_accelerator(args)

@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load, save_file
 
-from utils.checkpoint import atomic_file
+from utils.run.checkpoint import atomic_file
 
 # Bump when the pixels an entry was made from would change (decoding, crop or resize rules in data/images.py).
 CACHE_VERSION = 1

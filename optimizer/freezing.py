@@ -14,7 +14,7 @@ import logging
 
 import torch
 
-from utils.config import ConfigError
+from utils.options.config import ConfigError
 
 log = logging.getLogger(__name__)
 

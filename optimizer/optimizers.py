@@ -26,8 +26,8 @@ from torch.optim.lr_scheduler import LambdaLR
 from optimizer.adacoor import AdaCoor
 from optimizer.freezing import check_freezing_config
 from optimizer.lr_free import DAdaptAdam, DAdaptLion, DAdaptSGD, LearningRateFree, Prodigy
-from utils.config import ConfigError, read_json_object
-from utils.flags import LR_SCHEDULERS
+from utils.options.config import ConfigError, read_json_object
+from utils.options.flags import LR_SCHEDULERS
 
 log = logging.getLogger(__name__)
 

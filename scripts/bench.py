@@ -3,7 +3,7 @@
 Subcommands (each registered in `SUBCOMMANDS` with its help, its arguments and the function that runs it):
   data   the data pipeline on CPU: scan speed on a generated folder of N small captioned images, then
          images/s of the DataLoader alone (decode, crop, resize, flip, tokenize) at 0/1/2 workers.
-  train  whole training steps (train.py's own setup and `utils.step.training_step`, real DataLoader on
+  train  whole training steps (train.py's own setup and `utils.objective.step.training_step`, real DataLoader on
          generated JPEGs) of a real-size SD1.5 or SD2.1-768 with random weights, for each recipe in
          RECIPES: images/s, a per-phase breakdown, peak memory and MFU. Made for a GPU; on CPU it runs
          the tiny demo model (`--model tiny`) as a check that everything works. Started by
@@ -110,7 +110,7 @@ def _loader_rate(records, batch_size: int, workers: int, tokenizer) -> tuple[flo
 
 def cmd_data(args) -> dict:
     import data
-    from utils.shipped import load_tokenizer
+    from utils.model.shipped import load_tokenizer
 
     cache = Path(args.cache)
     root = generated_dataset(cache, args.images, None, 85, "small")
@@ -206,7 +206,7 @@ def build_model(kind: str):
     """The model on CPU in fp32: the tiny demo model, or a real-size architecture with random weights."""
     import torch
 
-    from utils import models, shipped
+    from utils.model import models, shipped
 
     if kind == "tiny":
         return models.load(REPO / "demo" / "tiny-sd")
@@ -253,7 +253,7 @@ def flops_per_image(model, run_args, resolution: int, device: str) -> dict[str, 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from utils.step import StepSettings, compute_loss
+    from utils.objective.step import StepSettings, compute_loss
 
     model = copy.deepcopy(model)
     for module in (model.unet, model.text_encoder, model.vae):
@@ -327,7 +327,7 @@ def _optimizer_variant(base: Path, optimizer: str, out: Path) -> Path:
 
 def recipe_args(recipe: Recipe, dataset: Path, resolution: int, cache: Path, extra: list[str]):
     """The recipe's options, parsed and checked by train.py's own option code."""
-    from utils import config
+    from utils.options import config
 
     argv = ["--config", str(REPO / recipe.config), "--data_root", str(dataset), "--resolution", str(resolution),
             # The bench builds the model itself; any existing model satisfies the option check.
@@ -358,7 +358,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     from data.batching import process_share
     from data.latent_cache import LatentCache
     from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
-    from utils.step import StepSettings, training_step
+    from utils.objective.step import StepSettings, training_step
 
     _reset_accelerate()
     ddp_options = train.DDP_OPTIONS if recipe.ddp is None else dict(recipe.ddp)

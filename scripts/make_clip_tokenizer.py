@@ -5,7 +5,7 @@ Provenance
 ----------
 Stable Diffusion 1.x uses OpenAI's CLIP ViT-L/14 tokenizer; Stable Diffusion 2.x
 uses OpenCLIP ViT-H/14, whose tokenizer has the *same* BPE vocabulary and merges
-(only the pad token differs, see ``utils/shipped.py``).  Both derive from OpenAI's
+(only the pad token differs, see ``utils/model/shipped.py``).  Both derive from OpenAI's
 byte-pair-encoding file ``bpe_simple_vocab_16e6.txt.gz`` published in
 https://github.com/openai/CLIP (``clip/bpe_simple_vocab_16e6.txt.gz``, MIT license)
 and also shipped inside the PyPI wheel ``open_clip_torch``
@@ -15,7 +15,7 @@ nothing needs to be downloaded from the Hugging Face hub::
     pip download --no-deps open_clip_torch -d /tmp/oc
     cd /tmp/oc && unzip -o open_clip_torch-*.whl 'open_clip/bpe_simple_vocab_16e6.txt.gz'
     python scripts/make_clip_tokenizer.py /tmp/oc/open_clip/bpe_simple_vocab_16e6.txt.gz \
-        utils/model_configs/tokenizer
+        utils/model/model_configs/tokenizer
 
 The conversion mirrors ``SimpleTokenizer.__init__`` of openai/CLIP
 (``clip/simple_tokenizer.py``), which is also how the files in
@@ -83,7 +83,7 @@ def write(vocab: dict[str, int], merge_lines: list[str], out_dir: str | Path) ->
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("bpe_gz", help="path to bpe_simple_vocab_16e6.txt.gz (e.g. from the open_clip_torch wheel)")
-    p.add_argument("out_dir", nargs="?", default=str(Path(__file__).resolve().parents[1] / "utils/model_configs/tokenizer"))
+    p.add_argument("out_dir", nargs="?", default=str(Path(__file__).resolve().parents[1] / "utils/model/model_configs/tokenizer"))
     a = p.parse_args()
     vocab, merges = build(a.bpe_gz)
     write(vocab, merges, a.out_dir)

@@ -2,7 +2,7 @@
 """A real-size Stable Diffusion model (SD1.5, SD2 base or SD2.1-768-v architecture) with random weights.
 
 For benchmarks and loading tests: speed and file formats do not depend on the weights, and no weights can be
-downloaded here. Built from the configs shipped in utils/model_configs, on the meta device and then filled
+downloaded here. Built from the configs shipped in utils/model/model_configs, on the meta device and then filled
 in place, so it takes seconds.
 
     python scripts/make_random_sd.py --kind sd15 --out /tmp/sd15   # a diffusers folder
@@ -17,7 +17,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from utils import shipped  # noqa: E402
+from utils.model import shipped  # noqa: E402
 
 
 def random_sd(kind: str, dtype=torch.float16, seed: int = 0):

@@ -4,7 +4,7 @@
 Same architecture family as SD 1.x (CLIP text encoder -> cross-attention UNet on 4-channel
 latents of a factor-8 KL autoencoder), only tiny, so the trainer can be exercised on CPU:
 
-* tokenizer: the shipped SD1 CLIP tokenizer (full 49408-token vocab, see utils/shipped.py);
+* tokenizer: the shipped SD1 CLIP tokenizer (full 49408-token vocab, see utils/model/shipped.py);
 * text encoder: CLIPTextModel, hidden 32, 2 layers, 4 heads, quick_gelu (seeded random);
 * UNet: UNet2DConditionModel, block_out_channels (32, 64), cross-attention in both levels,
   cross_attention_dim 32, sample_size 16 (=128 px images) (seeded random);
@@ -42,7 +42,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from utils.shipped import load_tokenizer, save_tokenizer_files  # noqa: E402
+from utils.model.shipped import load_tokenizer, save_tokenizer_files  # noqa: E402
 
 LOGVAR_BIAS = -20.0  # posterior std = exp(-10) ~ 4.5e-5 (before scaling)
 VAE_TRAIN_STEPS = 300

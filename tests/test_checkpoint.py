@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from utils.checkpoint import atomic_dir, atomic_file, checkpoint_name, find_last
+from utils.run.checkpoint import atomic_dir, atomic_file, checkpoint_name, find_last
 
 
 def test_interrupted_folder_save_leaves_nothing_under_the_final_name(tmp_path):

@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from tests.conftest import REPO, write_json
-from utils import config
-from utils.flags import FLAGS
+from utils.options import config
+from utils.options.flags import FLAGS
 
 
 @pytest.fixture
@@ -138,5 +138,5 @@ def test_every_flag_has_a_cli_switch_and_a_documented_row():
 
 
 def test_flag_doc_is_current():
-    """doc/FLAGS.md is generated from the registry; regenerate with `python -m utils.config > doc/FLAGS.md`."""
+    """doc/FLAGS.md is generated from the registry; regenerate with `python -m utils.options.config > doc/FLAGS.md`."""
     assert (REPO / "doc" / "FLAGS.md").read_text() == config.flag_table_markdown()

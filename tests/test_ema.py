@@ -15,8 +15,8 @@ from safetensors.torch import load_file
 from tests.conftest import TINY_MODEL
 from tests.test_checkpoint import make_ckpt
 from tests.test_train import read_scalars, short_run
-from utils.checkpoint import find_last
-from utils.ema import EMA, sampled_models
+from utils.run.checkpoint import find_last
+from utils.watch.ema import EMA, sampled_models
 
 # -- the update, on small modules -------------------------------------------------------------------------------
 
@@ -42,7 +42,7 @@ def set_params(modules, generator) -> list[torch.Tensor]:
 
 @pytest.mark.parametrize("chunk_elements", [2**28, 7])  # one copy chunk, or many (some a single parameter)
 def test_update_every_interval_follows_the_formula(monkeypatch, chunk_elements):
-    monkeypatch.setattr("utils.ema.COPY_CHUNK_ELEMENTS", chunk_elements)
+    monkeypatch.setattr("utils.watch.ema.COPY_CHUNK_ELEMENTS", chunk_elements)
     modules = small_modules()
     initial = params(modules)
     decay, every = 0.9, 3
@@ -209,7 +209,7 @@ def test_ema_updates_at_its_cadence_by_the_formula(ema_run):
 def test_ema_checkpoints_beside_every_save_load_in_diffusers(ema_run):
     from diffusers import StableDiffusionPipeline
 
-    from utils import models
+    from utils.model import models
 
     names = {p.name for p in ema_run.ckpts.iterdir()}
     for name in ("myproj-ep01-gs00004", "myproj-ep02-gs00008", "last-myproj-ep03-gs00012"):
@@ -239,8 +239,8 @@ def test_ema_resumes_from_a_single_file_and_samples_only_ema_by_default(ema_run,
     """ema_decay_rate 1 keeps the EMA at its starting weights, so they can be compared exactly."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from utils import models
-    from utils.sampling import SampleSchedule, SampleSettings, generate_samples
+    from utils.model import models
+    from utils.watch.sampling import SampleSchedule, SampleSettings, generate_samples
 
     start = ema_run.ckpts / "last-myproj-ep03-gs00012_ema.safetensors"
     run = short_run(tmp_path, ema_run.data_root, "--max_epochs", "1", "--ema_decay_rate", "1",

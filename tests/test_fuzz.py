@@ -31,10 +31,11 @@ from data.captions import assemble_caption
 from data.loader import EpochBatches, SampleOptions
 from optimizer.optimizers import (DEFAULT_SETTINGS, TOP_LEVEL_KEYS, make_lr_schedule, make_optimizer,
                                   read_optimizer_file, resolve_settings)
-from utils import config, shipped
-from utils.config import ConfigError
-from utils.flags import FLAGS
-from utils.validation import ALIASES, IGNORED_KEYS, KEYS, ValidationConfig, load_validation_config
+from utils.options import config
+from utils.model import shipped
+from utils.options.config import ConfigError
+from utils.options.flags import FLAGS
+from utils.watch.validation import ALIASES, IGNORED_KEYS, KEYS, ValidationConfig, load_validation_config
 
 
 class Raw(str):

@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from tests.conftest import REPO, TINY_MODEL
-from utils import models
+from utils.model import models
 
 
 class RunsCode:

@@ -23,7 +23,7 @@ def vae():
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from utils.shipped import load_tokenizer
+    from utils.model.shipped import load_tokenizer
 
     return load_tokenizer("sd1")
 
@@ -60,7 +60,7 @@ def misses(batches) -> int:
 
 def fill(vae, batches) -> None:
     """What a training step does with a batch: encode the misses (storing them) and assemble the parameters."""
-    from utils.step import batch_posterior
+    from utils.objective.step import batch_posterior
 
     for batch in batches:
         batch_posterior(vae, batch)
@@ -76,7 +76,7 @@ def photos(tmp_path):
 def test_entries_hit_in_later_epochs_and_runs_and_hold_what_the_vae_gives(tmp_path, photos, vae, tokenizer):
     from data.images import load_training_image
     from data.latent_cache import LatentCache, content_hash, crop_rng
-    from utils.step import posterior_parameters
+    from utils.objective.step import posterior_parameters
 
     records = records_of(photos)
     by_path = {record.path: record for record in records}

@@ -1,4 +1,4 @@
-"""diffusers -> LDM export (utils/ldm_convert.py), checked against diffusers' own LDM -> diffusers loader.
+"""diffusers -> LDM export (utils/model/ldm_convert.py), checked against diffusers' own LDM -> diffusers loader.
 
 Real tiny models, no mocks, no network: the exported single file is read back with
 ``StableDiffusionPipeline.from_single_file(..., config=<saved pipeline folder>)`` and every tensor
@@ -21,7 +21,7 @@ from diffusers.loaders.single_file_utils import (
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from utils.ldm_convert import pipeline_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
+from utils.model.ldm_convert import pipeline_to_ldm, text_encoder_to_ldm, unet_to_ldm, vae_to_ldm
 
 TINY_UNET = dict(
     block_out_channels=(32, 64),

@@ -6,7 +6,7 @@ import threading
 import time
 
 from tests.conftest import REPO, TINY_MODEL, write_json
-from utils import config
+from utils.options import config
 
 LIVE = {"save_every_n_epochs", "save_ckpts_from_n_epochs", "save_full_precision", "save_optimizer",
         "zero_frequency_noise_ratio", "min_snr_gamma", "clip_skip"}

@@ -15,8 +15,8 @@ from safetensors.torch import save_file
 
 from scripts.make_random_sd import random_sd
 from tests.conftest import TINY_MODEL
-from utils import models, shipped
-from utils.ldm_convert import pipeline_to_ldm
+from utils.model import models, shipped
+from utils.model.ldm_convert import pipeline_to_ldm
 
 
 def assert_same_weights(model: models.StableDiffusion, originals):

@@ -91,7 +91,7 @@ def test_one_process_trains_the_plan_itself_and_an_uneven_split_is_refused():
 
 @pytest.fixture(scope="module")
 def tiny():
-    from utils import models
+    from utils.model import models
 
     model = models.load(TINY_MODEL)
     return model, model.noise_scheduler("ddpm")
@@ -126,7 +126,7 @@ def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size,
     processes' losses, and of their gradients (what DDP averages), equals one process's on the whole batch."""
     from types import SimpleNamespace
 
-    from utils.step import BatchShare, StepSettings, compute_loss
+    from utils.objective.step import BatchShare, StepSettings, compute_loss
 
     model, scheduler = tiny
     generator = torch.Generator().manual_seed(0)
@@ -158,7 +158,7 @@ def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size,
 
 
 def test_batch_share_slices_what_one_process_draws():
-    from utils.step import BatchShare
+    from utils.objective.step import BatchShare
 
     torch.manual_seed(3)
     whole = torch.randn(6, 2)
@@ -186,7 +186,7 @@ def test_the_layers_frozen_for_clip_skip_are_those_without_a_gradient(clip_skip)
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from train import freeze_clip_skipped_layers
-    from utils.step import encode_text
+    from utils.objective.step import encode_text
 
     torch.manual_seed(0)
     config = CLIPTextConfig(vocab_size=100, hidden_size=16, intermediate_size=32, num_hidden_layers=4,
@@ -208,8 +208,9 @@ from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_
 sys.path.insert(0, sys.argv[1])
 import train
 from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
-from utils import config, models
-from utils.step import StepSettings, training_step
+from utils.options import config
+from utils.model import models
+from utils.objective.step import StepSettings, training_step
 
 args = config.load(["--resume_ckpt", sys.argv[2], "--data_root", sys.argv[3], "--optimizer_config", sys.argv[4]])
 accelerator = train.make_accelerator(args)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 
-from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
+from utils.objective.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
 
 

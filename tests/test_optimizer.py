@@ -13,7 +13,7 @@ from optimizer.optimizers import (LEARNING_RATE_FREE, TrainingOptimizers, check_
                                   read_optimizer_file, resolve_settings)
 from tests.conftest import TINY_MODEL, write_json
 from tests.test_train import read_scalars, short_run
-from utils.config import ConfigError
+from utils.options.config import ConfigError
 
 
 def main_args(**overrides):

@@ -19,7 +19,7 @@ from safetensors import safe_open
 
 from tests.conftest import REPO, TINY_MODEL, write_json
 from tests.test_train import read_scalars
-from utils import flow
+from utils.objective import flow
 
 RESOLUTION = 64
 CAPTION = "a square"
@@ -74,7 +74,7 @@ def flow_run(tmp_path_factory, squares, v_model) -> Path:
 
 def tiny_batch(model, n: int = 2, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """(latents, token ids) of n random 64 px images captioned CAPTION."""
-    from utils.step import encode_images
+    from utils.objective.step import encode_images
 
     generator = torch.Generator().manual_seed(seed)
     pixels = torch.rand(n, 3, RESOLUTION, RESOLUTION, generator=generator) * 2 - 1
@@ -111,8 +111,8 @@ def test_on_a_straight_path_the_flow_sampler_with_our_target_stays_on_it():
 def test_compute_loss_trains_the_velocity_at_noise_level_t_over_1000_with_flow_min_snr():
     """compute_loss with rectified_flow against the formulas: UNet input (1 - s) x + s n at timestep t = 1000 s,
     target n - x, MSE weighted by min-SNR-5 for the path, SNR = ((1 - s) / s)^2 times s^2."""
-    from utils import models
-    from utils.step import StepSettings, compute_loss, encode_text
+    from utils.model import models
+    from utils.objective.step import StepSettings, compute_loss, encode_text
 
     model = models.load(TINY_MODEL)
     latents, ids = tiny_batch(model)
@@ -138,8 +138,8 @@ def test_compute_loss_trains_the_velocity_at_noise_level_t_over_1000_with_flow_m
 def test_the_sampler_takes_euler_steps_over_the_noise_level_and_straightness_is_liu_s():
     """flow.sample == x <- x + (s_next - s) * unet(x, floor(1000 s)) from s = 0.999 down to 0 in equal steps; the
     straightness of that path is the step-weighted mean of |v_k - (x_start - x_end) / (s_start - s_end)|^2."""
-    from utils import models
-    from utils.step import encode_text
+    from utils.model import models
+    from utils.objective.step import encode_text
 
     model = models.load(TINY_MODEL)
     _, ids = tiny_batch(model)
@@ -171,9 +171,9 @@ def test_validation_loss_is_the_flow_objective(tmp_path, squares):
     import data
     from data.images import load_training_image
     from torch.utils.tensorboard import SummaryWriter
-    from utils import models
-    from utils.step import StepSettings, encode_text
-    from utils.validation import Validator, load_validation_config, split_records
+    from utils.model import models
+    from utils.objective.step import StepSettings, encode_text
+    from utils.watch.validation import Validator, load_validation_config, split_records
 
     model = models.load(TINY_MODEL)
     val = tmp_path / "val"
@@ -215,8 +215,8 @@ def test_our_convention_starts_clearly_lower_than_the_literal_one(v_model, squar
     noise - image) and under the specification read literally (timestep = 1000 - ours, target image - noise).
     Before v-training (the demo model as it ships) the two are about equal: the gap is what the v-model brings."""
     from data.images import load_training_image
-    from utils import models
-    from utils.step import StepSettings, compute_loss, encode_images, encode_text
+    from utils.model import models
+    from utils.objective.step import StepSettings, compute_loss, encode_images, encode_text
 
     pixels = torch.stack([load_training_image(str(path), (RESOLUTION, RESOLUTION), random.Random(0), False)
                           for path in sorted(squares.glob("*.png"))])
@@ -257,9 +257,9 @@ def test_flow_checkpoints_sample_the_same_in_a_stock_pipeline(flow_run, tmp_path
     during training use the same sampler."""
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
     from torch.utils.tensorboard import SummaryWriter
-    from utils import models
-    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
-    from utils.step import encode_text
+    from utils.model import models
+    from utils.watch.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
+    from utils.objective.step import encode_text
 
     folder = last_checkpoint(flow_run)
     pipe = StableDiffusionPipeline.from_pretrained(folder, local_files_only=True)
@@ -309,8 +309,8 @@ def test_reflow_straightens_the_flow_and_one_step_samples_get_closer(flow_run, s
     on them; the model's paths from fixed noise are then straighter and one Euler step lands closer to the 8-step
     sample (Liu et al.'s headline effect). Both phases and the main epoch after them are in TensorBoard. As many
     steps on the images themselves (a control run) do not straighten the flow like that."""
-    from utils import models
-    from utils.step import encode_text
+    from utils.model import models
+    from utils.objective.step import encode_text
 
     flow_model = last_checkpoint(flow_run)
     run = train_run(tmp_path / "reflow", squares, flow_model, "--rectified_flow", "--reflow_steps", "1",
@@ -400,7 +400,7 @@ def test_a_flow_model_is_not_trained_as_a_diffusion_model(flow_run, squares, tmp
 def test_reflow_from_a_model_not_yet_trained_as_a_flow_is_warned_about(v_model, caplog):
     from types import SimpleNamespace
 
-    from utils import models
+    from utils.model import models
 
     model = models.load(v_model)
     with caplog.at_level("WARNING"):

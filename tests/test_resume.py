@@ -8,7 +8,7 @@ import torch
 
 import data
 from tests.conftest import TINY_MODEL
-from utils import training_state
+from utils.run import training_state
 
 
 def test_random_generators_round_trip_through_the_state_file(tmp_path):
@@ -54,7 +54,7 @@ def test_fingerprint_names_what_changed(small_dataset):
 
 
 def test_a_loader_started_mid_epoch_yields_the_same_later_batches(small_dataset):
-    from utils.models import load
+    from utils.model.models import load
 
     tokenizer = load(TINY_MODEL).tokenizer
     records = data.assign_buckets(data.scan(small_dataset).records, 128)

@@ -15,9 +15,10 @@ from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, write_json
 from tests.test_train import read_scalars
-from utils import config, sampling
-from utils.config import ConfigError
-from utils.sampling import SAMPLERS, SampleEvent, SampleRequest, SampleSchedule, SampleSettings
+from utils.options import config
+from utils.watch import sampling
+from utils.options.config import ConfigError
+from utils.watch.sampling import SAMPLERS, SampleEvent, SampleRequest, SampleSchedule, SampleSettings
 
 DEFAULTS = SampleSettings(batch_size=2, seed=555, resolution=64, every_n_steps=10, generate_pretrain_samples=True)
 
@@ -140,7 +141,7 @@ def test_unknown_scheduler_stops_the_run_before_the_model_loads(tmp_path, small_
 
 @pytest.fixture(scope="module")
 def tiny():
-    from utils import models
+    from utils.model import models
 
     return models.load(TINY_MODEL)
 
@@ -308,7 +309,7 @@ def test_other_file_types_are_refused(tmp_path):
 
 
 def test_edits_during_training_apply_at_the_next_event_and_bad_edits_keep_the_settings(tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="utils.sampling")
+    caplog.set_level(logging.INFO, logger="utils.watch.sampling")
     path = write_json(tmp_path / "samples.json", {"generate_samples_every_n_steps": 4, "samples": [{"prompt": "a"}]})
     schedule = SampleSchedule(path, DEFAULTS)
     assert [s for s in range(1, 13) if schedule.due(s)] == [4, 8, 12]
@@ -365,9 +366,9 @@ def test_clip_skip_conditions_samples_as_training_does(tmp_path):
     from diffusers import StableDiffusionPipeline
     from torch.utils.tensorboard import SummaryWriter
 
-    from utils import models
-    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples, make_sampler
-    from utils.step import encode_text
+    from utils.model import models
+    from utils.watch.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples, make_sampler
+    from utils.objective.step import encode_text
 
     model = models.load(TINY_MODEL)
     settings = SampleSettings(batch_size=1, seed=4, resolution=64, every_n_steps=1, generate_pretrain_samples=False,

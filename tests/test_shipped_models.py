@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from utils.shipped import CONFIG_KINDS, TOKENIZER_DIR, config_dir, load_tokenizer, save_tokenizer_files
+from utils.model.shipped import CONFIG_KINDS, TOKENIZER_DIR, config_dir, load_tokenizer, save_tokenizer_files
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_MODEL = REPO / "demo" / "tiny-sd"

@@ -116,8 +116,8 @@ def caption_accuracy(model_path) -> float:
 
     from data import assign_buckets, scan
     from data.images import load_training_image
-    from utils import models
-    from utils.step import encode_images, encode_text
+    from utils.model import models
+    from utils.objective.step import encode_images, encode_text
 
     model = models.load(model_path)
     records = [r for r in assign_buckets(scan(str(DEMO_DATA)).records, 128) if r.bucket == (128, 128)]
@@ -180,7 +180,7 @@ def short_run(tmp_path, data_root, *extra: str) -> Path:
 
 
 def test_frozen_text_encoder_optimizer_state_schedule_and_epoch_saves(tmp_path, small_dataset):
-    from utils import models
+    from utils.model import models
 
     run = short_run(tmp_path, small_dataset, "--disable_textenc_training", "--save_optimizer", "--write_schedule",
                     "--run_name", "frozen", "--max_epochs", "2", "--save_every_n_epochs", "1")

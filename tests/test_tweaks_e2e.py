@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL
-from utils import models
-from utils.step import StepSettings, compute_loss, encode_text
+from utils.model import models
+from utils.objective.step import StepSettings, compute_loss, encode_text
 
 
 def tiny_copy(tmp_path: Path, **scheduler_changes) -> Path:
@@ -135,7 +135,7 @@ def test_zero_terminal_snr_betas_follow_algorithm_1_in_training_sampling_and_sav
 
     for sampler in ("ddpm", "ddim"):
         assert_rescaled(model.noise_scheduler(sampler))
-    # the sampler in utils/sampling.py is DDIM from the model's config: same betas, sampling from t=999
+    # the sampler in utils/watch/sampling.py is DDIM from the model's config: same betas, sampling from t=999
     sampler = DDIMScheduler.from_config(model.scheduler.config)
     assert_rescaled(sampler)
     sampler.set_timesteps(30)
@@ -168,7 +168,7 @@ def test_zero_terminal_snr_samples_use_guidance_rescale_0_7(tmp_path):
     from diffusers import DDIMScheduler, StableDiffusionPipeline
     from torch.utils.tensorboard import SummaryWriter
 
-    from utils.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
+    from utils.watch.sampling import SampleEvent, SampleRequest, SampleSettings, generate_samples
 
     model = models.load(tiny_copy(tmp_path, prediction_type="v_prediction"))
     model.use_zero_terminal_snr()

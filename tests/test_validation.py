@@ -15,9 +15,9 @@ import torch
 
 import data
 from tests.conftest import DEMO_DATA, REPO, TINY_MODEL, write_json
-from utils.config import ConfigError
-from utils.step import StepSettings
-from utils.validation import KEYS, ValidationConfig, Validator, load_validation_config, split_records
+from utils.options.config import ConfigError
+from utils.objective.step import StepSettings
+from utils.watch.validation import KEYS, ValidationConfig, Validator, load_validation_config, split_records
 
 RESOLUTION = 128  # the demo images and the tiny model's training size
 
@@ -260,7 +260,7 @@ def test_schedule_every_epoch_every_second_epoch_and_within_epochs(tmp_path, dem
 
 @pytest.fixture(scope="module")
 def tiny():
-    from utils import models
+    from utils.model import models
 
     model = models.load(TINY_MODEL)
     return model, model.noise_scheduler("ddpm")
@@ -317,8 +317,8 @@ def test_the_loss_is_the_plain_mse_of_each_real_image(tmp_path, demo_records, ti
     Huber or min-SNR; captions never dropped; draws from a generator seeded with the config seed; the duplicate
     not counted."""
     from data.images import load_training_image
-    from utils.objectives import add_pyramid_noise
-    from utils.step import encode_text
+    from utils.objective.objectives import add_pyramid_noise
+    from utils.objective.step import encode_text
 
     model, scheduler = tiny
     val = copy_images(["red_circle_00", "blue_square_00", "green_triangle_00"], tmp_path / "val")

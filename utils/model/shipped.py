@@ -1,6 +1,6 @@
 """Tokenizers and model configs shipped inside the repository (no hub downloads).
 
-Everything here lives under ``utils/model_configs/``:
+Everything here lives under ``utils/model/model_configs/``:
 
 * ``tokenizer/vocab.json`` + ``tokenizer/merges.txt`` -- OpenAI's CLIP BPE vocabulary
   (49408 tokens), converted offline by ``scripts/make_clip_tokenizer.py``.  SD 1.x
@@ -14,7 +14,7 @@ Everything here lives under ``utils/model_configs/``:
 
 Example::
 
-    from utils.shipped import load_tokenizer, config_dir, save_tokenizer_files
+    from utils.model.shipped import load_tokenizer, config_dir, save_tokenizer_files
     tok = load_tokenizer("sd1")
     unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(config_dir("sd15") / "unet"))
 """

@@ -11,8 +11,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_cache import store
-from utils import flow
-from utils.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
+from utils.objective import flow
+from utils.objective.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
     sample_timesteps, training_target
 
 
@@ -122,7 +122,7 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
                  mark: Callable[[str], None] = _no_mark, share: BatchShare = BatchShare()) -> torch.Tensor:
     """Noises the batch's latents, predicts with the UNet and returns the weighted loss (a 0-dim tensor).
 
-    A reflow batch brings its latents and the noise they were generated from (utils.flow) instead of pixels.
+    A reflow batch brings its latents and the noise they were generated from (utils.objective.flow) instead of pixels.
     `mark(phase)` is called as each phase has been queued (the benchmark times the phases with it).
     With several processes, `batch` is this process's `share` of the global batch; the random draws are the global
     batch's (see BatchShare) and a runt is weighed by the global batch's size, so the mean of the processes' losses

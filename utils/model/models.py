@@ -1,7 +1,7 @@
 """Loading and saving Stable Diffusion models, offline.
 
 Loading takes a diffusers folder, or a single `.safetensors` / `.ckpt` file in the original (LDM) layout read
-by diffusers' own `from_single_file`, given configs that ship with this project (utils/model_configs) so no
+by diffusers' own `from_single_file`, given configs that ship with this project (utils/model/model_configs) so no
 hub is needed. Which config fits a file is decided from its weights: SD1.x (768-wide cross-attention) or
 SD2.x (1024); SD2 768 v-prediction versus 512 epsilon from the file's metadata, a `.yaml` beside it, or
 failing both the model's own output (the test AUTOMATIC1111 uses). Files this trainer wrote carry their
@@ -28,9 +28,10 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from utils import flow, shipped
-from utils.checkpoint import atomic_dir, atomic_file
-from utils.ldm_convert import pipeline_to_ldm
+from utils.objective import flow
+from utils.model import shipped
+from utils.run.checkpoint import atomic_dir, atomic_file
+from utils.model.ldm_convert import pipeline_to_ldm
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,8 @@ def _pipeline(model: StableDiffusion, unet, text_encoder) -> StableDiffusionPipe
 def save_diffusers(model: StableDiffusion, unet, text_encoder, folder: Path,
                    optimizer_states: dict[str, dict] | None = None, run_state=None) -> None:
     """Writes a complete diffusers pipeline folder (plus optimizer state and the run's training state when
-    given: utils.training_state), atomically."""
-    from utils import training_state
+    given: utils.run.training_state), atomically."""
+    from utils.run import training_state
 
     with atomic_dir(folder) as scratch:
         _pipeline(model, unet, text_encoder).save_pretrained(scratch, safe_serialization=True)

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from utils.config import effective_options
+from utils.options.config import effective_options
 
 log = logging.getLogger("train")
 

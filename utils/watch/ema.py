@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.checkpoint import EMA_SUFFIX, find_last
-from utils.config import ConfigError
+from utils.run.checkpoint import EMA_SUFFIX, find_last
+from utils.options.config import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -61,7 +61,7 @@ def check_options(args: SimpleNamespace) -> Path | None:
 
 def load_start(path: Path, trained: dict[str, torch.nn.Module]) -> dict[str, dict[str, torch.Tensor]]:
     """The parameters of `trained`'s models as stored in the checkpoint at `path`, checked to fit them exactly."""
-    from utils import models
+    from utils.model import models
 
     loaded = models.load(path)
     start = {}

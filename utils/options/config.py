@@ -1,10 +1,10 @@
-"""Options: the flag registry (utils/flags.py) turned into argparse, the JSON merge and validation.
+"""Options: the flag registry (utils/options/flags.py) turned into argparse, the JSON merge and validation.
 
 Precedence is command line > `--config` JSON > registry default. A JSON `null` means "use the default".
 Everything here runs before any model or dataset is touched, and a bad option stops the run with a message
 that names the key, the file and the fix, before any output folder exists.
 
-`python -m utils.config` prints the markdown flag table kept in doc/FLAGS.md.
+`python -m utils.options.config` prints the markdown flag table kept in doc/FLAGS.md.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from utils.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
+from utils.options.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
 
 log = logging.getLogger(__name__)
 
@@ -288,7 +288,7 @@ def effective_options(args: SimpleNamespace) -> dict:
 
 def flag_table_markdown() -> str:
     lines = ["# Options", "",
-             "Generated from `utils/flags.py` by `python -m utils.config > doc/FLAGS.md`; do not edit by hand.", "",
+             "Generated from `utils/options/flags.py` by `python -m utils.options.config > doc/FLAGS.md`; do not edit by hand.", "",
              "Every option works as a `train.json` key and as a command-line flag (`--name value`; switches are "
              "`--name` / `--no-name`). The command line wins over the JSON file; a JSON `null` means the default.",
              ""]

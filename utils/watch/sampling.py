@@ -32,9 +32,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from data.buckets import buckets_for
-from utils import flow
-from utils.config import ConfigError, read_json_object
-from utils.step import encode_text
+from utils.objective import flow
+from utils.options.config import ConfigError, read_json_object
+from utils.objective.step import encode_text
 
 log = logging.getLogger(__name__)
 

@@ -34,10 +34,10 @@ from tqdm.auto import tqdm
 
 import data
 from data.records import DEFAULT_BATCH_ID
-from utils import flow
-from utils.config import ConfigError, read_json_object
-from utils.objectives import sample_noise, sample_timesteps, training_target
-from utils.step import StepSettings, encode_images, encode_text
+from utils.objective import flow
+from utils.options.config import ConfigError, read_json_object
+from utils.objective.objectives import sample_noise, sample_timesteps, training_target
+from utils.objective.step import StepSettings, encode_images, encode_text
 
 log = logging.getLogger(__name__)
 

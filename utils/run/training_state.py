@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from utils.config import ConfigError
+from utils.options.config import ConfigError
 
 STATE_FILE = "training_state.pt"
 FORMAT = 1

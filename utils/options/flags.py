@@ -1,7 +1,7 @@
 """The one registry of every option the trainer takes.
 
-Each `Flag` is declared once here; `utils/config.py` turns the registry into argparse, merges it with the
-JSON config file and validates it, and `python -m utils.config` writes the flag table in doc/FLAGS.md.
+Each `Flag` is declared once here; `utils/options/config.py` turns the registry into argparse, merges it with the
+JSON config file and validates it, and `python -m utils.options.config` writes the flag table in doc/FLAGS.md.
 Names, types and defaults follow EveryDream2 (../shared/spec/REFERENCE.md §1.2) so existing train.json
 files keep working.
 
