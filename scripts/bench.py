@@ -160,9 +160,9 @@ def data_args(p: argparse.ArgumentParser) -> None:
 
 
 def train_ddp_options() -> tuple[tuple[str, object], ...]:
-    import train
+    from utils.run.setup import DDP_OPTIONS
 
-    return tuple(train.DDP_OPTIONS.items())
+    return tuple(DDP_OPTIONS.items())
 
 
 @dataclass(frozen=True)
@@ -353,16 +353,15 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     the next epoch."""
     import torch
 
-    import data
-    import train
-    from data.batching import process_share
     from data.latent_cache import LatentCache
     from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
     from utils.objective.step import StepSettings, training_step
+    from utils.run.epoch_data import EpochData
+    from utils.run.setup import DDP_OPTIONS, dataloader_workers, make_accelerator, prepare_models
 
     _reset_accelerate()
-    ddp_options = train.DDP_OPTIONS if recipe.ddp is None else dict(recipe.ddp)
-    accelerator = train.make_accelerator(run_args, ddp_options)
+    ddp_options = DDP_OPTIONS if recipe.ddp is None else dict(recipe.ddp)
+    accelerator = make_accelerator(run_args, ddp_options)
     notes = []
     if recipe.precision and accelerator.mixed_precision != recipe.precision:
         if device == "cuda":
@@ -375,21 +374,15 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
             notes.append(f"{recipe.precision} needs a GPU: ran in {accelerator.mixed_precision}")
     torch.manual_seed(run_args.seed)
     model = copy.deepcopy(master)
-    trained = train.prepare_models(model, run_args, accelerator)
+    trained = prepare_models(model, run_args, accelerator)
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
     # As train.py: each step's global batch is planned as one and every process trains its share of it.
-    batch_size, rank, processes = run_args.batch_size, accelerator.process_index, accelerator.num_processes
-    global_batch = batch_size * processes
+    epoch_data = EpochData(records, None, model.tokenizer, run_args, accelerator, dataloader_workers(accelerator),
+                           latent_cache=latent_cache)
+    batch_size, processes, global_batch = run_args.batch_size, accelerator.num_processes, epoch_data.global_batch
 
     def epoch_loader(epoch: int):
-        plan = data.build_epoch_batches(records, global_batch, run_args.seed, epoch, run_args.grad_accum)
-        return data.make_epoch_loader(process_share(plan, rank, processes), records, model.tokenizer,
-                                      cond_dropout=run_args.cond_dropout,
-                                      seed=run_args.seed, epoch=epoch,
-                                      num_workers=train.dataloader_workers(accelerator),
-                                      pin_memory=device == "cuda", flip_p=run_args.flip_p,
-                                      shuffle_tags=run_args.shuffle_tags, keep_tags=run_args.keep_tags,
-                                      latent_cache=latent_cache)
+        return epoch_data.loader(epoch_data.plan(epoch, run_args.grad_accum), epoch)
 
     steps_per_epoch = len(records) // global_batch
     settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch, processes)

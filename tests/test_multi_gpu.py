@@ -185,7 +185,7 @@ def test_the_layers_frozen_for_clip_skip_are_those_without_a_gradient(clip_skip)
     freeze exactly the text encoder layers that one process's backward leaves without one."""
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from train import freeze_clip_skipped_layers
+    from utils.run.setup import freeze_clip_skipped_layers
     from utils.objective.step import encode_text
 
     torch.manual_seed(0)
@@ -206,16 +206,16 @@ import json, sys
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 sys.path.insert(0, sys.argv[1])
-import train
 from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
 from utils.options import config
 from utils.model import models
 from utils.objective.step import StepSettings, training_step
+from utils.run.setup import make_accelerator, prepare_models
 
 args = config.load(["--resume_ckpt", sys.argv[2], "--data_root", sys.argv[3], "--optimizer_config", sys.argv[4]])
-accelerator = train.make_accelerator(args)
+accelerator = make_accelerator(args)
 model = models.load(args.resume_ckpt)
-trained = train.prepare_models(model, args, accelerator)
+trained = prepare_models(model, args, accelerator)
 optimizers = TrainingOptimizers(trained, resolve_settings(read_optimizer_file(args.optimizer_config), args, 3))
 exchanges = []
 for name in trained:

@@ -6,6 +6,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from utils.objective import flow
+
 
 def sample_noise(latents: torch.Tensor, zero_frequency_noise_ratio: float, pyramid_noise_discount: float | None = None,
                  generator=None) -> torch.Tensor:
@@ -52,6 +54,17 @@ def perturb_embedding(hidden_states: torch.Tensor, gamma: float, generator=None)
 def sample_timesteps(batch: int, start: int, end: int, device, generator=None) -> torch.Tensor:
     """Integer timesteps drawn uniformly from [start, end)."""
     return torch.randint(start, end, (batch,), device=device, generator=generator)
+
+
+def noised_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                      rectified_flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The one objective: (the UNet's input, what it should predict) for clean `latents` at `timesteps`. Training,
+    validation and reflow all call this. Diffusion: the scheduler's noised latents and the epsilon or v target;
+    rectified flow: the straight-path point and its velocity (utils.objective.flow)."""
+    if rectified_flow:
+        return flow.training_pair(latents, noise, timesteps, noise_scheduler.config.num_train_timesteps)
+    return noise_scheduler.add_noise(latents, noise, timesteps), training_target(noise_scheduler, latents, noise,
+                                                                                  timesteps)
 
 
 def training_target(noise_scheduler, latents, noise, timesteps) -> torch.Tensor:

@@ -12,8 +12,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_cache import store
 from utils.objective import flow
-from utils.objective.objectives import diffusion_loss, min_snr_weight, perturb_embedding, runt_weight, sample_noise, \
-    sample_timesteps, training_target
+from utils.objective.objectives import diffusion_loss, min_snr_weight, noised_and_target, perturb_embedding, \
+    runt_weight, sample_noise, sample_timesteps
 
 
 @dataclass
@@ -146,11 +146,7 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
     timesteps = share.mine(sample_timesteps(latents.shape[0] * share.processes, settings.timestep_start,
                                             settings.timestep_end, latents.device))
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
-    if settings.rectified_flow:
-        noisy_latents, target = flow.training_pair(latents, noise, timesteps, num_train_timesteps)
-    else:
-        noisy_latents = noise_scheduler.add_noise(latents, noise, timesteps)
-        target = training_target(noise_scheduler, latents, noise, timesteps)
+    noisy_latents, target = noised_and_target(noise_scheduler, latents, noise, timesteps, settings.rectified_flow)
     pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
     weight = batch["loss_scale"].to(latents.device, non_blocking=True)
     if settings.min_snr_gamma and settings.rectified_flow:

@@ -44,6 +44,7 @@ class TrainingState:
     validation: dict = field(default_factory=dict)  # the validator's history, for its trend warnings
     ema_updates: int = 0  # optimizer updates the EMA has counted (its update cadence)
     skipped_updates: int = 0  # non-finite updates skipped so far
+    grad_accum: int | None = None  # as a plugin last set it (None: the configured grad_accum)
 
 
 def fingerprint(args, records, num_processes: int, trained: list[str]) -> dict:

@@ -194,3 +194,20 @@ class EMA:
             for device in (self.live_device, self.device):
                 if device.type == "cuda":
                     torch.cuda.current_stream(device).synchronize()
+
+
+class EMAUpdates:
+    """The loop's part for the EMA: folds the weights in after applied optimizer updates (every `every`-th)."""
+
+    def __init__(self, ema: EMA):
+        self.ema = ema
+
+    def step_end(self, trainer, batch, out) -> None:
+        if out.window_end and out.updated:
+            self.ema.step()
+
+    def state_dict(self) -> dict:
+        return {"ema_updates": self.ema.optimizer_updates}
+
+    def load_state_dict(self, state) -> None:
+        self.ema.optimizer_updates = state.ema_updates

@@ -14,6 +14,7 @@ checking the sample file at startup stays instant.
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
 import importlib.util
 import inspect
@@ -507,3 +508,33 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
         written.append(out_dir / f"{stem}.jpg")
     log.info("Samples written to %s in %.1f s", out_dir, time.perf_counter() - started)
     return written
+
+
+class SampleImages:
+    """The loop's part for samples: before training (unless resuming) and whenever the schedule says so, each
+    sampled model ("" = the trained weights, "ema" = the EMA's) renders the same event. The first process samples
+    for all."""
+
+    def __init__(self, schedule: SampleSchedule, model, accelerator, run, args, ema_model=None,
+                 sampled_models: tuple[str, ...] = ("",)):
+        self.schedule, self.model, self.accelerator, self.run, self.args = schedule, model, accelerator, run, args
+        self.ema, self.sampled_models = ema_model, sampled_models
+
+    def training_start(self, trainer) -> None:
+        if not trainer.resumed and self.schedule.pretrain_due and self.run:
+            self.sample(0, trainer.data.first_captions())
+
+    def step_end(self, trainer, batch, out) -> None:
+        if self.schedule.due(trainer.global_step):
+            self.sample(trainer.global_step, batch["captions"])
+
+    def sample(self, step: int, captions: list[str]) -> None:
+        if self.run is None:
+            return
+        event = self.schedule.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
+        for label in self.sampled_models:
+            with self.ema.swapped_in() if label == "ema" else contextlib.nullcontext():
+                generate_samples(self.model, self.accelerator.unwrap_model(self.model.unet),
+                                 self.accelerator.unwrap_model(self.model.text_encoder), event, step=step,
+                                 out_dir=self.run.samples, tb_writer=self.run.tb, autocast=self.accelerator.autocast,
+                                 clip_skip=self.args.clip_skip, label=label)

@@ -34,9 +34,8 @@ from tqdm.auto import tqdm
 
 import data
 from data.records import DEFAULT_BATCH_ID
-from utils.objective import flow
 from utils.options.config import ConfigError, read_json_object
-from utils.objective.objectives import sample_noise, sample_timesteps, training_target
+from utils.objective.objectives import noised_and_target, sample_noise, sample_timesteps
 from utils.objective.step import StepSettings, encode_images, encode_text
 
 log = logging.getLogger(__name__)
@@ -365,12 +364,8 @@ class Validator:
                 noise = sample_noise(latents, 0.0, self.training.pyramid_noise_discount, generator=generator)
                 timesteps = sample_timesteps(latents.shape[0], self.training.timestep_start,
                                              self.training.timestep_end, latents.device, generator=generator)
-                if self.training.rectified_flow:
-                    noisy, target = flow.training_pair(latents, noise, timesteps,
-                                                       noise_scheduler.config.num_train_timesteps)
-                else:
-                    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
-                    target = training_target(noise_scheduler, latents, noise, timesteps)
+                noisy, target = noised_and_target(noise_scheduler, latents, noise, timesteps,
+                                                  self.training.rectified_flow)
                 pred = unet(noisy, timesteps, hidden).sample
             per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
             real = batch["runt_size"] or len(per_image)
@@ -429,3 +424,36 @@ class Validator:
             log.warning("Validation loss '%s' has risen over its last %d passes (%.5f -> %.5f at step %d): the "
                         "model may be overfitting. Consider stopping, a lower learning rate, or an earlier "
                         "checkpoint.", name, DIVERGENCE_WINDOW, recent[0], recent[-1], global_step)
+
+
+class ValidationPasses:
+    """The loop's part for validation: a pass before training (unless resuming), after the steps `Validator.due`
+    names, and after each reflow iteration. Every process takes part in a pass."""
+
+    def __init__(self, validator: Validator, model, noise_scheduler, accelerator, run):
+        self.validator, self.model, self.noise_scheduler, self.accelerator = validator, model, noise_scheduler, accelerator
+        self.tb = run.tb if run else None
+
+    def training_start(self, trainer) -> None:
+        if not trainer.resumed:
+            self.validate(0)
+
+    def step_end(self, trainer, batch, out) -> None:
+        if trainer.phase == "epochs" and self.validator.due(trainer.epoch, trainer.next_step - 1,
+                                                            trainer.steps_in_epoch):
+            self.validate(trainer.global_step)
+
+    def reflow_iteration_end(self, trainer) -> None:
+        self.validate(trainer.global_step)
+
+    def validate(self, step: int) -> None:
+        unwrap = self.accelerator.unwrap_model
+        self.validator.run(unwrap(self.model.unet), unwrap(self.model.text_encoder), self.model.vae,
+                           self.noise_scheduler, self.model.tokenizer, step, self.tb, self.accelerator.autocast)
+
+    def state_dict(self) -> dict:
+        return {"validation": {"history": self.validator.history, "first": self.validator.first}}
+
+    def load_state_dict(self, state) -> None:
+        if state.validation:
+            self.validator.history, self.validator.first = state.validation["history"], state.validation["first"]
