@@ -1,0 +1,7 @@
+"""Stable Diffusion models in and out.
+
+    models.load(path)                        diffusers folder or single .safetensors/.ckpt -> StableDiffusion
+    models.save_diffusers / save_single_file the checkpoint writers (atomic)
+    ldm_convert.pipeline_to_ldm              diffusers -> original (LDM) key layout for single files
+    shipped.load_tokenizer / config_dir      the tokenizer files and model configs that ship in model_configs/
+"""

@@ -1,0 +1,6 @@
+"""What the UNet learns, and the one training step.
+
+    objectives   noise (offset, pyramid), timesteps, noised_and_target (the one objective), loss types, min-SNR
+    flow         rectified flow: its objective, flow sampler, straightness, reflow pairs
+    step         training_step / compute_loss (train.py's loop and the benchmark), encode_text, BatchShare
+"""

@@ -1,0 +1,7 @@
+"""What watches training, each with its part for the loop (doc/ARCHITECTURE.md).
+
+    sampling    sample files, samplers, SampleSchedule, generate_samples; SampleImages
+    validation  validation config, held-out splits, repeatable passes (Validator); ValidationPasses
+    ema         the EMA of the trained weights; EMAUpdates
+    metrics     TensorBoard scalars; Metrics
+"""
