@@ -13,13 +13,11 @@ bad file costs (scan.py: a bad image sidecar skips its image, a bad folder file 
 
 from __future__ import annotations
 
-import difflib
 import json
 import math
 import os
 import re
 import reprlib
-import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence
 
@@ -27,6 +25,7 @@ import yaml
 
 from data.captions import caption_from_filename, decode_text, normalize_space, parse_caption_text
 from data.records import DEFAULT_BATCH_ID, DEFAULT_MAX_CAPTION_LENGTH, Caption, Tag
+from utils.options.values import close_match, encodable, is_number
 
 # Image sidecars in reading order; a later one wins scalars and the main prompt (§2.2). `.json` is
 # read like `.yaml` (issue #4; EveryDream2 reads image-level JSON only in manifests).
@@ -236,19 +235,11 @@ def _load_json(text: str, path: str) -> Any:
                             f"(quotes around keys and strings, commas between entries)") from None
     except (ValueError, RecursionError) as e:
         raise _unreadable_structure(path, e) from None
-    if _SURROGATE_ESCAPE.search(text) and not _encodable(data):
+    if _SURROGATE_ESCAPE.search(text) and not encodable(data):
         # JSON lets "\ud800" stand alone; such a string is no text, and the tokenizer refuses it.
         raise SettingsError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which "
                             f"is no character; fix or remove it")
     return data
-
-
-def _encodable(data: Any) -> bool:
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _unreadable_structure(path: str, error: Exception) -> SettingsError:
@@ -317,7 +308,7 @@ def _number(where: _Where, keys: tuple, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise where.error(keys, f"must be a number such as {_EXAMPLES.get(keys[0], '1.0')}, got "
                                 f"{_kind(value)} {_short(value)}")
-    if abs(value) > sys.float_info.max or not math.isfinite(value):  # the first for ints too big for a float
+    if not is_number(value):  # NaN, Infinity, or an integer too big for a float
         raise where.error(keys, f"must be a finite number, got {_short(value)}")
     return float(value)
 
@@ -386,8 +377,8 @@ def settings_from_mapping(data: dict, where: _Where, notify: Notify,
     for key, value in data.items():
         keys = (key,)
         if key not in SCHEMA_KEYS:
-            close = difflib.get_close_matches(str(key), SCHEMA_KEYS, n=1, cutoff=0.7)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = close_match(str(key), SCHEMA_KEYS, cutoff=0.7)
+            hint = f" (did you mean '{close}'?)" if close else ""
             notify(f"unknown key '{key}' ignored{hint}", where.path)
             continue
         if value is None or key in ("image", "caption"):

@@ -15,11 +15,15 @@ import logging
 import torch
 
 from utils.options.config import ConfigError
+from utils.options.values import check_section
 
 log = logging.getLogger(__name__)
 
-KEYS = {"unfreeze_last_n_layers": int, "freeze_front_n_layers": int, "freeze_embeddings": bool,
-        "freeze_final_layer_norm": bool}
+_LAYER_COUNT = (lambda v: isinstance(v, int) and not isinstance(v, bool), "a whole number or null")
+_SWITCH = (lambda v: isinstance(v, bool), "true, false or null")
+# key -> (check, what a valid value is)
+KEYS = {"unfreeze_last_n_layers": _LAYER_COUNT, "freeze_front_n_layers": _LAYER_COUNT, "freeze_embeddings": _SWITCH,
+        "freeze_final_layer_norm": _SWITCH}
 
 
 def check_freezing_config(freezing, where: str) -> None:
@@ -28,16 +32,7 @@ def check_freezing_config(freezing, where: str) -> None:
         return
     if not isinstance(freezing, dict):
         raise ConfigError(f"{where}: 'text_encoder_freezing' must be an object with keys {', '.join(KEYS)}.")
-    for key, value in freezing.items():
-        if key not in KEYS:
-            raise ConfigError(f"{where}: unknown key 'text_encoder_freezing.{key}'. Valid keys: {', '.join(KEYS)}.")
-        if value is None:
-            continue
-        wanted = KEYS[key]
-        if wanted is int and (isinstance(value, bool) or not isinstance(value, int)):
-            raise ConfigError(f"{where}: text_encoder_freezing.{key} must be a whole number or null, got {value!r}.")
-        if wanted is bool and not isinstance(value, bool):
-            raise ConfigError(f"{where}: text_encoder_freezing.{key} must be true, false or null, got {value!r}.")
+    check_section(where, "text_encoder_freezing", freezing, KEYS)
     last = freezing.get("unfreeze_last_n_layers")
     if last is not None and last < 1:
         raise ConfigError(f"{where}: text_encoder_freezing.unfreeze_last_n_layers must be at least 1, got {last}. "

@@ -10,11 +10,9 @@ warning). doc/OPTIMIZERS.md describes every optimizer and key for users.
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -28,6 +26,7 @@ from optimizer.freezing import check_freezing_config
 from optimizer.lr_free import DAdaptAdam, DAdaptLion, DAdaptSGD, LearningRateFree, Prodigy
 from utils.options.config import ConfigError, read_json_object
 from utils.options.flags import LR_SCHEDULERS
+from utils.options.values import boolean, check_section, did_you_mean, is_number, is_whole, unknown_key
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +57,21 @@ TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezin
 PROBE_SIZE = 4096
 
 
-def _number(value) -> bool:
-    """A finite JSON number (NaN and Infinity parse in Python's json but are no setting's valid value)."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) <= sys.float_info.max
-
-
-def _whole(value) -> bool:
-    return _number(value) and float(value).is_integer()
-
-
 # key -> (check, what a valid value is)
 VALUE_CHECKS = {
     "optimizer": (lambda v: isinstance(v, str), "an optimizer name"),
-    "lr": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "lr": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "lr_scheduler": (lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
-    "lr_warmup_steps": (lambda v: _whole(v) and v >= 0, "a whole number of steps >= 0"),
-    "lr_decay_steps": (lambda v: _whole(v) and v >= 0, "a whole number of steps >= 0"),
-    "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(_number(b) and 0 <= b < 1 for b in v),
+    "lr_warmup_steps": (lambda v: is_whole(v) and v >= 0, "a whole number of steps >= 0"),
+    "lr_decay_steps": (lambda v: is_whole(v) and v >= 0, "a whole number of steps >= 0"),
+    "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
               "two numbers in [0, 1), e.g. [0.9, 0.999]"),
-    "epsilon": (lambda v: _number(v) and v > 0, "a number > 0, e.g. 1e-8"),
-    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "d0": (lambda v: _number(v) and v > 0, "a number > 0, e.g. 1e-6"),
+    "epsilon": (lambda v: is_number(v) and v > 0, "a number > 0, e.g. 1e-8"),
+    "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
+    "d0": (lambda v: is_number(v) and v > 0, "a number > 0, e.g. 1e-6"),
     "decouple": (lambda v: isinstance(v, bool), "true or false"),
-    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
-    "growth_rate": (lambda v: (_number(v) or v == math.inf) and v >= 1,
+    "momentum": (lambda v: is_number(v) and 0 <= v < 1, "a number in [0, 1)"),
+    "growth_rate": (lambda v: (is_number(v) or v == math.inf) and v >= 1,
                     "a number >= 1 (e.g. 1.02), or null or Infinity for unlimited"),
     "no_prox": (lambda v: isinstance(v, bool), "true or false"),
     "safeguard_warmup": (lambda v: isinstance(v, bool), "true or false"),
@@ -111,39 +101,27 @@ def read_optimizer_file(path: str | Path) -> dict:
     data = read_json_object(path, "", "optimizer settings ('base' and 'text_encoder_overrides')")
     for key in data:
         if key not in TOP_LEVEL_KEYS:
-            raise ConfigError(f"{path}: unknown key '{key}'.{_suggest(key, TOP_LEVEL_KEYS)}")
+            raise unknown_key(path, key, TOP_LEVEL_KEYS)
     for key in ("base", "text_encoder_overrides", "text_encoder_freezing"):
         if data.get(key) is not None and not isinstance(data[key], dict):
             raise ConfigError(f"{path}: '{key}' must be an object of settings, got {json.dumps(data[key])}.")
     for key in ("apply_grad_scaler_step_tweaks", "log_grad_norm"):
-        if data.get(key) is not None and not isinstance(data[key], bool):
-            raise ConfigError(f"{path}: '{key}' must be true or false, got {json.dumps(data[key])}.")
+        if data.get(key) is not None:
+            boolean(path, key, data[key])
     for section in ("base", "text_encoder_overrides"):
         values = data.get(section) or {}
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: '{section}' must be an object of optimizer settings, got {values!r}.")
-        for key, value in values.items():
-            if key not in DEFAULT_SETTINGS:
-                raise ConfigError(f"{path}: unknown key '{section}.{key}'.{_suggest(key, DEFAULT_SETTINGS)}")
-            if value is None:
-                continue
-            check, expected = VALUE_CHECKS[key]
-            if not check(value):
-                raise ConfigError(f"{path}: {section}.{key} must be {expected}, got {value!r}.")
-            if key == "optimizer":
-                _check_optimizer_name(value, f"{path}: {section}.optimizer")
+        check_section(path, section, values, VALUE_CHECKS)
+        if values.get("optimizer") is not None:
+            _check_optimizer_name(values["optimizer"], f"{path}: {section}.optimizer")
     scale = data.get("text_encoder_lr_scale")
-    if scale is not None and not (_number(scale) and scale > 0):
+    if scale is not None and not (is_number(scale) and scale > 0):
         raise ConfigError(f"{path}: text_encoder_lr_scale must be a number > 0 (it multiplies the text encoder's "
                           f"learning rate), got {scale!r}. To not train the text encoder, use "
                           "disable_textenc_training.")
     check_freezing_config(data.get("text_encoder_freezing"), str(path))
     return data
-
-
-def _suggest(key: str, options) -> str:
-    close = difflib.get_close_matches(key, list(options), n=1, cutoff=0.6)
-    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(options)}."
 
 
 def _check_optimizer_name(name: str, where: str) -> None:
@@ -153,7 +131,7 @@ def _check_optimizer_name(name: str, where: str) -> None:
                           f"trained with adamw8bit or needed an extra package instead). Use one of: "
                           f"{', '.join(SUPPORTED)}.")
     if name not in SUPPORTED:
-        raise ConfigError(f"{where}: unknown optimizer '{name}'.{_suggest(name, SUPPORTED)} Supported: "
+        raise ConfigError(f"{where}: unknown optimizer '{name}'.{did_you_mean(name, SUPPORTED)} Supported: "
                           f"{', '.join(SUPPORTED)}.")
 
 

@@ -77,9 +77,9 @@ def test_derived_values(tmp_path, paths):
 
 @pytest.mark.parametrize("values, message", [
     ({"batchsize": 2}, "unknown key 'batchsize'. Did you mean 'batch_size'?"),
-    ({"batch_size": "4"}, "key 'batch_size' must be a integer"),
+    ({"batch_size": "4"}, "key 'batch_size' must be a whole number"),
     ({"lr": "fast"}, "key 'lr' must be a number"),
-    ({"gradient_checkpointing": "yes"}, "key 'gradient_checkpointing' must be a true/false"),
+    ({"gradient_checkpointing": "yes"}, "key 'gradient_checkpointing' must be true or false"),
     ({"batch_size": 0}, "key 'batch_size' is 0; it must be at least 1"),
     ({"cond_dropout": 1.5}, "key 'cond_dropout' is 1.5; it must be at most 1"),
     ({"loss_type": "l1"}, "key 'loss_type' is 'l1'; choose one of: mse, huber, mse_huber, huber_mse"),
@@ -93,7 +93,7 @@ def test_bad_values_name_the_file_and_key(tmp_path, paths, values, message):
     with pytest.raises(config.ConfigError) as err:
         load(tmp_path, {**paths, **values})
     assert message in str(err.value)
-    if "unknown key" in message or "must be a" in message:
+    if message.startswith(("unknown key", "key '")):
         assert str(tmp_path / "train.json") in str(err.value)
 
 

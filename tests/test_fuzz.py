@@ -390,7 +390,8 @@ def test_validation_every_n_epochs_must_be_finite(tmp_path, value):
     """NaN used to be accepted and crash the run at the first validation check, after hours of training."""
     path = tmp_path / "validation.json"
     path.write_text('{"every_n_epochs": %s}' % value)
-    with pytest.raises(ConfigError, match=re.escape(f"{path}: key 'every_n_epochs' must be a finite number")):
+    says = f"{path}: key 'every_n_epochs' is {value}; it must be a finite number"
+    with pytest.raises(ConfigError, match=re.escape(says)):
         load_validation_config(path)
 
 

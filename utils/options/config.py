@@ -9,10 +9,8 @@ that names the key, the file and the fix, before any output folder exists.
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import logging
-import math
 import os
 import random
 import sys
@@ -21,15 +19,12 @@ from types import SimpleNamespace
 from typing import Any
 
 from utils.options.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
+from utils.options.values import ConfigError, boolean, encodable, integer, number, string, unknown_key
 
 log = logging.getLogger(__name__)
 
 
 LIVE_KEYS = tuple(flag.name for flag in FLAGS if flag.live)
-
-
-class ConfigError(Exception):
-    """A problem with the user's options; the message says where and how to fix it."""
 
 
 def _type_name(flag: Flag) -> str:
@@ -76,7 +71,7 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
     except (ValueError, RecursionError) as e:  # an integer of thousands of digits; nesting deeper than Python's stack
         raise ConfigError(f"{path}: JSON that cannot be read ({type(e).__name__}: {str(e)[:200]}). Write plain "
                           "numbers and at most a few levels of nesting.") from None
-    if "\\u" in text and not _encodable(data):
+    if "\\u" in text and not encodable(data):
         # JSON lets "\ud800" stand alone; such a string is no text, and no file name, log or TensorBoard tag takes it.
         raise ConfigError(f"{path}: holds a \\uD800-\\uDFFF escape that is not half of a pair, which is no character. "
                           "Fix or remove it.")
@@ -85,55 +80,27 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
     return data
 
 
+_CHECKS = {bool: boolean, int: integer, float: number, str: string}
+
+
 def _coerce(flag: Flag, value: Any, where: str) -> Any:
     """Checks a JSON value's type; ints are fine where numbers are expected."""
     if value is None or flag.type is object:
         return value
-    if flag.type is bool:
-        ok = isinstance(value, bool)
-    elif flag.type is int:
-        ok = isinstance(value, int) and not isinstance(value, bool) or isinstance(value, float) and value.is_integer()
-        value = int(value) if ok else value
-    elif flag.type is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if ok and not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
-            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}; it must be a finite number.")
-        value = float(value) if ok else value
-    else:
-        ok = isinstance(value, str)
-        if ok and "\x00" in value:
-            raise ConfigError(f"{where}: key '{flag.name}' is {json.dumps(value)}, which holds a NUL character: no "
-                              "file name or text can. Retype the value.")
-    if not ok:
-        raise ConfigError(f"{where}: key '{flag.name}' must be a {_type_name(flag)}, got {json.dumps(value)}.")
-    return value
-
-
-def _encodable(data: Any) -> bool:
-    try:
-        json.dumps(data, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
+    return _CHECKS[flag.type](where, flag.name, value)
 
 
 def _check_range(flag: Flag, value: Any, where: str) -> None:
     if value is None:
         return
-    if isinstance(value, float) and not math.isfinite(value):  # JSON NaN/Infinity, or `--lr nan`
-        raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be a finite number.")
+    if flag.type is float:  # JSON NaN/Infinity, or `--lr nan`
+        number(where, flag.name, value)
     if flag.choices and value not in flag.choices:
         raise ConfigError(f"{where}: key '{flag.name}' is {value!r}; choose one of: {', '.join(flag.choices)}.")
     if flag.min is not None and value < flag.min:
         raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be at least {flag.min}.")
     if flag.max is not None and value > flag.max:
         raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be at most {flag.max}.")
-
-
-def _unknown_key_error(key: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, list(BY_NAME) + list(LEGACY_KEYS), n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else " See doc/FLAGS.md for the list of options."
-    return ConfigError(f"{where}: unknown key '{key}'.{hint}")
 
 
 def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
@@ -146,7 +113,8 @@ def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
                 notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")
             continue
         if key not in BY_NAME:
-            raise _unknown_key_error(key, str(path))
+            raise unknown_key(str(path), key, list(BY_NAME) + list(LEGACY_KEYS),
+                              otherwise=" See doc/FLAGS.md for the list of options.")
         if key == "data_root" and isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: 'data_root' as a resolver object or list (EveryDream2's "
                               "{\"resolver\": ...} form) is not supported. Give one folder, or list the images "

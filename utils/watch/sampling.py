@@ -15,7 +15,6 @@ checking the sample file at startup stays instant.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import importlib.util
 import inspect
 import itertools
@@ -35,6 +34,7 @@ from PIL import Image, ImageDraw, ImageFont
 from data.buckets import buckets_for
 from utils.objective import flow
 from utils.options.config import ConfigError, read_json_object
+from utils.options.values import boolean, did_you_mean, integer, is_number, string, unknown_key
 from utils.objective.step import encode_text
 
 log = logging.getLogger(__name__)
@@ -86,10 +86,8 @@ SAMPLERS: dict[str, SamplerSpec] = {
 def check_sampler_name(name: str, where: str) -> None:
     """A ConfigError for a name that is not in SAMPLERS or whose extra package is missing."""
     if name not in SAMPLERS:
-        close = difflib.get_close_matches(name, list(SAMPLERS), n=1, cutoff=0.6)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
-        raise ConfigError(f"{where}: key 'scheduler' is '{name}', which is not a sampler here.{hint} Choose one of: "
-                          f"{', '.join(SAMPLERS)}.")
+        raise ConfigError(f"{where}: key 'scheduler' is '{name}', which is not a sampler here."
+                          f"{did_you_mean(name, SAMPLERS)} Choose one of: {', '.join(SAMPLERS)}.")
     needs = SAMPLERS[name].needs
     if needs and importlib.util.find_spec(needs) is None:
         raise ConfigError(f"{where}: scheduler '{name}' needs the {needs} package, which is not installed. "
@@ -162,36 +160,6 @@ SETTINGS_KEYS = ("batch_size", "seed", "cfgs", "scheduler", "num_inference_steps
 REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "size", "aspect_ratio", "random_caption")
 
 
-def _unknown(key: str, known: tuple[str, ...], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
-    hint = f" Did you mean '{close[0]}'?" if close else f" Known keys: {', '.join(known)}."
-    return ConfigError(f"{where}: unknown key '{key}'.{hint}")
-
-
-def _integer(where: str, key: str, value, minimum: int) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
-        raise ConfigError(f"{where}: key '{key}' must be an integer, got {json.dumps(value)}.")
-    if value < minimum:
-        raise ConfigError(f"{where}: key '{key}' is {value}; it must be at least {minimum}.")
-    return int(value)
-
-
-def _boolean(where: str, key: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: key '{key}' must be true or false, got {json.dumps(value)}.")
-    return value
-
-
-def _string(where: str, key: str, value) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: key '{key}' must be a string, got {json.dumps(value)}.")
-    return value
-
-
-def _number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
-
-
 def _size_for_aspect(aspect_ratio: float, resolution: int) -> tuple[int, int]:
     """The training bucket of this resolution closest to the width/height ratio: about resolution² pixels."""
     return min(buckets_for(resolution), key=lambda bucket: abs(bucket[0] / bucket[1] - aspect_ratio))
@@ -203,7 +171,7 @@ def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
                           f"got {json.dumps(entry)}.")
     for key in entry:
         if key not in REQUEST_KEYS:
-            raise _unknown(key, REQUEST_KEYS, where)
+            raise unknown_key(where, key, REQUEST_KEYS)
     if "size" in entry:
         size = entry["size"]
         if not (isinstance(size, list) and len(size) == 2 and all(
@@ -214,18 +182,18 @@ def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
         width, height = size
     elif "aspect_ratio" in entry:
         ratio = entry["aspect_ratio"]
-        if not _number(ratio) or ratio <= 0:
+        if not is_number(ratio) or ratio <= 0:
             raise ConfigError(f"{where}: key 'aspect_ratio' must be a positive number (width / height, e.g. 1.5), "
                               f"got {json.dumps(ratio)}.")
         width, height = _size_for_aspect(ratio, resolution)
     else:
         width, height = resolution, resolution
     return SampleRequest(
-        prompt=_string(where, "prompt", entry.get("prompt", "")),
-        negative_prompt=_string(where, "negative_prompt", entry.get("negative_prompt", "")),
-        seed=_integer(where, "seed", entry["seed"], -1) if "seed" in entry else seed,
+        prompt=string(where, "prompt", entry.get("prompt", "")),
+        negative_prompt=string(where, "negative_prompt", entry.get("negative_prompt", "")),
+        seed=integer(where, "seed", entry["seed"], -1) if "seed" in entry else seed,
         size=(width, height),
-        random_caption=_boolean(where, "random_caption", entry.get("random_caption", False)))
+        random_caption=boolean(where, "random_caption", entry.get("random_caption", False)))
 
 
 def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
@@ -233,29 +201,29 @@ def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
     values = read_json_object(path, "Check the sample_prompts path.", "sample settings (doc/SAMPLES.md)")
     for key in values:
         if key not in SETTINGS_KEYS:
-            raise _unknown(key, SETTINGS_KEYS, where)
+            raise unknown_key(where, key, SETTINGS_KEYS)
     checked: dict = {}
     for key in ("batch_size", "num_inference_steps"):
         if key in values:
-            checked[key] = _integer(where, key, values[key], 1)
+            checked[key] = integer(where, key, values[key], 1)
     if "seed" in values:
-        checked["seed"] = _integer(where, "seed", values["seed"], -1)
+        checked["seed"] = integer(where, "seed", values["seed"], -1)
     if "generate_samples_every_n_steps" in values:
-        checked["every_n_steps"] = _integer(where, "generate_samples_every_n_steps",
-                                            values["generate_samples_every_n_steps"], 0)
+        checked["every_n_steps"] = integer(where, "generate_samples_every_n_steps",
+                                           values["generate_samples_every_n_steps"], 0)
     if "resolution" in values:
-        checked["resolution"] = _integer(where, "resolution", values["resolution"], 64)
+        checked["resolution"] = integer(where, "resolution", values["resolution"], 64)
         if checked["resolution"] % 64:
             raise ConfigError(f"{where}: key 'resolution' is {checked['resolution']}; use a multiple of 64.")
     for key in ("show_progress_bars", "generate_pretrain_samples"):
         if key in values:
-            checked[key] = _boolean(where, key, values[key])
+            checked[key] = boolean(where, key, values[key])
     if "scheduler" in values:
-        checked["scheduler"] = _string(where, "scheduler", values["scheduler"])
+        checked["scheduler"] = string(where, "scheduler", values["scheduler"])
         check_sampler_name(checked["scheduler"], where)
     if "cfgs" in values:
         cfgs = values["cfgs"]
-        if not (isinstance(cfgs, list) and cfgs and all(_number(c) and c >= 0 for c in cfgs)):
+        if not (isinstance(cfgs, list) and cfgs and all(is_number(c) and c >= 0 for c in cfgs)):
             raise ConfigError(f"{where}: key 'cfgs' must be a non-empty list of guidance scales (numbers >= 0), "
                               f"e.g. [7, 4, 1.01]; got {json.dumps(cfgs)}.")
         checked["cfgs"] = tuple(float(c) for c in cfgs)

@@ -17,13 +17,11 @@ Use from train.py (everything but `run` works before any model is loaded):
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import json
 import logging
 import math
 import os
 import random
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,6 +33,7 @@ from tqdm.auto import tqdm
 import data
 from data.records import DEFAULT_BATCH_ID
 from utils.options.config import ConfigError, read_json_object
+from utils.options.values import boolean, integer, number, proportion, unknown_key
 from utils.objective.objectives import noised_and_target, sample_noise, sample_timesteps
 from utils.objective.step import StepSettings, encode_images, encode_text
 
@@ -81,43 +80,6 @@ KEYS = tuple(f.name for f in dataclasses.fields(ValidationConfig) if f.name != "
 
 # -- loading the JSON --------------------------------------------------------------------------------------------
 
-def _bool(where: str, key: str, value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    # EveryDream2 counts any truthy value, so "false" (a string) would switch the feature on there. A quoted
-    # true/false is taken at its word, with a warning, rather than silently the opposite of what it says.
-    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
-        meant = value.strip().lower() == "true"
-        log.warning("%s: '%s' is the string %s; taking it as %s. Write %s without quotes.", where, key,
-                    json.dumps(value), json.dumps(meant), json.dumps(meant))
-        return meant
-    raise ConfigError(f"{where}: key '{key}' must be true or false, got {json.dumps(value)}.")
-
-
-def _number(where: str, key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}: key '{key}' must be a number, got {json.dumps(value)}.")
-    if not abs(value) <= sys.float_info.max:  # NaN, Infinity, or an integer too large for a float
-        raise ConfigError(f"{where}: key '{key}' must be a finite number, got {json.dumps(value)}.")
-    return float(value)
-
-
-def _integer(where: str, key: str, value: Any, minimum: int, why: str) -> int:
-    if isinstance(value, bool) or not (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
-        raise ConfigError(f"{where}: key '{key}' must be a whole number, got {json.dumps(value)}.")
-    if value < minimum:
-        raise ConfigError(f"{where}: key '{key}' is {int(value)}; it must be at least {minimum} ({why}).")
-    return int(value)
-
-
-def _proportion(where: str, key: str, value: Any) -> float:
-    p = _number(where, key, value)
-    if not 0 < p < 1:
-        raise ConfigError(f"{where}: key '{key}' is {value}; it must be a fraction above 0 and below 1 "
-                          "(0.15 = 15% of the training images).")
-    return p
-
-
 def _path(where: str, key: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: key '{key}' must be a folder or manifest .json path (a string), got "
@@ -154,19 +116,17 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
             log.warning("%s: '%s' is the old name of '%s'; rename it (it still works).", where, key, new)
             key = new
         elif key not in KEYS:
-            close = difflib.get_close_matches(key, KEYS + tuple(ALIASES), n=1, cutoff=0.6)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(KEYS)}."
-            raise ConfigError(f"{where}: unknown key '{key}'.{hint}")
+            raise unknown_key(where, key, KEYS + tuple(ALIASES), otherwise=f" Valid keys: {', '.join(KEYS)}.")
         if value is not None:
             values[key] = value
 
     checked: dict[str, Any] = {}
     for key in ("validate_training", "stabilize_training_loss", "use_relative_loss"):
         if key in values:
-            checked[key] = _bool(where, key, values[key])
+            checked[key] = boolean(where, key, values[key], quoted=True)
     for key in ("auto_split_proportion", "stabilize_split_proportion"):
         if key in values:
-            checked[key] = _proportion(where, key, values[key])
+            checked[key] = proportion(where, key, values[key], "0.15 = 15% of the training images")
     if "val_split_mode" in values:
         mode = values["val_split_mode"]
         if mode not in SPLIT_MODES:
@@ -174,16 +134,16 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
                               f"{', '.join(SPLIT_MODES)}.")
         checked["val_split_mode"] = mode
     if "every_n_epochs" in values:
-        n = _number(where, "every_n_epochs", values["every_n_epochs"])
+        n = number(where, "every_n_epochs", values["every_n_epochs"])
         if n <= 0:
             raise ConfigError(f"{where}: key 'every_n_epochs' is {values['every_n_epochs']}; it must be above 0 "
                               "(1 = every epoch, 2 = every second epoch, 0.5 = twice per epoch).")
         checked["every_n_epochs"] = n
     if "seed" in values:
-        checked["seed"] = _integer(where, "seed", values["seed"], 0,
-                                   "validation needs a fixed seed so that passes compare; -1 is not random here")
+        checked["seed"] = integer(where, "seed", values["seed"], 0,
+                                  "validation needs a fixed seed so that passes compare; -1 is not random here")
     if "batch_size" in values:
-        checked["batch_size"] = _integer(where, "batch_size", values["batch_size"], 1, "images per batch")
+        checked["batch_size"] = integer(where, "batch_size", values["batch_size"], 1, "images per batch")
     if "manual_data_root" in values:
         # Its folder is checked below, only if the mode uses it: a stale path in an ignored key is no error.
         checked["manual_data_root"] = _path(where, "manual_data_root", values["manual_data_root"])
