@@ -35,6 +35,11 @@ def test_precedence_cli_over_json_over_default(tmp_path, paths):
     assert args.sources["batch_size"] == "command line"
 
 
+def test_plugins_come_as_a_json_list_or_names_on_the_command_line(tmp_path, paths):
+    assert load(tmp_path, {**paths, "plugins": ["a.B"]}).plugins == ["a.B"]
+    assert load(tmp_path, {**paths, "plugins": ["a.B"]}, ["--plugins", "c.D", "e.F"]).plugins == ["c.D", "e.F"]
+
+
 def test_json_null_means_default_and_ints_are_numbers(tmp_path, paths):
     args = load(tmp_path, {**paths, "ema_update_interval": None, "ema_device": None, "cond_dropout": 0})
     assert args.ema_update_interval == 500 and args.ema_device == "cpu"
@@ -87,6 +92,8 @@ def test_derived_values(tmp_path, paths):
     ({"timestep_start": 600, "timestep_end": 500}, "timestep_start (600) must be below timestep_end (500)"),
     ({"disable_unet_training": True, "disable_textenc_training": True}, "nothing would be trained"),
     ({"wandb": True}, "'wandb' is not implemented yet in this version (no issue yet)"),
+    ({"plugins": "my.Plugin"}, "key 'plugins' must be a list of strings"),
+    ({"plugins": ["my.Plugin", 3]}, "key 'plugins[1]' must be a string"),
     ({"optimizer_config": "nope.json"}, "optimizer_config 'nope.json' not found"),
 ])
 def test_bad_values_name_the_file_and_key(tmp_path, paths, values, message):

@@ -19,7 +19,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from utils.options.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
-from utils.options.values import ConfigError, boolean, encodable, integer, number, string, unknown_key
+from utils.options.values import ConfigError, boolean, encodable, integer, number, string, strings, unknown_key
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,8 @@ LIVE_KEYS = tuple(flag.name for flag in FLAGS if flag.live)
 
 
 def _type_name(flag: Flag) -> str:
-    return {bool: "true/false", int: "integer", float: "number", str: "string", object: "JSON value"}[flag.type]
+    return {bool: "true/false", int: "integer", float: "number", str: "string", list: "list of strings",
+            object: "JSON value"}[flag.type]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
             parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, help=help_text)
         elif flag.type is object:
             parser.add_argument(f"--{flag.name}", type=json.loads, metavar="JSON", help=help_text)
+        elif flag.type is list:
+            parser.add_argument(f"--{flag.name}", nargs="+", metavar="NAME", help=help_text)
         else:
             parser.add_argument(f"--{flag.name}", type=flag.type, choices=flag.choices, help=help_text)
     return parser
@@ -80,7 +83,7 @@ def read_json_object(path: Path, missing: str, expected: str) -> dict:
     return data
 
 
-_CHECKS = {bool: boolean, int: integer, float: number, str: string}
+_CHECKS = {bool: boolean, int: integer, float: number, str: string, list: strings}
 
 
 def _coerce(flag: Flag, value: Any, where: str) -> Any:

@@ -20,7 +20,7 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 @dataclass(frozen=True)
 class Flag:
     name: str
-    type: type  # bool, int, float, str, or object for free-form JSON values
+    type: type  # bool, int, float, str, list (of strings), or object for free-form JSON values
     default: Any
     help: str
     group: str
@@ -174,7 +174,8 @@ FLAGS: list[Flag] = [
          "folder; resuming from that folder loads it.", {"live": True}),
         ("no_save_ckpt", bool, False, "Save diffusers folders only, no single-file .safetensors."),
         ("no_prepend_last", bool, False, "Do not prefix the final checkpoint with `last-`."),
-        ("plugins", object, None, "Plugin classes (`module.Class`) to load.", {"planned": "no issue yet"}),
+        ("plugins", list, None, "Plugin classes to load, as `module.Class` (doc/PLUGINS.md); on the command line "
+         "separated by spaces: `--plugins my_plugins.Counter utils.plugins.accumulnator.Accumulnator`."),
         ("wandb", bool, False, "Also log to Weights & Biases.", {"planned": "no issue yet"}),
     ),
 ]

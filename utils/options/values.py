@@ -83,6 +83,14 @@ def string(where: str, key: str, value: Any) -> str:
     return value
 
 
+def strings(where: str, key: str, value: Any) -> list[str]:
+    """A list of strings (e.g. `["my_plugins.Counter"]`)."""
+    if not isinstance(value, list):
+        raise ConfigError(f"{where}: key '{key}' must be a list of strings, e.g. [\"a\", \"b\"], got "
+                          f"{json.dumps(value)}.")
+    return [string(where, f"{key}[{i}]", item) for i, item in enumerate(value)]
+
+
 # -- true/false --------------------------------------------------------------------------------------------------
 
 def boolean(where: str, key: str, value: Any, *, quoted: bool = False) -> bool:
