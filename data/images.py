@@ -7,6 +7,7 @@ that generator's seed, never on which worker decoded it or in what order.
 from __future__ import annotations
 
 import random
+from typing import Callable, Optional
 
 import numpy as np
 import torch
@@ -178,12 +179,15 @@ def training_crop(path: str, bucket: tuple[int, int], rng: random.Random,
 
 
 def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
-                        jitter: bool = True, flip: bool = False) -> torch.Tensor:
+                        jitter: bool = True, flip: bool = False,
+                        transform: Optional[Callable[[Image.Image], Image.Image]] = None) -> torch.Tensor:
     """Decode `path` into a [3, bucket_h, bucket_w] float tensor in [-1, 1] (REFERENCE §2.9).
 
     Crop and resize happen in one PIL resize call (default filter), which also upscales images
-    smaller than the bucket; `flip` then mirrors it left to right. A file that passed the scan but
-    cannot be decoded (e.g. truncated data after a valid header) raises DataError naming it.
+    smaller than the bucket; `flip` then mirrors it left to right; `transform` (the plugins' image
+    transform) then gets the bucket-sized RGB image and returns the one to train on. A file that
+    passed the scan but cannot be decoded (e.g. truncated data after a valid header) raises
+    DataError naming it; whatever `transform` raises is not caught here.
     """
     bw, bh = bucket
     try:
@@ -194,4 +198,6 @@ def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _decode_error(path, e) from e
+    if transform is not None:
+        img = transform(img)
     return to_tensor(img)

@@ -10,6 +10,10 @@ the worker count, worker order, restarts or number of training processes (a slot
 the planned batch: one process's share of it starts at `Batch.first_slot`), and `write_schedule`
 can show exactly what each slot is trained with by calling the same `EpochBatches.sample` the
 workers call. Separate purposes keep one stream's draws from shifting another's.
+
+Plugins (utils/plugins, doc/PLUGINS.md): their caption transform runs on the assembled caption (tags
+shuffled), before caption dropout and tokenizing; their image transform on the cropped, resized and
+flipped PIL image, before it becomes the [-1, 1] tensor. Without plugins nothing changes.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -29,6 +33,9 @@ from data.captions import assemble_caption
 from data.images import load_training_image, training_crop
 from data.latent_cache import LatentCache, collate_slots, content_hash, crop_rng
 from data.records import DataError, ImageRecord, SkippedFiles, without_path
+
+if TYPE_CHECKING:
+    from utils.plugins import PluginRunner
 
 log = logging.getLogger(__name__)
 
@@ -56,9 +63,15 @@ class EpochBatches(Dataset):
     """The batches of one epoch plan; `dataset[step]` is the whole batch for that step."""
 
     def __init__(self, plan: Sequence[Batch], records: Sequence[ImageRecord], tokenizer,
-                 options: SampleOptions, seed: int, epoch: int, latent_cache: Optional[LatentCache] = None):
+                 options: SampleOptions, seed: int, epoch: int, latent_cache: Optional[LatentCache] = None,
+                 plugins: Optional["PluginRunner"] = None):
+        if latent_cache is not None and plugins and plugins.changes_images:
+            # cached latents were encoded from untransformed pixels, and new entries would store transformed ones
+            raise ValueError("a plugin transforms images (%s): load the batches without the latent cache"
+                             % ", ".join(plugins.names))
         self.plan = list(plan)
         self.latent_cache = latent_cache
+        self.plugins = plugins if plugins else None
         self.records = records
         self.tokenizer = tokenizer
         self.options = options
@@ -72,18 +85,24 @@ class EpochBatches(Dataset):
         return sample_rng(self.seed, self.epoch, step, slot, purpose)
 
     def sample(self, step: int, slot: int, index: int) -> tuple[str, bool]:
-        """(caption as trained, flipped?) for record `index` in slot `slot` of step `step`."""
+        """(caption as trained, flipped?) for record `index` in slot `slot` of step `step`.
+
+        With plugins, their caption transform sees every assembled caption, dropped or not (as in
+        EveryDream2), so a plugin's view of the data does not depend on which captions dropout hits."""
         record, opts = self.records[index], self.options
         flip_p = opts.flip_p if record.flip_p is None else record.flip_p
         flip = flip_p > 0 and self._rng(step, slot, "flip").random() < flip_p
         dropout = opts.cond_dropout if record.cond_dropout is None else record.cond_dropout
-        if dropout > 0 and self._rng(step, slot, "dropout").random() < dropout:
+        dropped = dropout > 0 and self._rng(step, slot, "dropout").random() < dropout
+        if dropped and self.plugins is None:
             return DROPPED_CAPTION, flip
         shuffle = opts.shuffle_tags or record.shuffle_tags
         caption = assemble_caption(record.caption, shuffle, opts.keep_tags,
                                    record.max_caption_length,
                                    self._rng(step, slot, "tags") if shuffle else None)
-        return caption, flip
+        if self.plugins is not None:
+            caption = self.plugins.transform_caption(caption)
+        return (DROPPED_CAPTION if dropped else caption), flip
 
     def _load(self, step: int, slot: int, index: int, bucket) -> dict:
         """{caption, loss_scale} and either the image's `pixels` or, from the latent cache, its
@@ -92,8 +111,9 @@ class EpochBatches(Dataset):
         record = self.records[index]
         item = {"caption": caption, "loss_scale": record.loss_scale}
         if self.latent_cache is None:
+            transform = self.plugins.transform_pil_image if self.plugins and self.plugins.changes_images else None
             item["pixels"] = load_training_image(record.path, bucket, self._rng(step, slot, "crop"),
-                                                 self.options.crop_jitter, flip)
+                                                 self.options.crop_jitter, flip, transform)
             return item
         try:
             content = content_hash(record.path)
@@ -201,7 +221,8 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                       shuffle_tags: bool = False, keep_tags: int = 0,
                       skipped: Optional[SkippedFiles] = None, start_step: int = 0,
                       steps: Optional[Sequence[int]] = None,
-                      latent_cache: Optional[LatentCache] = None) -> EpochLoader:
+                      latent_cache: Optional[LatentCache] = None,
+                      plugins: Optional["PluginRunner"] = None) -> EpochLoader:
     """An iterable of the plan's batches in order, one dict per step (see EpochBatches).
 
     Workers are not persistent: a new plan is built every epoch, so each epoch gets a new loader.
@@ -214,7 +235,9 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
     loading them (a resumed run); every later step gets the same images and randomness as it would have.
     `steps`, instead, loads exactly these steps of the plan, in this order, each as it would have been.
     With a `latent_cache`, batches carry cached latents where it has them and pixels only for the rest
-    (data/latent_cache.py).
+    (data/latent_cache.py). `plugins` (a utils.plugins.PluginRunner) transform captions and images in
+    the workers; one that transforms images cannot be combined with a latent cache (ValueError).
+    A plugin's failure in a worker reaches the caller as a PluginError naming the plugin and hook.
     """
     if num_workers > 0:
         # The fast (Rust) CLIP tokenizer may have used threads in this process; forking then can
@@ -226,7 +249,7 @@ def make_epoch_loader(plan: Sequence[Batch], records: Sequence[ImageRecord], tok
                             shuffle_tags=bool(shuffle_tags), keep_tags=int(keep_tags),
                             crop_jitter=crop_jitter)
     loader = DataLoader(
-        EpochBatches(plan, records, tokenizer, options, seed, epoch, latent_cache),
+        EpochBatches(plan, records, tokenizer, options, seed, epoch, latent_cache, plugins),
         batch_size=None,
         sampler=range(start_step, len(plan)) if steps is None else steps,
         num_workers=num_workers,
