@@ -41,7 +41,10 @@ PLUGIN_SOURCE = textwrap.dedent('''
                 raise RuntimeError("the plugin broke on purpose")
         def on_epoch_end(self, **kwargs): self._write("on_epoch_end", **kwargs)
         def on_training_end(self, **kwargs): self._write("on_training_end", **kwargs)
-        def transform_caption(self, caption): return caption.upper()
+        def transform_caption(self, caption):
+            if os.environ.get("PLUGIN_FAIL_CAPTIONS"):
+                raise ValueError("no captions today")
+            return caption.upper()
 ''')
 
 
@@ -113,6 +116,15 @@ def test_a_failing_hook_saves_a_resumable_checkpoint_and_findlast_finishes_the_r
     for part in ("unet", "text_encoder"):
         resumed, whole = (load_file(next((f / part).glob("*.safetensors"))) for f in (final, uninterrupted))
         assert all(torch.equal(resumed[k], whole[k]) for k in whole)
+
+
+def test_a_failing_data_transform_stops_with_a_resumable_checkpoint(tmp_path, small_dataset, plugin_dir, capsys,
+                                                                   monkeypatch):
+    monkeypatch.setenv("PLUGIN_FAIL_CAPTIONS", "1")
+    assert train(tmp_path, small_dataset) == 1
+    assert "plugin my_plugins.Recorder failed in transform_caption" in capsys.readouterr().out
+    (interrupted,) = (tmp_path / "logs").glob("plug_*/ckpts/*")
+    assert interrupted.name == "interrupted-gs0" and (interrupted / "training_state.pt").is_file()
 
 
 @pytest.mark.parametrize("entry, message", [

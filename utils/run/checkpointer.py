@@ -10,9 +10,12 @@ import torch
 from safetensors import SafetensorError
 
 from utils.run.checkpoint import EMA_SUFFIX, SaveTimer, checkpoint_name
+from utils.plugins import PluginError
 from utils.run.interrupts import TrainingDiverged
 
 log = logging.getLogger("train")
+
+PLUGIN_FAILED = 1  # the exit code of a run stopped by a failing plugin
 
 
 def save_checkpoint(model, opts, args, run, name: str, accelerator, ema_model=None, run_state=None) -> Path:
@@ -95,7 +98,13 @@ class Checkpointer:
             trainer.exit_code = 1
 
     def training_error(self, trainer, error: Exception) -> None:
-        """What was trained is kept as errored-... (not resumable: the failed step may have left it half done)."""
+        """What was trained is kept as errored-... (not resumable: the failed step may have left it half done).
+        A plugin's data transform that failed (in the data pipeline, before its batch was trained) stops one process
+        cleanly, with a resumable checkpoint."""
+        if isinstance(error, PluginError) and self.accelerator.num_processes == 1 and trainer.phase == "epochs":
+            trainer.request_stop(PLUGIN_FAILED, str(error))
+            self._stop(trainer, PLUGIN_FAILED)
+            return
         if not isinstance(error, TrainingDiverged) and not trainer.global_step:
             return
         if not isinstance(error, TrainingDiverged):

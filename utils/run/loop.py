@@ -10,7 +10,8 @@ A part is any object with some of the event methods below, each taking the train
     reflow_iteration_end(trainer)                after each reflow iteration
     epoch_end(trainer)                           after each epoch
     training_end(trainer)                        after the last epoch
-    training_error(trainer, error)               the run failed with an exception
+    training_error(trainer, error)               the run failed with an exception (a part that handles it sets
+                                                 exit_code; otherwise it is raised)
 
 Parts decide their own timing from the trainer's counters (a checkpointer saves when its clock or the epoch says
 so, metrics log every log_step). A part stops the run by setting `trainer.exit_code`; one that wants the run to stop
@@ -92,8 +93,9 @@ class Trainer:
                 self.exit_code = EXIT_DIVERGED
             except Exception as error:
                 self.emit("training_error", error=error)
-                self._close()
-                raise
+                if self.exit_code is None:  # no part could stop the run cleanly on it
+                    self._close()
+                    raise
         self._close()
         if self.exit_code is None:
             self.exit_code = EXIT_OK

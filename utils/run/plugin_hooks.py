@@ -5,10 +5,9 @@ import logging
 from types import SimpleNamespace
 
 from utils.plugins import PluginError, PluginRunner
+from utils.run.checkpointer import PLUGIN_FAILED
 
 log = logging.getLogger("train")
-
-PLUGIN_FAILED = 1  # the exit code of a run stopped by a failing plugin
 
 
 class PluginHooks:
