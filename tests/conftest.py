@@ -35,3 +35,24 @@ def write_json(path: Path, data: dict) -> Path:
 
     path.write_text(json.dumps(data, indent=2))
     return path
+
+
+def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} | \
+        {"_images": events.Tags()["images"]}
+
+
+def short_run(tmp_path, data_root, *extra: str) -> Path:
+    """A short in-process run on the tiny model; returns its run folder."""
+    import train
+
+    logdir = tmp_path / "logs"
+    status = train.main(["--resume_ckpt", str(REPO / "demo" / "tiny-sd"), "--data_root", str(data_root),
+                         "--resolution", "128", "--batch_size", "2", "--optimizer_config",
+                         str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
+                         "--logdir", str(logdir), "--no_save_ckpt", *extra])
+    assert status == 0
+    return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)

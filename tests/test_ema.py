@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 from tests.conftest import TINY_MODEL
 from tests.test_checkpoint import make_ckpt
-from tests.test_train import read_scalars, short_run
+from tests.conftest import read_scalars, short_run
 from utils.run.checkpoint import find_last
 from utils.watch.ema import EMA, sampled_models
 

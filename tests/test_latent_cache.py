@@ -230,7 +230,7 @@ def test_training_with_the_cache_gives_the_losses_of_training_without(tmp_path):
     see the same pixels: a cold cache (encoding and storing) and a warm one (reading only) must both give the
     per-step losses of a run without the cache, to the bit. (Batch 1, since the VAE's float rounding depends
     on which images it encodes together, and with a cache a batch may be part hits, part misses.)"""
-    from tests.test_train import read_scalars, short_run
+    from tests.conftest import read_scalars, short_run
 
     data_root = write_images(tmp_path / "exact", [(128, 128)] * 8, seed=4)
     cache_dir = tmp_path / "latents"

@@ -12,7 +12,7 @@ from optimizer.freezing import freeze_text_encoder
 from optimizer.optimizers import (LEARNING_RATE_FREE, TrainingOptimizers, check_optimizers_run_here, make_lr_schedule,
                                   read_optimizer_file, resolve_settings)
 from tests.conftest import TINY_MODEL, write_json
-from tests.test_train import read_scalars, short_run
+from tests.conftest import read_scalars, short_run
 from utils.options.config import ConfigError
 
 

@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from tests.conftest import REPO, TINY_MODEL, write_json
-from tests.test_train import read_scalars
+from tests.conftest import read_scalars
 from utils.objective import flow
 
 RESOLUTION = 64

@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from tests.conftest import REPO, TINY_MODEL, write_json
-from tests.test_train import read_scalars
+from tests.conftest import read_scalars
 from utils.options import config
 from utils.watch import sampling
 from utils.options.config import ConfigError

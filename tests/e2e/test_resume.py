@@ -136,7 +136,7 @@ def reference(tmp_path_factory):
 
 
 def scalars(run: Path) -> dict[str, dict[int, float]]:
-    from tests.test_train import read_scalars
+    from tests.conftest import read_scalars
 
     return {tag: dict(values) for tag, values in read_scalars(run).items() if not tag.startswith("performance")}
 

@@ -27,7 +27,7 @@ import data
 from data.batching import process_share
 from data.records import DEFAULT_BATCH_ID, Caption, ImageRecord
 from tests.conftest import REPO, TINY_MODEL, write_json
-from tests.test_train import read_scalars
+from tests.conftest import read_scalars
 
 BUCKETS = [(512, 512), (576, 448), (448, 576)]
 

@@ -16,17 +16,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_DATA, REPO
+from tests.conftest import DEMO_DATA, REPO, read_scalars, short_run
 
 DEMO_COMMAND = "python train.py --config cfgs/demo.json"
-
-
-def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0}).Reload()
-    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]} | \
-        {"_images": events.Tags()["images"]}
 
 
 @pytest.fixture(scope="session")
@@ -164,19 +156,6 @@ def test_training_continues_from_a_single_file(demo_run, tmp_path):
     resumed = [v for _, v in read_scalars(run)["loss/epoch"]]
     assert resumed[0] < 0.8 * demo_epochs[0]
     assert list((run / "ckpts").glob("last-*/model_index.json"))
-
-
-def short_run(tmp_path, data_root, *extra: str) -> Path:
-    """A short in-process run on the tiny model; returns its run folder."""
-    import train
-
-    logdir = tmp_path / "logs"
-    status = train.main(["--resume_ckpt", str(REPO / "demo" / "tiny-sd"), "--data_root", str(data_root),
-                         "--resolution", "128", "--batch_size", "2", "--optimizer_config",
-                         str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
-                         "--logdir", str(logdir), "--no_save_ckpt", *extra])
-    assert status == 0
-    return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)
 
 
 def test_frozen_text_encoder_optimizer_state_schedule_and_epoch_saves(tmp_path, small_dataset):

@@ -222,7 +222,7 @@ def test_training_with_every_tweak_on_saves_a_zero_terminal_snr_model(tmp_path):
     from safetensors import safe_open
 
     from tests.conftest import write_json
-    from tests.test_train import read_scalars
+    from tests.conftest import read_scalars
 
     write_images(tmp_path / "images")
     optimizer_file = write_json(tmp_path / "optimizer.json", {
