@@ -7,7 +7,7 @@ Typical use (one run):
         plan = build_epoch_batches(records, batch_size, seed, epoch, grad_accum, rated)
         loader = make_epoch_loader(plan, records, tokenizer, cond_dropout, seed, epoch, workers,
                                    pin_memory, flip_p=..., shuffle_tags=..., keep_tags=...,
-                                   skipped=result.skipped)
+                                   skipped=result.skipped, plugins=runner)  # runner: a PluginRunner or None
         write_schedule(path, loader.dataset)   # optional: what each step trains
         for batch in loader: ...
 doc/DATA.md describes the dataset conventions for users.

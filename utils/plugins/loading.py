@@ -107,7 +107,7 @@ def _import(module_name: str, name: str, entry: str, cwd: str) -> ModuleType:
         path = module_name.replace(".", os.sep) + ".py"
         raise ConfigError(f"{entry}: no module {module_name!r} in the current directory ({cwd}) or the installed "
                           f"packages; put {path} there (the directory you start training from) or fix the name"
-                          + (f" (the shipped plugins are {', '.join(sorted(ED2_NAMES))})"
+                          + (f" (EveryDream2 plugin names that work here: {', '.join(sorted(ED2_NAMES))})"
                              if module_name.startswith("plugins.") else "")) from e
     except Exception as e:  # noqa: BLE001 - a module can raise anything while it runs
         raise _failed_import(entry, module_name, e) from e
