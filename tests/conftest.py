@@ -10,6 +10,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 TINY_MODEL = REPO / "demo" / "tiny-sd"
 DEMO_DATA = REPO / "demo" / "data"
+SQUARE_SIZE, SQUARE_CAPTION = 64, "a square"  # the `squares` data set
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly instead of hanging
 sys.path.insert(0, str(REPO))
@@ -27,6 +28,19 @@ def small_dataset(tmp_path) -> Path:
         size = (64, 64) if i < 6 else (96, 64)
         Image.new("RGB", size, colour).save(root / f"img_{i}.png")
         (root / f"img_{i}.txt").write_text("a red square" if i % 2 else "a blue square")
+    return root
+
+
+@pytest.fixture(scope="module")
+def squares(tmp_path_factory) -> Path:
+    """Eight flat red or blue squares under one caption: a two-mode image distribution for one prompt, which a
+    first rectified flow can only reach along curved paths (it averages the two at first)."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("squares")
+    for i in range(8):
+        Image.new("RGB", (SQUARE_SIZE, SQUARE_SIZE), (220, 30, 30) if i % 2 else (30, 30, 220)).save(root / f"sq_{i}.png")
+        (root / f"sq_{i}.txt").write_text(SQUARE_CAPTION)
     return root
 
 
