@@ -1,0 +1,29 @@
+"""The latent cache in real runs of train.py: the losses of training with the cache, cold and warm, are those of
+training without it (doc/PERFORMANCE.md)."""
+from __future__ import annotations
+
+from tests.conftest import read_scalars, short_run
+from tests.test_latent_cache import write_images
+
+
+def test_training_with_the_cache_gives_the_losses_of_training_without(tmp_path):
+    """Images exactly their bucket's size are cropped the same way with and without the cache, so the runs
+    see the same pixels: a cold cache (encoding and storing) and a warm one (reading only) must both give the
+    per-step losses of a run without the cache, to the bit. (Batch 1, since the VAE's float rounding depends
+    on which images it encodes together, and with a cache a batch may be part hits, part misses.)"""
+    data_root = write_images(tmp_path / "exact", [(128, 128)] * 8, seed=4)
+    cache_dir = tmp_path / "latents"
+    common = ("--max_epochs", "2", "--flip_p", "0.5", "--seed", "11", "--batch_size", "1")
+    runs = {name: short_run(tmp_path / name, data_root, *common, *extra) for name, extra in (
+        ("plain", ()), ("cold", ("--cache_latents", "--latent_cache_dir", str(cache_dir))))}
+    (folder,) = cache_dir.iterdir()
+    written = sorted(p.stat().st_mtime_ns for p in folder.rglob("*.safetensors"))
+    assert 8 <= len(written) <= 16  # every image once per flip side it was trained with
+    runs["warm"] = short_run(tmp_path / "warm", data_root, *common, "--cache_latents", "--latent_cache_dir",
+                             str(cache_dir))
+    assert sorted(p.stat().st_mtime_ns for p in folder.rglob("*.safetensors")) == written  # all read, none written
+    assert f"Latent cache: {folder} ({len(written)} entries)" in next(runs["warm"].glob("*.log")).read_text()
+
+    losses = {name: [v for _, v in read_scalars(run)["loss/log_step"]] for name, run in runs.items()}
+    assert len(losses["plain"]) == 16
+    assert losses["cold"] == losses["plain"] and losses["warm"] == losses["plain"]
