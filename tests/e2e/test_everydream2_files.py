@@ -23,6 +23,19 @@ from tests.test_train import read_scalars
 from utils.options.flags import LEGACY_KEYS
 
 ED2 = REPO / "tests" / "fixtures" / "everydream2"
+# The options of EveryDream2's train.py at that commit (its argparse, `--config` aside).
+ED2_TRAIN_PY_OPTIONS = (
+    "amp", "attn_type", "batch_size", "ckpt_every_n_minutes", "clip_grad_norm", "clip_skip", "cond_dropout",
+    "data_root", "disable_amp", "disable_textenc_training", "disable_unet_training", "embedding_perturbation",
+    "flip_p", "gpuid", "gradient_checkpointing", "grad_accum", "logdir", "log_step", "loss_type", "lr",
+    "lr_decay_steps", "lr_scheduler", "lr_warmup_steps", "max_epochs", "no_prepend_last", "no_save_ckpt",
+    "optimizer_config", "plugins", "project_name", "resolution", "resume_ckpt", "run_name", "sample_prompts",
+    "sample_steps", "save_ckpt_dir", "save_every_n_epochs", "save_ckpts_from_n_epochs", "save_full_precision",
+    "save_optimizer", "seed", "shuffle_tags", "timestep_start", "timestep_end", "train_sampler", "keep_tags", "wandb",
+    "validation_config", "write_schedule", "rated_dataset", "rated_dataset_target_dropout_percent",
+    "zero_frequency_noise_ratio", "enable_zero_terminal_snr", "load_settings_every_epoch", "min_snr_gamma",
+    "ema_decay_rate", "ema_strength_target", "ema_update_interval", "ema_device", "ema_sample_nonema_model",
+    "ema_sample_ema_model", "ema_resume_model", "pyramid_noise_discount")
 SHORT = ("--logdir", "logs", "--max_epochs", "1", "--resolution", "64", "--batch_size", "2")
 OVERRIDDEN = {"resume_ckpt", "data_root", "logdir", "max_epochs", "resolution", "batch_size",
               "generate_pretrain_samples"}
@@ -200,6 +213,22 @@ def test_train_coco_as_shipped_with_wandb(ed2_dir, images, monkeypatch):
     set_paths(ed2_dir / "cfgs" / "validation_coco.json", val_data_root=str(images / "val"))
     assert train("cfgs/train_coco.json", images, "--no-generate_pretrain_samples") == 0
     check_run("cfgs/train_coco.json", "--no-generate_pretrain_samples")
+
+
+def test_the_migration_page_covers_every_key_of_everydream2s_files():
+    """doc/FROM_EVERYDREAM2.md names every key the shipped files use (train, optimizer, sample, validation and
+    Accumulnator files), and every option of EveryDream2's train.py."""
+    page = (REPO / "doc" / "FROM_EVERYDREAM2.md").read_text()
+    keys = set()
+    for path in ED2.rglob("*.json"):
+        settings = json.loads(path.read_text())
+        keys |= set(settings)
+        for section in ("base", "text_encoder_overrides", "text_encoder_freezing"):
+            keys |= set(settings.get(section) or {})
+        for sample in settings.get("samples", []):
+            keys |= set(sample)
+    keys |= set(ED2_TRAIN_PY_OPTIONS)
+    assert sorted(key for key in keys if f"`{key}`" not in page) == []
 
 
 def test_plugins_accumulnator_json_is_read_from_the_working_directory(ed2_dir):
