@@ -53,7 +53,7 @@ EVERY_KEY = {
     "show_progress_bars": False, "generate_pretrain_samples": True, "generate_samples_every_n_steps": 3,
     "samples": [
         {"prompt": "a red square, bright!", "negative_prompt": "blurry", "seed": 7, "size": [128, 64]},
-        {"prompt": "a blue square", "seed": -1, "aspect_ratio": 2.0},
+        {"prompt": "a blue square", "seed": -1, "aspect_ratio": 2.0, "cfgs": [2, 5, 9]},
         {"random_caption": True},
     ],
 }
@@ -79,8 +79,10 @@ def test_json_with_every_key_writes_the_documented_files_and_tensorboard_images(
         (jpg,) = [f for f in files if re.fullmatch(rf"gs{step:05d}-001-a blue square-s\d+\.jpg", f)]
         seed = int(jpg.rsplit("-s", 1)[1][:-4])
         assert f"seed: {seed}\n" in (run / "samples" / jpg.replace(".jpg", ".txt")).read_text()
-        # aspect_ratio 2: of the 64 px bucket table (64x64, 96x64, 96x32, 128x32, ...), 96x64 is closest to 2:1.
-        assert Image.open(run / "samples" / jpg).size == (2 * 96, 64)
+        # aspect_ratio 2: of the 64 px bucket table (64x64, 96x64, 96x32, 128x32, ...), 96x64 is closest to 2:1;
+        # one tile for each of the sample's own three cfgs.
+        assert Image.open(run / "samples" / jpg).size == (3 * 96, 64)
+        assert "cfgs: 2, 5, 9\n" in (run / "samples" / jpg.replace(".jpg", ".txt")).read_text()
         random_seeds.append(seed)
     assert len(set(random_seeds)) == 3  # seed -1: a fresh seed at every event
 
@@ -91,7 +93,7 @@ def test_json_with_every_key_writes_the_documented_files_and_tensorboard_images(
     images = tensorboard_images(run)
     assert images == {
         "sample_000_a red square bright": [(s, (256, 64)) for s in steps],
-        "sample_001_a blue square": [(s, (192, 64)) for s in steps],
+        "sample_001_a blue square": [(s, (288, 64)) for s in steps],
         "sample_002": [(s, (128, 64)) for s in steps],  # random captions: one tag whatever the caption
     }
 
@@ -237,6 +239,28 @@ def test_sampling_uses_the_live_modules_and_restores_their_modes(tiny, tmp_path)
     assert np.abs(red - blue).max() > 10  # each request renders its own prompt
 
 
+def test_a_sample_with_its_own_cfgs_gets_a_strip_of_those_and_its_own_batches(tiny, tmp_path):
+    calls = []
+    hook = tiny.unet.register_forward_hook(lambda module, args, output: calls.append(args[0].shape[0]))
+    settings = SampleSettings(batch_size=3, seed=1, resolution=64, every_n_steps=1, generate_pretrain_samples=False,
+                              cfgs=(7.0, 4.0), scheduler="ddim", num_inference_steps=1)
+    requests = [SampleRequest("a red circle", seed=2, size=(64, 64)),
+                SampleRequest("a blue square", seed=2, size=(64, 64), cfgs=(1.0, 11.0, 3.0)),
+                SampleRequest("a green triangle", seed=2, size=(64, 64))]
+    try:
+        written = render(tiny, tmp_path, settings, requests)
+    finally:
+        hook.remove()
+    # The two samples at the file's cfgs share a batch (doubled for guidance at 7 and 4); the third is rendered
+    # alone at its own: without guidance at 1, with it at 11 and 3.
+    assert calls == [4, 4, 1, 2, 2]
+    assert [Image.open(p).size for p in written] == [(2 * 64, 64), (3 * 64, 64), (2 * 64, 64)]
+    texts = [p.with_suffix(".txt").read_text() for p in written]
+    assert "cfgs: 7, 4\n" in texts[0] and "cfgs: 1, 11, 3\n" in texts[1] and "cfgs: 7, 4\n" in texts[2]
+    own = np.asarray(Image.open(written[1])).astype(int)
+    assert np.abs(own[:40, :40] - own[:40, 64:104]).max() > 10  # cfg 1 and cfg 11 give different pictures
+
+
 def test_zero_terminal_snr_models_get_samplers_that_follow_the_schedule(tiny):
     zero_snr = {**tiny.scheduler.config, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing"}
     assert sampling.make_sampler("euler", zero_snr).config.rescale_betas_zero_snr is True
@@ -253,6 +277,17 @@ def test_the_shipped_example_uses_every_key_and_loads():
     assert set().union(*raw["samples"]) == set(sampling.REQUEST_KEYS)
     settings = sampling.read_sample_settings(path, DEFAULTS)
     assert settings.scheduler == raw["scheduler"] and len(settings.requests) == len(raw["samples"])
+
+
+def test_everydream2s_shipped_sample_files_load_with_a_samples_own_cfgs():
+    ed2 = REPO / "tests" / "fixtures" / "everydream2"
+    settings = sampling.read_sample_settings(ed2 / "sample_prompts.json", DEFAULTS)
+    assert (settings.batch_size, settings.seed, settings.cfgs, settings.scheduler, settings.num_inference_steps,
+            settings.show_progress_bars) == (3, 555, (7.0, 4.0), "dpm++", 15, True)
+    assert [(r.seed, r.size, r.random_caption, r.cfgs) for r in settings.requests] == [
+        (555, (64, 64), False, None), (-1, (64, 64), False, None), (555, (640, 384), True, (1.0, 11.0))]
+    assert settings.requests[0].negative_prompt == "distorted, deformed"
+    assert sampling.read_sample_settings(ed2 / "sample_prompts.txt", DEFAULTS).requests == ()  # empty: random captions
 
 
 def test_the_user_page_documents_every_key_and_sampler():
@@ -295,6 +330,7 @@ def test_empty_file_samples_captions_of_the_current_batch(tmp_path):
     ({"samples": [{"promt": "x"}]}, "samples[0]: unknown key 'promt'. Did you mean 'prompt'?"),
     ({"samples": ["a cat"]}, "samples[0]: expected an object"),
     ({"samples": [{"aspect_ratio": 0}]}, "key 'aspect_ratio' must be a positive number"),
+    ({"samples": [{"prompt": "x", "cfgs": []}]}, "samples[0]: key 'cfgs' must be a non-empty list"),
 ])
 def test_bad_sample_files_name_the_file_and_the_key(tmp_path, content, message):
     path = write_json(tmp_path / "samples.json", content)

@@ -132,6 +132,7 @@ class SampleRequest:
     size: tuple[int, int]  # width, height
     negative_prompt: str = ""
     random_caption: bool = False  # the prompt is taken from the current training batch
+    cfgs: tuple[float, ...] | None = None  # this sample's guidance scales; None = the event's `cfgs`
 
 
 @dataclass(frozen=True)
@@ -157,7 +158,19 @@ class SampleSettings:
 
 SETTINGS_KEYS = ("batch_size", "seed", "cfgs", "scheduler", "num_inference_steps", "resolution",
                  "show_progress_bars", "generate_pretrain_samples", "generate_samples_every_n_steps", "samples")
-REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "size", "aspect_ratio", "random_caption")
+REQUEST_KEYS = ("prompt", "negative_prompt", "seed", "size", "aspect_ratio", "random_caption", "cfgs")
+
+
+def cfgs_of(request: SampleRequest, settings: SampleSettings) -> tuple[float, ...]:
+    """The guidance scales `request` is rendered at: its own, else the event's."""
+    return request.cfgs or settings.cfgs
+
+
+def _cfgs(where: str, cfgs) -> tuple[float, ...]:
+    if not (isinstance(cfgs, list) and cfgs and all(is_number(c) and c >= 0 for c in cfgs)):
+        raise ConfigError(f"{where}: key 'cfgs' must be a non-empty list of guidance scales (numbers >= 0), "
+                          f"e.g. [7, 4, 1.01]; got {json.dumps(cfgs)}.")
+    return tuple(float(c) for c in cfgs)
 
 
 def _size_for_aspect(aspect_ratio: float, resolution: int) -> tuple[int, int]:
@@ -193,7 +206,8 @@ def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
         negative_prompt=string(where, "negative_prompt", entry.get("negative_prompt", "")),
         seed=integer(where, "seed", entry["seed"], -1) if "seed" in entry else seed,
         size=(width, height),
-        random_caption=boolean(where, "random_caption", entry.get("random_caption", False)))
+        random_caption=boolean(where, "random_caption", entry.get("random_caption", False)),
+        cfgs=_cfgs(where, entry["cfgs"]) if "cfgs" in entry else None)
 
 
 def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
@@ -222,11 +236,7 @@ def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
         checked["scheduler"] = string(where, "scheduler", values["scheduler"])
         check_sampler_name(checked["scheduler"], where)
     if "cfgs" in values:
-        cfgs = values["cfgs"]
-        if not (isinstance(cfgs, list) and cfgs and all(is_number(c) and c >= 0 for c in cfgs)):
-            raise ConfigError(f"{where}: key 'cfgs' must be a non-empty list of guidance scales (numbers >= 0), "
-                              f"e.g. [7, 4, 1.01]; got {json.dumps(cfgs)}.")
-        checked["cfgs"] = tuple(float(c) for c in cfgs)
+        checked["cfgs"] = _cfgs(where, values["cfgs"])
     settings = replace(defaults, **checked)
     requests = values.get("samples") or []
     if not isinstance(requests, list):
@@ -398,18 +408,20 @@ def sample_names(step: int, index: int, request: SampleRequest, label: str = "")
     return stem, tag
 
 
-def _batches(requests: tuple[SampleRequest, ...], batch_size: int) -> list[list[int]]:
-    """Request indices in batches of at most batch_size; only requests of the same size share a batch."""
-    by_size: dict[tuple[int, int], list[int]] = {}
+def _batches(requests: tuple[SampleRequest, ...], settings: SampleSettings) -> list[list[int]]:
+    """Request indices in batches of at most the sample batch_size; only requests of the same size and the same
+    cfgs share a batch (a batch is rendered once per cfg)."""
+    alike: dict[tuple, list[int]] = {}
     for index, request in enumerate(requests):
-        by_size.setdefault(request.size, []).append(index)
-    return [indices[i:i + batch_size] for indices in by_size.values() for i in range(0, len(indices), batch_size)]
+        alike.setdefault((request.size, cfgs_of(request, settings)), []).append(index)
+    size = settings.batch_size
+    return [indices[i:i + size] for indices in alike.values() for i in range(0, len(indices), size)]
 
 
 @torch.no_grad()
 def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int, out_dir: Path, tb_writer,
                      autocast, clip_skip: int = 0, label: str = "") -> list[Path]:
-    """Renders every request of `event` once per cfg into a labelled strip; saves the JPEG and a .txt beside it
+    """Renders every request of `event` once per cfg (its own `cfgs`, else the event's) into a labelled strip; saves the JPEG and a .txt beside it
     and logs the strip to TensorBoard at `step`. Returns the JPEG paths.
 
     `unet` and `text_encoder` are the live modules (their dtype and device as trained; no copy is made), `model`
@@ -426,9 +438,10 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
     pipe.set_progress_bar_config(disable=not settings.show_progress_bars)
     guidance_rescale = ZERO_SNR_GUIDANCE_RESCALE if model.scheduler.config.get("rescale_betas_zero_snr") else 0.0
     started = time.perf_counter()
-    log.info("Sampling at step %d%s: %d prompt(s) x cfgs %s, %s %d steps", step, f" ({label})" if label else "",
-             len(requests), ", ".join(f"{c:g}" for c in settings.cfgs), sampler,
-             settings.num_inference_steps)
+    own = sum(request.cfgs is not None for request in requests)
+    log.info("Sampling at step %d%s: %d prompt(s) x cfgs %s%s, %s %d steps", step, f" ({label})" if label else "",
+             len(requests), ", ".join(f"{c:g}" for c in settings.cfgs),
+             f" ({own} with cfgs of their own)" if own else "", sampler, settings.num_inference_steps)
     was_training = (unet.training, text_encoder.training)
     unet.eval()
     text_encoder.eval()
@@ -436,13 +449,13 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
     strips: list[list] = [[] for _ in requests]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
-            for batch in _batches(requests, settings.batch_size):
+            for batch in _batches(requests, settings):
                 width, height = requests[batch[0]].size
                 # The conditioning as training computes it (clip_skip included), not the pipeline's own encoding.
                 prompt_embeds, negative_embeds = (
                     encode_text(text_encoder, _token_ids(model.tokenizer, texts), clip_skip)
                     for texts in ([requests[i].prompt for i in batch], [requests[i].negative_prompt for i in batch]))
-                for cfg in settings.cfgs:
+                for cfg in cfgs_of(requests[batch[0]], settings):
                     # One generator per request, so an image depends on its own seed, not on its batch-mates.
                     generators = [torch.Generator(device).manual_seed(requests[i].seed) for i in batch]
                     images = pipe(prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_embeds,
@@ -468,7 +481,7 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
         lines = [request.prompt]
         if request.negative_prompt:
             lines.append(f"negative prompt: {request.negative_prompt}")
-        lines += [f"seed: {request.seed}", f"cfgs: {', '.join(f'{c:g}' for c in settings.cfgs)}",
+        lines += [f"seed: {request.seed}", f"cfgs: {', '.join(f'{c:g}' for c in cfgs_of(request, settings))}",
                   f"sampler: {sampler}, {settings.num_inference_steps} steps",
                   f"size: {request.size[0]}x{request.size[1]}"]
         (out_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
