@@ -157,3 +157,14 @@ def test_train_py_reads_top_to_bottom():
     long = [(n.name, n.end_lineno - n.lineno + 1) for n in ast.walk(loop)
             if isinstance(n, ast.FunctionDef) and n.end_lineno - n.lineno + 1 > 80]
     assert not long
+
+
+def test_a_finished_run_resumed_starts_a_new_run_from_its_weights(tmp_path, six_images):
+    """EveryDream2's chaining: the next link resumes the last link's final checkpoint with the same settings; a
+    run that is already done is not continued (it would train nothing) but started anew from its weights."""
+    first = build(tmp_path, six_images, "--project_name", "chain", "--save_optimizer")
+    assert first.run() == 0 and first.final_checkpoint.name == "last-chain-ep02-gs00006"
+    assert training_state.load(first.final_checkpoint).epoch == 2
+    second = build(tmp_path, six_images, "--project_name", "chain", "--resume_ckpt", str(first.final_checkpoint))
+    assert not second.resumed and (second.epoch, second.global_step) == (0, 0)
+    assert second.run() == 0 and second.global_step == 6

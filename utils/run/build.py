@@ -176,6 +176,10 @@ def _continuing(inputs: Inputs, fingerprint: dict, processes: int) -> training_s
         log.warning("%s holds a resumable run, but %s: starting a new run from its weights and optimizer state "
                     "instead of continuing that one.", inputs.resume, "; ".join(changed))
         return None
+    if saved.epoch >= inputs.args.max_epochs:  # a chain's next link (EveryDream2's chaining habit)
+        log.info("%s ended its run at epoch %d (max_epochs %d): starting a new run of %d epochs from its weights and "
+                 "optimizer state.", inputs.resume, saved.epoch, inputs.args.max_epochs, inputs.args.max_epochs)
+        return None
     return saved
 
 
