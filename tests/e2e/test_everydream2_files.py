@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO, TINY_MODEL
-from tests.test_train import read_scalars
+from tests.conftest import read_scalars
 from utils.options.flags import LEGACY_KEYS
 
 ED2 = REPO / "tests" / "fixtures" / "everydream2"
