@@ -43,7 +43,8 @@ FLAGS: list[Flag] = [
     *_flags(
         "Model and data",
         ("resume_ckpt", str, None, "Base model: a diffusers folder, a single .safetensors/.ckpt file (SD1.x or SD2.x, "
-         "original layout), or `findlast` for the newest checkpoint under logdir. Required."),
+         "original layout), or `findlast` for the newest checkpoint under logdir (see findlast_scope). Required. "
+         "Nothing is downloaded: a Hugging Face id (`owner/name`) must first be downloaded by hand."),
         ("data_root", str, None, "Folder of training images with their captions (searched recursively), or a manifest .json "
          "listing them (doc/DATA.md). Required."),
         ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
@@ -145,8 +146,8 @@ FLAGS: list[Flag] = [
         ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model (the default when neither sample "
          "flag is set)."),
         ("ema_resume_model", str, None, "With EMA: start the EMA from this checkpoint (an `_ema` diffusers folder or "
-         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir; unset = a copy of the model "
-         "being trained."),
+         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir (see findlast_scope); unset = a "
+         "copy of the model being trained."),
     ),
     *_flags(
         "Samples",
@@ -161,8 +162,14 @@ FLAGS: list[Flag] = [
     *_flags(
         "Logging and checkpoints",
         ("project_name", str, "myproj", "Prefix of the log folder and checkpoint names."),
-        ("run_name", str, None, "Name of the log folder (after the project name) instead of a timestamp."),
+        ("run_name", str, None, "Name of the run for trackers: the TensorBoard `config` and `run_name` texts, the "
+         "run's log and _main.json. The log folder is <project_name>_<YYYYMMDD-HHMMSS> either way, as in "
+         "EveryDream2."),
         ("logdir", str, "logs", "Parent folder of the per-run log folders."),
+        ("findlast_scope", str, "logdir", "Where `findlast` (resume_ckpt, ema_resume_model) looks: logdir = the "
+         "newest checkpoint of any run under logdir, as in EveryDream2 (chained runs may change project_name); "
+         "project = only this project_name's run folders (<logdir>/<project_name>_<YYYYMMDD-HHMMSS>).",
+         {"choices": ("logdir", "project")}),
         ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
         ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
         ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {"live": True}),

@@ -18,7 +18,7 @@ from utils.options import config
 from utils.options.config import ConfigError
 from utils.plugins import PluginRunner, load_plugins
 from utils.run import training_state
-from utils.run.checkpoint import EMA_SUFFIX, find_last
+from utils.run.checkpoint import EMA_SUFFIX, find_last_for
 from utils.run.setup import cuda_device, dataloader_workers, freeze_clip_skipped_layers, make_accelerator, \
     prepare_models
 from utils.watch import ema, sampling, validation
@@ -51,7 +51,9 @@ def read_inputs(argv: list[str] | None) -> Inputs:
     flow.check_options(args)
     for note in args.notes:
         log.warning(note)
-    resume = find_last(args.logdir, args.project_name) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+    resume = find_last_for(args) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+    if args.resume_ckpt == "findlast":
+        log.info("resume_ckpt findlast: %s", resume)
     saved_state = training_state.load(resume) if resume.is_dir() else None
     ema_resume = ema.check_options(args)
     if saved_state and ema_resume is None and ema.enabled(args) and resume.with_name(resume.name + EMA_SUFFIX).is_dir():

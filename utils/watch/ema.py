@@ -16,7 +16,7 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.run.checkpoint import EMA_SUFFIX, find_last
+from utils.run.checkpoint import EMA_SUFFIX, find_last_for
 from utils.options.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -47,7 +47,7 @@ def check_options(args: SimpleNamespace) -> Path | None:
     if args.ema_resume_model is None:
         return None
     if args.ema_resume_model == "findlast":
-        return find_last(args.logdir, args.project_name, ema=True)
+        return find_last_for(args, ema=True)
     where = args.sources.get("ema_resume_model", "defaults")
     path = Path(args.ema_resume_model)
     if not path.exists():

@@ -1,0 +1,84 @@
+"""EveryDream2 habits in real runs of train.py (issue #17): a chain of runs whose links change project_name continues
+through `findlast` (EveryDream2's chaining guide), and run_name names the run and not its folder."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from tests.conftest import TINY_MODEL, write_json
+
+
+def train(tmp_path: Path, data_root: Path, *flags: str) -> int:
+    import train as train_module
+
+    optimizer = write_json(tmp_path / "optimizer.json", {"base": {"optimizer": "adamw", "lr": 1e-3,
+                                                                  "lr_scheduler": "constant"}})
+    return train_module.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(data_root), "--resolution", "64",
+                              "--batch_size", "4", "--max_epochs", "1", "--logdir", str(tmp_path / "logs"),
+                              "--sample_steps", "0", "--no_save_ckpt", "--optimizer_config", str(optimizer),
+                              "--seed", "3", *flags])
+
+
+def console(capsys) -> str:
+    """What the run printed since the last call (train.py logs to the console through tqdm)."""
+    captured = capsys.readouterr()
+    return captured.out + captured.err
+
+
+def text_summaries(run: Path) -> dict[str, str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"tensors": 0}).Reload()
+    return {tag.split("/")[0]: events.Tensors(tag)[0].tensor_proto.string_val[0].decode()
+            for tag in events.Tags()["tensors"]}
+
+
+def test_a_chain_of_runs_with_new_project_names_continues_through_findlast(tmp_path, small_dataset, capsys):
+    logdir = tmp_path / "logs"
+    assert train(tmp_path, small_dataset, "--project_name", "link0", "--run_name", "first try") == 0
+    (first,) = logdir.iterdir()
+    # run_name names the run, not its folder (EveryDream2: <project_name>-<timestamp>, here with an underscore).
+    assert re.fullmatch(r"link0_\d{8}-\d{6}", first.name)
+    assert json.loads((first / f"{first.name}_main.json").read_text())["run_name"] == "first try"
+    assert "Run: first try (project link0)" in (first / f"{first.name}.log").read_text()
+    texts = text_summaries(first)
+    assert texts["run_name"] == "first try" and "run_name=first try" in texts["config"]
+    (link0_last,) = (first / "ckpts").glob("last-link0-*")
+
+    # The next link names another project: findlast scoped to it has nothing to start from and stops before
+    # making anything ...
+    assert train(tmp_path, small_dataset, "--project_name", "link1", "--resume_ckpt", "findlast",
+                 "--findlast_scope", "project") == 2
+    printed = console(capsys)
+    assert "no checkpoint folder (with model_index.json) under" in printed and "in runs of project 'link1'" in printed
+    assert list(logdir.iterdir()) == [first]
+    # ... while findlast over the whole logdir, the default as in EveryDream2, continues from link0's checkpoint.
+    assert train(tmp_path, small_dataset, "--project_name", "link1", "--resume_ckpt", "findlast") == 0
+    assert f"resume_ckpt findlast: {link0_last}" in console(capsys)
+    (second,) = logdir.glob("link1_*")
+    assert f"from {link0_last}" in (second / f"{second.name}.log").read_text()  # "Model: ... from <checkpoint>"
+    texts = text_summaries(second)
+    assert texts["run_name"] == second.name  # no run_name: the run is called after its folder
+    (link1_last,) = (second / "ckpts").glob("last-link1-*")
+    # A third link finds link1's checkpoint, the newest of the logdir.
+    assert train(tmp_path, small_dataset, "--project_name", "link2", "--resume_ckpt", "findlast") == 0
+    assert f"resume_ckpt findlast: {link1_last}" in console(capsys)
+
+
+def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, small_dataset):
+    from utils.options import config
+    from utils.run.run_dir import RunDir
+
+    args = config.load(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(small_dataset), "--project_name",
+                        "same", "--run_name", "r", "--logdir", str(tmp_path / "logs")])
+    runs = [RunDir(args) for _ in range(3)]
+    try:
+        names = [run.name for run in runs]
+        assert len(set(names)) == 3 and all(re.fullmatch(r"same_\d{8}-\d{6}(-\d)?", name) for name in names)
+        assert [run.run_name for run in runs] == ["r"] * 3
+    finally:
+        for run in runs:
+            run.close()
+
+
