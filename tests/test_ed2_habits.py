@@ -1,14 +1,47 @@
-"""EveryDream2 habits (issue #17): findlast's scope. Whole runs: tests/e2e/test_ed2_habits_run.py."""
+"""EveryDream2 habits (issue #17): its legacy switches and the option names its documentation uses work on the
+command line and in JSON; findlast's scope. Whole runs: tests/e2e/test_ed2_habits_run.py."""
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
+from tests.conftest import REPO, write_json
 from utils.options import config
+from utils.options.flags import ALIASES, BY_NAME, LEGACY_KEYS
 from utils.run.checkpoint import find_last, find_last_for
+
+# Every option name that ../shared/spec/REFERENCE.md (its §1.2, §1.3 and §9 tables and prose) and
+# ../shared/spec/ADVANCED_TWEAKING.md mention as `--name` or as a train.json key, extracted once (see
+# test_the_embedded_list_covers_the_spec, which re-extracts them where the spec is at hand), with a value for each
+# that takes one (the documents' own examples where they give one).
+ED2_DOC_OPTIONS = {
+    "amp": None, "attn_type": "slice", "batch_size": "6", "ckpt_every_n_minutes": "10", "clip_grad_norm": "1.0",
+    "clip_skip": "2", "cond_dropout": "0.1", "config": None, "data_root": None, "disable_amp": None,
+    "disable_textenc_training": None, "disable_unet_training": None, "disable_xformers": None, "ed1_mode": None,
+    "ema_decay_rate": "0.999", "ema_decay_resume_model": "findlast", "ema_device": "cuda",
+    "ema_resume_model": "findlast", "ema_sample_ema_model": None, "ema_sample_nonema_model": None,
+    "ema_strength_target": "0.10", "ema_update_interval": "50", "embedding_perturbation": "1.0",
+    "enable_zero_terminal_snr": None, "flip_p": "0.5", "gpuid": "1", "grad_accum": "2",
+    "gradient_checkpointing": None, "keep_tags": "4", "load_settings_every_epoch": None, "log_step": "50",
+    "logdir": "/workspace/mylogs", "loss_type": "huber", "lowvram": None, "lr": "1.0e-6", "lr_decay_steps": "2500",
+    "lr_scheduler": "cosine", "lr_warmup_steps": "100", "max_epochs": "50", "min_snr_gamma": "5",
+    "no_prepend_last": None, "no_save_ckpt": None, "notebook": None, "optimizer_config": None,
+    "plugins": "plugins.interruptible.InterruptiblePlugin", "project_name": "myproj_ch0",
+    "pyramid_noise_discount": "0.4", "rated_dataset": None, "rated_dataset_target_dropout_percent": "40",
+    "rectified_flow": None, "reflow_gen_batches": "10", "reflow_sample_steps": "50", "reflow_steps": "2",
+    "reflow_train_epochs": "1", "resolution": "640", "resume_ckpt": None, "run_name": "first",
+    "sample_prompts": "sample_prompts.json", "sample_steps": "200", "save_ckpt_dir": "r:/webui/models",
+    "save_ckpts_from_n_epochs": "3", "save_every_n_epochs": "20", "save_full_precision": None,
+    "save_optimizer": None, "scale_lr": None, "seed": "-1", "shuffle_tags": None, "timestep_end": "450",
+    "timestep_start": "500", "train_sampler": "ddim", "useadam8bit": None, "validation_config": "validation.json",
+    "wandb": None, "write_schedule": None, "zero_frequency_noise_ratio": "0.05",
+}
+SPEC_DIRS = (REPO.parent / "shared" / "spec", Path("/work/shared/spec"))
 
 
 @pytest.fixture
@@ -20,6 +53,118 @@ def paths(tmp_path, small_dataset):
 
 def base_argv(paths: dict) -> list[str]:
     return ["--resume_ckpt", paths["resume_ckpt"], "--data_root", paths["data_root"]]
+
+
+def spec_names(spec: Path) -> set[str]:
+    """The option names REFERENCE.md and ADVANCED_TWEAKING.md mention: every `--name`, the first column of
+    REFERENCE's option tables (§1.2, §9) and the keys §1.3 lists."""
+    names = set()
+    for file in ("REFERENCE.md", "ADVANCED_TWEAKING.md"):
+        names |= set(re.findall(r"(?<![\w-])--([a-z][a-z0-9_]+)", (spec / file).read_text()))
+    reference = (spec / "REFERENCE.md").read_text()
+
+    def section(start: str, end: str) -> str:
+        begin = reference.index(start)
+        return reference[begin:reference.index(end, begin)]
+
+    for table in (section("### 1.2", "### 1.3"), section("## 9.", "Behaviour:")):
+        for cell in re.findall(r"^\| ([^|]+?) \|", table, re.M):
+            names |= set(re.findall(r"[a-z][a-z0-9_]+", cell)) - {"key"}  # "key": the header row
+    names |= set(re.findall(r"`([a-z][a-z0-9_]+)`", section("### 1.3", "## 2.")))
+    return names - {"key"}  # `--key` in "CLI `--key` and train.json `"key"`"
+
+
+def test_the_embedded_list_covers_the_spec():
+    spec = next((d for d in SPEC_DIRS if (d / "REFERENCE.md").is_file()), None)
+    if spec is None:
+        pytest.skip("the spec (../shared/spec) is not beside this checkout; the embedded list stands for it")
+    assert spec_names(spec) - set(ED2_DOC_OPTIONS) == set()
+
+
+@pytest.mark.parametrize("name", sorted(ED2_DOC_OPTIONS))
+def test_every_option_name_in_the_ed2_docs_is_accepted_on_the_command_line_and_in_json(tmp_path, paths, name):
+    value = ED2_DOC_OPTIONS[name]
+    if name in ("config", "resume_ckpt", "data_root", "optimizer_config"):  # paths that must exist
+        value = {"config": str(write_json(tmp_path / "train.json", {"max_epochs": 7})),
+                 "optimizer_config": str(REPO / "cfgs" / "demo_optimizer.json")}.get(name) or paths[name]
+        argv, json_value = [f"--{name}", value], value
+    elif value is None:  # a switch
+        argv, json_value = [f"--{name}"], True
+    else:
+        argv = [f"--{name}", value]
+        json_value = [value] if name == "plugins" else \
+            json.loads(value) if re.fullmatch(r"-?[\d.e-]+", value) else value
+    option = ALIASES.get(name, name)
+    flag = BY_NAME.get(option)
+    for how, args_of in (("command line", lambda: config.load(base_argv(paths) + argv)),
+                         ("json", lambda: config.load(["--config", str(write_json(
+                             tmp_path / "cfg.json", {**paths, name: json_value}))]))):
+        if how == "json" and name == "config":
+            continue
+        if flag is not None and flag.planned:  # known and parsed, refused as not implemented yet
+            with pytest.raises(config.ConfigError, match=f"'{option}' is not implemented yet"):
+                args_of()
+            continue
+        args = args_of()
+        if name == "config":
+            assert args.max_epochs == 7
+        elif name in LEGACY_KEYS:
+            assert len([note for note in args.notes if f"'{name}'" in note or f"'--{name}'" in note]) == 1, how
+        elif flag.type is bool:
+            assert getattr(args, option) is True, how
+        elif name != "seed":  # seed -1 is replaced by a random seed
+            expected = [value] if flag.type is list else flag.type(value) if flag.type in (int, float) else value
+            assert getattr(args, option) == expected, how
+
+
+# What each EveryDream2 switch's note must point to.
+REPLACEMENTS = {"amp": "disable_amp", "useadam8bit": '"optimizer": "adamw8bit"', "lowvram": "cfgs/lowvram.json",
+                "disable_xformers": "attn_type", "ed1_mode": "detected from the model", "notebook": "no effect"}
+
+
+@pytest.mark.parametrize("name", sorted(LEGACY_KEYS))
+def test_legacy_switches_give_one_note_saying_what_replaces_them(tmp_path, paths, name):
+    assert set(REPLACEMENTS) == set(LEGACY_KEYS)
+    plain = config.load(base_argv(paths))
+    on_cli = config.load(base_argv(paths) + [f"--{name}"])
+    assert len(on_cli.notes) == 1 and f"command line: '--{name}' is an EveryDream2 switch, ignored" in on_cli.notes[0]
+    assert REPLACEMENTS[name] in on_cli.notes[0]
+    assert config.effective_options(on_cli) == config.effective_options(plain)  # it changes nothing
+    cfg = write_json(tmp_path / "train.json", {**paths, name: True})
+    both = config.load(["--config", str(cfg), f"--{name}"])
+    assert len(both.notes) == 1 and both.notes[0].startswith("command line:")  # once, not per source
+    in_json = config.load(["--config", str(cfg)])
+    assert len(in_json.notes) == 1 and in_json.notes[0].startswith(f"{cfg}: '{name}' is an EveryDream2 switch")
+    silent = config.load(["--config", str(write_json(tmp_path / "off.json", {**paths, name: False}))])
+    assert (len(silent.notes) == 1 and "does not turn mixed precision off" in silent.notes[0]) if name == "amp" \
+        else silent.notes == []
+
+
+def test_legacy_names_and_aliases_are_in_the_help_and_the_flag_doc():
+    parser = config.build_parser()
+    options = {opt for action in parser._actions for opt in action.option_strings}
+    table = config.flag_table_markdown()
+    legacy_section = table[table.index("## Legacy: EveryDream2 names"):]
+    for name in [*LEGACY_KEYS, *ALIASES]:
+        assert f"--{name}" in options and f"| `{name}` |" in legacy_section
+    assert "| `ema_resume_model` |" in table and "Also accepted as `ema_decay_resume_model`." in table
+    assert not [name for name in LEGACY_KEYS if name in BY_NAME]  # one meaning per name
+
+
+def test_ema_decay_resume_model_is_ema_resume_model(tmp_path, paths):
+    assert config.load(base_argv(paths) + ["--ema_decay_resume_model", "a_ema"]).ema_resume_model == "a_ema"
+    args = config.load(["--config", str(write_json(tmp_path / "t.json", {**paths, "ema_decay_resume_model": "b"}))])
+    assert args.ema_resume_model == "b" and args.sources["ema_resume_model"] == str(tmp_path / "t.json")
+    same = write_json(tmp_path / "same.json", {**paths, "ema_resume_model": "c", "ema_decay_resume_model": "c"})
+    assert config.load(["--config", str(same)]).ema_resume_model == "c"
+    one_null = write_json(tmp_path / "null.json", {**paths, "ema_resume_model": None, "ema_decay_resume_model": "d"})
+    assert config.load(["--config", str(one_null)]).ema_resume_model == "d"
+    clash = write_json(tmp_path / "clash.json", {**paths, "ema_resume_model": "c", "ema_decay_resume_model": "e"})
+    with pytest.raises(config.ConfigError, match="'ema_resume_model' and 'ema_decay_resume_model' are two names of "
+                                                 "one option and are set to different values"):
+        config.load(["--config", str(clash)])
+    with pytest.raises(config.ConfigError, match="Did you mean 'ema_decay_resume_model'"):
+        config.load(["--config", str(write_json(tmp_path / "typo.json", {**paths, "ema_decay_resum_model": "c"}))])
 
 
 # ---------------------------------------------------------------- findlast

@@ -1,5 +1,6 @@
 """EveryDream2 habits in real runs of train.py (issue #17): a chain of runs whose links change project_name continues
-through `findlast` (EveryDream2's chaining guide), and run_name names the run and not its folder."""
+through `findlast` (EveryDream2's chaining guide), run_name names the run and not its folder, and legacy switches
+work on the command line."""
 from __future__ import annotations
 
 import json
@@ -36,7 +37,9 @@ def text_summaries(run: Path) -> dict[str, str]:
 
 def test_a_chain_of_runs_with_new_project_names_continues_through_findlast(tmp_path, small_dataset, capsys):
     logdir = tmp_path / "logs"
-    assert train(tmp_path, small_dataset, "--project_name", "link0", "--run_name", "first try") == 0
+    assert train(tmp_path, small_dataset, "--project_name", "link0", "--run_name", "first try", "--amp",
+                 "--useadam8bit", "--disable_xformers") == 0
+    printed = console(capsys)
     (first,) = logdir.iterdir()
     # run_name names the run, not its folder (EveryDream2: <project_name>-<timestamp>, here with an underscore).
     assert re.fullmatch(r"link0_\d{8}-\d{6}", first.name)
@@ -44,6 +47,11 @@ def test_a_chain_of_runs_with_new_project_names_continues_through_findlast(tmp_p
     assert "Run: first try (project link0)" in (first / f"{first.name}.log").read_text()
     texts = text_summaries(first)
     assert texts["run_name"] == "first try" and "run_name=first try" in texts["config"]
+    # The legacy switches ran, each with its note.
+    for name, replacement in (("amp", "disable_amp"), ("useadam8bit", "adamw8bit"),
+                              ("disable_xformers", "attn_type")):
+        (note,) = [line for line in printed.splitlines() if f"'--{name}' is an EveryDream2 switch" in line]
+        assert replacement in note
     (link0_last,) = (first / "ckpts").glob("last-link0-*")
 
     # The next link names another project: findlast scoped to it has nothing to start from and stops before

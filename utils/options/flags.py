@@ -29,6 +29,7 @@ class Flag:
     max: float | None = None
     planned: str | None = None  # "#N" (the issue that implements it) or why not yet; non-default values refused
     live: bool = False  # with load_settings_every_epoch, a change in the config file applies at the next epoch
+    aliases: tuple[str, ...] = ()  # other names of the same option (JSON key and command-line flag alike)
 
     @property
     def not_yet(self) -> str:
@@ -147,7 +148,7 @@ FLAGS: list[Flag] = [
          "flag is set)."),
         ("ema_resume_model", str, None, "With EMA: start the EMA from this checkpoint (an `_ema` diffusers folder or "
          ".safetensors file), or `findlast` for the newest `_ema` folder under logdir (see findlast_scope); unset = a "
-         "copy of the model being trained."),
+         "copy of the model being trained.", {"aliases": ("ema_decay_resume_model",)}),
     ),
     *_flags(
         "Samples",
@@ -187,14 +188,35 @@ FLAGS: list[Flag] = [
     ),
 ]
 
-# Keys EveryDream2 configs carry that no longer do anything: accepted with a note so old configs still run.
-LEGACY_KEYS: dict[str, str] = {
-    "amp": "mixed precision is on unless disable_amp is set",
-    "notebook": "has no effect",
-    "lowvram": "has no effect; see cfgs/lowvram.json",
-    "disable_xformers": "use attn_type instead",
-    "useadam8bit": "choose the optimizer in optimizer_config instead",
-    "ed1_mode": "SD1 attention is detected from the model",
-}
+
+@dataclass(frozen=True)
+class LegacyKey:
+    """An EveryDream2 switch that does nothing here: accepted in JSON and on the command line (`--name`,
+    `--no-name`) so old configs and command lines still run, with one note saying what to use instead."""
+    name: str
+    note: str  # what the switch does here, shown when it is set to true
+    note_if_false: str | None = None  # shown when it is set to false, where that might have been meant to act
+
+    def note_for(self, value) -> str | None:
+        if value is None:
+            return None
+        return self.note_if_false if value is False else self.note
+
+
+LEGACY_KEYS: dict[str, LegacyKey] = {key.name: key for key in (
+    LegacyKey("amp", "ignored: mixed precision is on by default; turn it off with disable_amp",
+              note_if_false="ignored: it does not turn mixed precision off (nor did it in EveryDream2); set "
+                            "disable_amp for full fp32"),
+    LegacyKey("useadam8bit", "ignored: choose the optimizer in optimizer_config's file (`\"optimizer\": "
+              "\"adamw8bit\"`, also the default when that file does not exist; doc/OPTIMIZERS.md)"),
+    LegacyKey("lowvram", "ignored: start from cfgs/lowvram.json instead (`--config cfgs/lowvram.json`: gradient "
+              "checkpointing, batch 1, cached latents; SD1.5 at 512 within 10 GiB)"),
+    LegacyKey("disable_xformers", "ignored: choose the attention kernel with attn_type (the default, sdp, does not "
+              "use xformers)"),
+    LegacyKey("ed1_mode", "ignored: SD1 attention settings are detected from the model"),
+    LegacyKey("notebook", "ignored: it has no effect here"),
+)}
 
 BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
+# Another name of an option -> the option's name.
+ALIASES: dict[str, str] = {alias: flag.name for flag in FLAGS for alias in flag.aliases}
