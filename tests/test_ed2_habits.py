@@ -1,5 +1,6 @@
 """EveryDream2 habits (issue #17): its legacy switches and the option names its documentation uses work on the
-command line and in JSON; findlast's scope. Whole runs: tests/e2e/test_ed2_habits_run.py."""
+command line and in JSON; findlast's scope; Hugging Face ids and bare names refused with the way to fix them. Whole
+runs: tests/e2e/test_ed2_habits_run.py."""
 from __future__ import annotations
 
 import json
@@ -165,6 +166,35 @@ def test_ema_decay_resume_model_is_ema_resume_model(tmp_path, paths):
         config.load(["--config", str(clash)])
     with pytest.raises(config.ConfigError, match="Did you mean 'ema_decay_resume_model'"):
         config.load(["--config", str(write_json(tmp_path / "typo.json", {**paths, "ema_decay_resum_model": "c"}))])
+
+
+# ---------------------------------------------------------------- models that are not here
+
+@pytest.mark.parametrize("hub_id", ["stabilityai/stable-diffusion-2-1-base", "panopstor/EveryDream"])
+def test_a_hugging_face_id_says_how_to_download_it_by_hand(tmp_path, paths, hub_id, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(["--resume_ckpt", hub_id, "--data_root", paths["data_root"]])
+    message = str(err.value)
+    name = hub_id.split("/")[1]
+    assert message.startswith(f"command line: resume_ckpt '{hub_id}' is not a file or folder on this machine "
+                              f"(looked in {tmp_path})")
+    for part in ("nothing is downloaded by this trainer", f"https://huggingface.co/{hub_id}", "`.safetensors`",
+                 f"hf download {hub_id} --local-dir models/{name}",
+                 f"huggingface-cli download {hub_id} --local-dir models/{name}",
+                 "then set resume_ckpt to that file or folder"):
+        assert part in message
+
+
+def test_bare_and_missing_names_say_where_they_were_looked_for(tmp_path, paths, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(["--resume_ckpt", "sd_v1-5_vae.ckpt", "--data_root", paths["data_root"]])
+    assert f"'sd_v1-5_vae.ckpt' does not exist in the working directory ({tmp_path})" in str(err.value)
+    assert "ckpt_cache/sd_v1-5_vae.ckpt" in str(err.value) and "huggingface" not in str(err.value)
+    with pytest.raises(config.ConfigError) as err:
+        config.load(["--resume_ckpt", str(tmp_path / "models" / "x.safetensors"), "--data_root", paths["data_root"]])
+    assert "does not exist. Give a diffusers model folder" in str(err.value) and "huggingface" not in str(err.value)
 
 
 # ---------------------------------------------------------------- findlast

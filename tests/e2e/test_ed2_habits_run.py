@@ -1,6 +1,6 @@
 """EveryDream2 habits in real runs of train.py (issue #17): a chain of runs whose links change project_name continues
-through `findlast` (EveryDream2's chaining guide), run_name names the run and not its folder, and legacy switches
-work on the command line."""
+through `findlast` (EveryDream2's chaining guide), run_name names the run and not its folder, legacy switches work
+on the command line, and a Hugging Face id stops the run before anything is made."""
 from __future__ import annotations
 
 import json
@@ -88,5 +88,18 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, sma
     finally:
         for run in runs:
             run.close()
+
+
+def test_a_hugging_face_id_or_a_precision_the_cpu_cannot_run_stops_before_anything_is_made(tmp_path, small_dataset,
+                                                                                           capsys):
+    assert train(tmp_path, small_dataset, "--resume_ckpt", "stabilityai/stable-diffusion-2-1-base") == 2
+    printed = console(capsys)
+    assert "error: command line: resume_ckpt 'stabilityai/stable-diffusion-2-1-base' is not a file or folder" in printed
+    assert "nothing is downloaded by this trainer" in printed
+    assert "hf download stabilityai/stable-diffusion-2-1-base --local-dir" in printed
+    assert train(tmp_path, small_dataset, "--ema_decay_rate", "0.9", "--ema_decay_resume_model",
+                 "someone/some-ema") == 2
+    assert "ema_resume_model 'someone/some-ema' is not a file or folder" in console(capsys)
+    assert not (tmp_path / "logs").exists()
 
 

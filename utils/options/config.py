@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -217,6 +218,29 @@ def reload_live_settings(args: SimpleNamespace, max_clip_skip: int) -> tuple[lis
     return changes, warnings
 
 
+# A Hugging Face model id: `owner/name`, as EveryDream2 configs give resume_ckpt (it downloaded them).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def missing_model(where: str, key: str, value: str, fix: str) -> str:
+    """The message for a model path that does not exist. EveryDream2 also took a Hugging Face id (and downloaded
+    it) and a bare name (looked up in its ckpt_cache folder): those get the way to do it by hand."""
+    if _HUB_ID.fullmatch(value) and not value.lower().endswith((".safetensors", ".ckpt")):
+        folder = f"models/{value.split('/')[1]}"
+        return (f"{where}: {key} '{value}' is not a file or folder on this machine (looked in {os.getcwd()}). If it "
+                f"is a Hugging Face model id: nothing is downloaded by this trainer. Download the model by hand, e.g. "
+                f"from https://huggingface.co/{value}, either a `.safetensors` single file or the whole diffusers "
+                f"folder with `hf download {value} --local-dir {folder}` (`huggingface-cli download {value} "
+                f"--local-dir {folder}` with huggingface_hub before 1.0), then set {key} to that file or folder "
+                f"(here: {folder}).")
+    if os.sep not in value and "/" not in value:
+        return (f"{where}: {key} '{value}' does not exist in the working directory ({os.getcwd()}). EveryDream2 "
+                f"also looked a bare name up in its own ckpt_cache folder (ckpt_cache/{value}, the "
+                f"diffusers copy it converted a .ckpt into); this trainer does not: set {key} to the full path of "
+                f"that folder or of the model file. {fix}")
+    return f"{where}: {key} '{value}' does not exist. {fix}"
+
+
 def _where(args: SimpleNamespace, key: str) -> str:
     return args.sources.get(key, "defaults")
 
@@ -232,8 +256,9 @@ def _validate(args: SimpleNamespace) -> None:
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
     # os.path rather than Path: False, not an exception, for names too long for the OS to look up
     if args.resume_ckpt != "findlast" and not os.path.exists(args.resume_ckpt):
-        raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' does not exist. Give a "
-                          "diffusers model folder or a .safetensors/.ckpt file on this machine, or `findlast`.")
+        raise ConfigError(missing_model(_where(args, "resume_ckpt"), "resume_ckpt", args.resume_ckpt,
+                                        "Give a diffusers model folder or a .safetensors/.ckpt file on this machine, "
+                                        "or `findlast`."))
     if os.path.isfile(args.resume_ckpt) and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
                           ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
