@@ -1,11 +1,14 @@
 """EveryDream2 habits (issue #17): its legacy switches and the option names its documentation uses work on the
-command line and in JSON; findlast's scope; Hugging Face ids and bare names refused with the way to fix them. Whole
-runs: tests/e2e/test_ed2_habits_run.py."""
+command line and in JSON; findlast's scope; Hugging Face ids and bare names refused with the way to fix them; the
+mixed precision choice; an NVIDIA GPU that torch cannot use, from facts passed in. Whole runs:
+tests/e2e/test_ed2_habits_run.py."""
 from __future__ import annotations
 
 import json
 import os
 import re
+import stat
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,6 +18,7 @@ from tests.conftest import REPO, write_json
 from utils.options import config
 from utils.options.flags import ALIASES, BY_NAME, LEGACY_KEYS
 from utils.run.checkpoint import find_last, find_last_for
+from utils.run.setup import NvidiaGpu, choose_precision, find_nvidia_gpu, unusable_gpu
 
 # Every option name that ../shared/spec/REFERENCE.md (its §1.2, §1.3 and §9 tables and prose) and
 # ../shared/spec/ADVANCED_TWEAKING.md mention as `--name` or as a train.json key, extracted once (see
@@ -119,7 +123,7 @@ def test_every_option_name_in_the_ed2_docs_is_accepted_on_the_command_line_and_i
 
 
 # What each EveryDream2 switch's note must point to.
-REPLACEMENTS = {"amp": "disable_amp", "useadam8bit": '"optimizer": "adamw8bit"', "lowvram": "cfgs/lowvram.json",
+REPLACEMENTS = {"amp": "mixed_precision", "useadam8bit": '"optimizer": "adamw8bit"', "lowvram": "cfgs/lowvram.json",
                 "disable_xformers": "attn_type", "ed1_mode": "detected from the model", "notebook": "no effect"}
 
 
@@ -235,3 +239,99 @@ def test_findlast_scope_is_an_option(paths):
         config.load(base_argv(paths) + ["--findlast_scope", "everywhere"])
 
 
+# ---------------------------------------------------------------- precision
+
+@pytest.mark.parametrize("setting, disable_amp, cuda, bf16, expected", [
+    ("auto", False, False, False, "no"),  # the CPU: fp32
+    ("auto", False, True, True, "bf16"),
+    ("auto", False, True, False, "fp16"),
+    ("auto", True, True, True, "no"),
+    ("no", False, True, True, "no"),
+    ("no", False, False, False, "no"),
+    ("fp16", False, True, True, "fp16"),
+    ("bf16", False, True, True, "bf16"),
+])
+def test_mixed_precision_choice(setting, disable_amp, cuda, bf16, expected):
+    assert choose_precision(setting, disable_amp, cuda, bf16) == expected
+
+
+def test_a_precision_the_device_cannot_run_is_a_clear_error(paths):
+    with pytest.raises(config.ConfigError, match=r"command line: mixed_precision 'bf16', but this GPU \(Tesla T4\) "
+                                                 r"does not support bf16 .* Use 'fp16' or 'auto'"):
+        choose_precision("bf16", False, True, False, "Tesla T4", "command line")
+    for setting in ("bf16", "fp16"):
+        with pytest.raises(config.ConfigError, match=f"mixed_precision '{setting}' needs a CUDA GPU"):
+            choose_precision(setting, False, False, False)
+    with pytest.raises(config.ConfigError, match="disable_amp .* turns mixed precision off, but mixed_precision is "
+                                                 "'bf16'"):
+        config.load(base_argv(paths) + ["--disable_amp", "--mixed_precision", "bf16"])
+    assert config.load(base_argv(paths) + ["--mixed_precision", "no"]).amp is False
+    assert config.load(base_argv(paths)).mixed_precision == "auto"
+
+
+# ---------------------------------------------------------------- an NVIDIA GPU that torch cannot use
+
+RTX = NvidiaGpu(("NVIDIA GeForce RTX 3090",), "12.4")
+
+
+def test_a_cpu_build_of_torch_beside_an_nvidia_gpu_says_how_to_install_a_cuda_build():
+    message = unusable_gpu(RTX, False, "2.5.1+cpu", None)
+    assert message.startswith("This machine has an NVIDIA GPU (NVIDIA GeForce RTX 3090), but the installed PyTorch "
+                              "2.5.1+cpu is a CPU-only build")
+    assert "pip install --force-reinstall torch --index-url https://download.pytorch.org/whl/cu124" in message
+    assert "https://pytorch.org/get-started/locally/" in message and "supports CUDA up to 12.4" in message
+    # The newest CUDA build the driver runs; cu124 when the driver did not say.
+    assert "whl/cu128" in unusable_gpu(NvidiaGpu(("A",), "12.8"), False, "2.7.0+cpu", None)
+    assert "whl/cu130" in unusable_gpu(NvidiaGpu(("A",), "13.1"), False, "2.7.0+cpu", None)
+    assert "whl/cu121" in unusable_gpu(NvidiaGpu(("A",), "12.2"), False, "2.7.0+cpu", None)
+    assert "whl/cu124" in unusable_gpu(NvidiaGpu(), False, "2.7.0+cpu", None)
+
+
+def test_a_cuda_build_the_driver_cannot_run_says_so():
+    message = unusable_gpu(NvidiaGpu(("A100",), "11.4"), False, "2.5.1+cu124", "12.4")
+    assert "PyTorch 2.5.1+cu124 (built for CUDA 12.4) cannot use it" in message
+    assert "driver supports CUDA up to 11.4, older than torch's CUDA 12.4: update the driver" in message
+    assert "torch.cuda.init()" in unusable_gpu(NvidiaGpu(("A100",), "12.4"), False, "2.5.1+cu124", "12.4")
+
+
+@pytest.mark.parametrize("gpu, cuda_available, visible", [
+    (None, False, None),  # no NVIDIA GPU: CI, a laptop, a Mac
+    (RTX, True, None),  # a usable GPU
+    (RTX, False, ""),  # GPUs hidden on purpose
+    (RTX, False, "-1"),
+])
+def test_nothing_to_say(gpu, cuda_available, visible):
+    assert unusable_gpu(gpu, cuda_available, "2.5.1+cpu", None, visible) is None
+
+
+NVIDIA_SMI = """#!/bin/sh
+if [ "$1" = "-L" ]; then
+  echo "GPU 0: NVIDIA GeForce RTX 3090 (UUID: GPU-0000)"
+  echo "GPU 1: NVIDIA RTX A6000 (UUID: GPU-0001)"
+else
+  echo "| NVIDIA-SMI 550.54.14    Driver Version: 550.54.14    CUDA Version: 12.4     |"
+fi
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="a shell script stands in for nvidia-smi")
+def test_the_driver_is_found_by_nvidia_smi_or_its_proc_entry(tmp_path):
+    smi = tmp_path / "nvidia-smi"
+    smi.write_text(NVIDIA_SMI)
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    absent = tmp_path / "no-proc"
+    assert find_nvidia_gpu(str(smi), absent) == NvidiaGpu(("NVIDIA GeForce RTX 3090", "NVIDIA RTX A6000"), "12.4")
+    failing = tmp_path / "failing-smi"
+    failing.write_text("#!/bin/sh\necho 'NVIDIA-SMI has failed because it could not communicate with the driver'\n"
+                       "exit 9\n")
+    failing.chmod(failing.stat().st_mode | stat.S_IEXEC)
+    assert find_nvidia_gpu(str(failing), absent) is None
+    assert find_nvidia_gpu(str(tmp_path / "missing"), absent) is None
+    proc = tmp_path / "version"
+    proc.write_text("NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.14\n")
+    assert find_nvidia_gpu(str(failing), proc) == NvidiaGpu()
+
+
+def test_allow_cpu_is_an_option(paths):
+    assert config.load(base_argv(paths)).allow_cpu is False
+    assert config.load(base_argv(paths) + ["--allow_cpu"]).allow_cpu is True

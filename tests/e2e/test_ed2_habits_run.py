@@ -1,11 +1,17 @@
 """EveryDream2 habits in real runs of train.py (issue #17): a chain of runs whose links change project_name continues
-through `findlast` (EveryDream2's chaining guide), run_name names the run and not its folder, legacy switches work
-on the command line, and a Hugging Face id stops the run before anything is made."""
+through `findlast` (EveryDream2's chaining guide), run_name names the run and not its folder, legacy switches on the
+command line, a Hugging Face id or a precision the device cannot run stops before anything is made, and a machine
+whose NVIDIA GPU torch cannot use stops with the install command unless allow_cpu."""
 from __future__ import annotations
 
 import json
 import re
+import stat
+import sys
 from pathlib import Path
+
+import pytest
+import torch
 
 from tests.conftest import TINY_MODEL, write_json
 
@@ -48,7 +54,7 @@ def test_a_chain_of_runs_with_new_project_names_continues_through_findlast(tmp_p
     texts = text_summaries(first)
     assert texts["run_name"] == "first try" and "run_name=first try" in texts["config"]
     # The legacy switches ran, each with its note.
-    for name, replacement in (("amp", "disable_amp"), ("useadam8bit", "adamw8bit"),
+    for name, replacement in (("amp", "mixed_precision"), ("useadam8bit", "adamw8bit"),
                               ("disable_xformers", "attn_type")):
         (note,) = [line for line in printed.splitlines() if f"'--{name}' is an EveryDream2 switch" in line]
         assert replacement in note
@@ -100,6 +106,30 @@ def test_a_hugging_face_id_or_a_precision_the_cpu_cannot_run_stops_before_anythi
     assert train(tmp_path, small_dataset, "--ema_decay_rate", "0.9", "--ema_decay_resume_model",
                  "someone/some-ema") == 2
     assert "ema_resume_model 'someone/some-ema' is not a file or folder" in console(capsys)
+    if not torch.cuda.is_available():
+        assert train(tmp_path, small_dataset, "--mixed_precision", "bf16") == 2
+        assert "mixed_precision 'bf16' needs a CUDA GPU" in console(capsys)
     assert not (tmp_path / "logs").exists()
 
 
+@pytest.mark.skipif(sys.platform == "win32" or torch.cuda.is_available(),
+                    reason="needs a torch that cannot use CUDA, and a shell script standing in for nvidia-smi")
+def test_an_nvidia_gpu_torch_cannot_use_stops_the_run_unless_allow_cpu(tmp_path, small_dataset, capsys,
+                                                                       monkeypatch):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    smi = bin_dir / "nvidia-smi"  # the driver's tool, as on a machine with a GPU
+    smi.write_text('#!/bin/sh\nif [ "$1" = "-L" ]; then echo "GPU 0: NVIDIA GeForce RTX 4090 (UUID: GPU-1)"; '
+                   'else echo "| NVIDIA-SMI 560.35.03   Driver Version: 560.35.03   CUDA Version: 12.6 |"; fi\n')
+    smi.chmod(smi.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{__import__('os').environ['PATH']}")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert train(tmp_path, small_dataset) == 2
+    printed = console(capsys)
+    assert "error: This machine has an NVIDIA GPU (NVIDIA GeForce RTX 4090)" in printed
+    assert "--index-url https://download.pytorch.org/whl/cu126" in printed and "set allow_cpu" in printed
+    assert not (tmp_path / "logs").exists()
+    assert train(tmp_path, small_dataset, "--allow_cpu") == 0
+    printed = console(capsys)
+    assert "Training on the CPU, as allow_cpu asks." in printed
+    assert "Device: cpu, precision: no (mixed_precision auto)" in printed

@@ -273,6 +273,9 @@ def _validate(args: SimpleNamespace) -> None:
     if not 512 <= args.resolution <= 1024:
         args.notes.append(f"resolution {args.resolution} is outside 512..1024, the range SD 1.x/2.x models were "
                           "trained near; expect to retune the learning rate (fine for tiny test models).")
+    if args.disable_amp and args.mixed_precision in ("bf16", "fp16"):
+        raise ConfigError(f"disable_amp ({_where(args, 'disable_amp')}) turns mixed precision off, but mixed_precision "
+                          f"is '{args.mixed_precision}' ({_where(args, 'mixed_precision')}). Keep one of them.")
     if args.disable_unet_training and args.disable_textenc_training:
         raise ConfigError("disable_unet_training and disable_textenc_training are both set: nothing would be trained. "
                           "Unset one of them.")
@@ -294,7 +297,7 @@ def _validate(args: SimpleNamespace) -> None:
 
 def _derive(args: SimpleNamespace) -> None:
     """Fills the values that depend on others, as EveryDream2 users expect (REFERENCE.md §1.1 step 5)."""
-    args.amp = not args.disable_amp
+    args.amp = not args.disable_amp and args.mixed_precision != "no"
     if args.seed == -1:
         args.seed = random.randint(0, 2**30)
         args.notes.append(f"seed -1: using random seed {args.seed}")

@@ -76,7 +76,8 @@ FLAGS: list[Flag] = [
          "rates used are logged."),
         ("disable_textenc_training", bool, False, "Freeze the text encoder."),
         ("disable_unet_training", bool, False, "Freeze the UNet."),
-        ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU."),
+        ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU; the same as "
+         "mixed_precision no."),
         ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
@@ -86,6 +87,12 @@ FLAGS: list[Flag] = [
         ("seed", int, 555, "Seed for shuffling, noise and samples; -1 = random.", {"min": -1}),
         ("gpuid", int, 0, "CUDA device index; under torchrun or accelerate launch each process takes its own.",
          {"min": 0}),
+        ("mixed_precision", str, "auto", "Mixed precision on a GPU: auto (bf16 where the GPU supports it, else fp16), "
+         "bf16, fp16, or no (full fp32, as disable_amp). On the CPU training is fp32: auto and no only.",
+         {"choices": ("auto", "bf16", "fp16", "no")}),
+        ("allow_cpu", bool, False, "Train on the CPU although this machine has an NVIDIA GPU that PyTorch cannot use "
+         "(a CPU-only torch build, or a driver too old for it). Without it such a run stops at start with the command "
+         "that installs a CUDA build of torch. Machines without an NVIDIA GPU train on the CPU either way (slowly)."),
     ),
     *_flags(
         "Speed and memory",
@@ -204,9 +211,9 @@ class LegacyKey:
 
 
 LEGACY_KEYS: dict[str, LegacyKey] = {key.name: key for key in (
-    LegacyKey("amp", "ignored: mixed precision is on by default; turn it off with disable_amp",
+    LegacyKey("amp", "ignored: mixed precision is on by default (see mixed_precision); turn it off with disable_amp",
               note_if_false="ignored: it does not turn mixed precision off (nor did it in EveryDream2); set "
-                            "disable_amp for full fp32"),
+                            "disable_amp or mixed_precision 'no' for full fp32"),
     LegacyKey("useadam8bit", "ignored: choose the optimizer in optimizer_config's file (`\"optimizer\": "
               "\"adamw8bit\"`, also the default when that file does not exist; doc/OPTIMIZERS.md)"),
     LegacyKey("lowvram", "ignored: start from cfgs/lowvram.json instead (`--config cfgs/lowvram.json`: gradient "
