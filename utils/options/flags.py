@@ -171,12 +171,12 @@ FLAGS: list[Flag] = [
         "Logging and checkpoints",
         ("project_name", str, "myproj", "Prefix of the log folder and checkpoint names."),
         ("run_name", str, None, "Name of the run for trackers: the TensorBoard `config` and `run_name` texts, the "
-         "run's log and _main.json. The log folder is <project_name>_<YYYYMMDD-HHMMSS> either way, as in "
-         "EveryDream2."),
+         "run's log and _main.json. The log folder is `<project_name>_<YYYYMMDD-HHMMSS>` either way, as "
+         "in EveryDream2."),
         ("logdir", str, "logs", "Parent folder of the per-run log folders."),
         ("findlast_scope", str, "logdir", "Where `findlast` (resume_ckpt, ema_resume_model) looks: logdir = the "
          "newest checkpoint of any run under logdir, as in EveryDream2 (chained runs may change project_name); "
-         "project = only this project_name's run folders (<logdir>/<project_name>_<YYYYMMDD-HHMMSS>).",
+         "project = only this project_name's run folders (`<logdir>/<project_name>_<YYYYMMDD-HHMMSS>`).",
          {"choices": ("logdir", "project")}),
         ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
         ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
