@@ -94,13 +94,13 @@ class Trainer:
                 self.emit("training_error", error=error)
                 self._close()
                 raise
+        if self.exit_code is None and self.run_dir:  # before the run's log file closes, so that it says so too
+            log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: "
+                     "tensorboard --logdir %s", self.global_step, (time.perf_counter() - started) / 60,
+                     self.epoch_losses[0], self.epoch_losses[-1], self.final_checkpoint, self.args.logdir)
         self._close()
         if self.exit_code is None:
             self.exit_code = EXIT_OK
-            if self.run_dir:
-                log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: "
-                         "tensorboard --logdir %s", self.global_step, (time.perf_counter() - started) / 60,
-                         self.epoch_losses[0], self.epoch_losses[-1], self.final_checkpoint, self.args.logdir)
         if self.exit_code in (EXIT_OK, EXIT_FAILED) and self.epoch == self.args.max_epochs:
             self.accelerator.wait_for_everyone()  # the processes leave their process group together
             self.accelerator.end_training()
