@@ -89,7 +89,7 @@ def test_an_edit_during_a_run_applies_from_the_next_epoch(tmp_path, small_datase
     def edit_once_epoch_0_started():
         # write_schedule writes ep0's schedule right after epoch 0's reload: an edit from then on is epoch 1's.
         deadline = time.monotonic() + 300
-        while not (logdir / "myproj_live" / "ep0_batch_schedule.txt").exists() and time.monotonic() < deadline:
+        while not list(logdir.glob("myproj_*/ep0_batch_schedule.txt")) and time.monotonic() < deadline:
             time.sleep(0.005)
         data = json.loads(cfg.read_text())
         data.update(save_every_n_epochs=1, max_epochs=50)
@@ -102,8 +102,8 @@ def test_an_edit_during_a_run_applies_from_the_next_epoch(tmp_path, small_datase
     editor.join()
     assert edited.is_set()
 
-    run = logdir / "myproj_live"
-    log_text = (run / "myproj_live.log").read_text()
+    (run,) = logdir.glob("myproj_*")  # run_name names the run, not its folder (as in EveryDream2)
+    log_text = (run / f"{run.name}.log").read_text()
     assert "Epoch 1: settings changed:" in log_text and "save_every_n_epochs 10 -> 1" in log_text
     assert "'max_epochs' changed to 50" in log_text
     assert "Epoch 0: settings changed" not in log_text

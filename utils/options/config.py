@@ -13,12 +13,13 @@ import json
 import logging
 import os
 import random
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from utils.options.flags import BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
+from utils.options.flags import ALIASES, BY_NAME, BUCKET_RESOLUTIONS, FLAGS, LEGACY_KEYS, Flag
 from utils.options.values import ConfigError, boolean, encodable, integer, number, string, strings, unknown_key
 
 log = logging.getLogger(__name__)
@@ -42,15 +43,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="train.json with any of the options below (command-line flags win)")
     for flag in FLAGS:
         help_text = (flag.help + ("" if flag.default is None else f" (default: {flag.default})")).replace("%", "%%")
+        names = [f"--{name}" for name in (flag.name, *flag.aliases)]
         if flag.type is bool:
-            parser.add_argument(f"--{flag.name}", action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*names, dest=flag.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif flag.type is object:
-            parser.add_argument(f"--{flag.name}", type=json.loads, metavar="JSON", help=help_text)
+            parser.add_argument(*names, dest=flag.name, type=json.loads, metavar="JSON", help=help_text)
         elif flag.type is list:
-            parser.add_argument(f"--{flag.name}", nargs="+", metavar="NAME", help=help_text)
+            parser.add_argument(*names, dest=flag.name, nargs="+", metavar="NAME", help=help_text)
         else:
-            parser.add_argument(f"--{flag.name}", type=flag.type, choices=flag.choices, help=help_text)
+            parser.add_argument(*names, dest=flag.name, type=flag.type, choices=flag.choices, help=help_text)
+    legacy = parser.add_argument_group("EveryDream2 switches kept so old command lines run (each is ignored, with "
+                                       "a note saying what replaces it)")
+    for key in LEGACY_KEYS.values():
+        legacy.add_argument(f"--{key.name}", dest=_LEGACY_DEST + key.name, action=argparse.BooleanOptionalAction,
+                            help=key.note.replace("%", "%%"))
     return parser
+
+
+_LEGACY_DEST = "legacy:"  # argparse destination prefix of the EveryDream2 switches, kept apart from the options
 
 
 def read_json_object(path: Path, missing: str, expected: str) -> dict:
@@ -106,32 +116,57 @@ def _check_range(flag: Flag, value: Any, where: str) -> None:
         raise ConfigError(f"{where}: key '{flag.name}' is {value}; it must be at most {flag.max}.")
 
 
-def _read_config_file(path: Path) -> tuple[dict[str, Any], list[str]]:
-    """The --config JSON as checked option values (legacy keys dropped, with notes about them)."""
+def _read_config_file(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The --config JSON as checked option values (aliases under the option's name), and the EveryDream2 legacy
+    keys it sets apart (LEGACY_KEYS: ignored, noted by `load`)."""
     values: dict[str, Any] = {}
-    notes: list[str] = []
+    spelled: dict[str, str] = {}  # option name -> the key the file gave it under
+    legacy: dict[str, Any] = {}
     for key, value in read_json_object(path, "Check the --config path.", "option names to values").items():
         if key in LEGACY_KEYS:
-            if value not in (None, False):
-                notes.append(f"{path}: '{key}' is an EveryDream2 key that is ignored here: {LEGACY_KEYS[key]}.")
+            legacy[key] = value
             continue
-        if key not in BY_NAME:
-            raise unknown_key(str(path), key, list(BY_NAME) + list(LEGACY_KEYS),
+        name = ALIASES.get(key, key)
+        if name not in BY_NAME:
+            raise unknown_key(str(path), key, list(BY_NAME) + list(ALIASES) + list(LEGACY_KEYS),
                               otherwise=" See doc/FLAGS.md for the list of options.")
-        if key == "data_root" and isinstance(value, (dict, list)):
+        if name == "data_root" and isinstance(value, (dict, list)):
             raise ConfigError(f"{path}: 'data_root' as a resolver object or list (EveryDream2's "
                               "{\"resolver\": ...} form) is not supported. Give one folder, or list the images "
                               "of several folders in a manifest .json (doc/DATA.md).")
-        values[key] = _coerce(BY_NAME[key], value, str(path))
-        _check_range(BY_NAME[key], values[key], str(path))
-    return values, notes
+        value = _coerce(BY_NAME[name], value, str(path))
+        _check_range(BY_NAME[name], value, str(path))
+        if name in spelled and value is not None and values[name] is not None and value != values[name]:
+            raise ConfigError(f"{path}: '{spelled[name]}' and '{key}' are two names of one option and are set to "
+                              f"different values ({json.dumps(values[name])}, {json.dumps(value)}). Keep one.")
+        if name not in spelled or value is not None:
+            values[name], spelled[name] = value, key
+    return values, legacy
+
+
+def _legacy_notes(file_legacy: dict[str, Any], cli_legacy: dict[str, Any], config_path: str | None) -> list[str]:
+    """One note per EveryDream2 legacy key given (the command line's value where both give it)."""
+    notes = []
+    for key in LEGACY_KEYS.values():
+        if key.name in cli_legacy:
+            where, value = f"command line: '--{key.name}'", cli_legacy[key.name]
+        elif key.name in file_legacy:
+            where, value = f"{config_path}: '{key.name}'", file_legacy[key.name]
+        else:
+            continue
+        note = key.note_for(value)
+        if note:
+            notes.append(f"{where} is an EveryDream2 switch, {note}.")
+    return notes
 
 
 def load(argv: list[str] | None = None) -> SimpleNamespace:
     """Parses the command line and the --config file into validated options (no heavy imports, no side effects)."""
     cli = vars(build_parser().parse_args(argv))
     config_path = cli.pop("config", None)
-    file_values, notes = _read_config_file(Path(config_path)) if config_path else ({}, [])
+    cli_legacy = {key[len(_LEGACY_DEST):]: cli.pop(key) for key in list(cli) if key.startswith(_LEGACY_DEST)}
+    file_values, file_legacy = _read_config_file(Path(config_path)) if config_path else ({}, {})
+    notes = _legacy_notes(file_legacy, cli_legacy, config_path)
     values = {**file_values, **cli}
     sources = {**{key: config_path for key in file_values}, **{key: "command line" for key in cli}}
 
@@ -183,6 +218,29 @@ def reload_live_settings(args: SimpleNamespace, max_clip_skip: int) -> tuple[lis
     return changes, warnings
 
 
+# A Hugging Face model id: `owner/name`, as EveryDream2 configs give resume_ckpt (it downloaded them).
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def missing_model(where: str, key: str, value: str, fix: str) -> str:
+    """The message for a model path that does not exist. EveryDream2 also took a Hugging Face id (and downloaded
+    it) and a bare name (looked up in its ckpt_cache folder): those get the way to do it by hand."""
+    if _HUB_ID.fullmatch(value) and not value.lower().endswith((".safetensors", ".ckpt")):
+        folder = f"models/{value.split('/')[1]}"
+        return (f"{where}: {key} '{value}' is not a file or folder on this machine (looked in {os.getcwd()}). If it "
+                f"is a Hugging Face model id: nothing is downloaded by this trainer. Download the model by hand, e.g. "
+                f"from https://huggingface.co/{value}, either a `.safetensors` single file or the whole diffusers "
+                f"folder with `hf download {value} --local-dir {folder}` (`huggingface-cli download {value} "
+                f"--local-dir {folder}` with huggingface_hub before 1.0), then set {key} to that file or folder "
+                f"(here: {folder}).")
+    if os.sep not in value and "/" not in value:
+        return (f"{where}: {key} '{value}' does not exist in the working directory ({os.getcwd()}). EveryDream2 "
+                f"also looked a bare name up in its own ckpt_cache folder (ckpt_cache/{value}, the "
+                f"diffusers copy it converted a .ckpt into); this trainer does not: set {key} to the full path of "
+                f"that folder or of the model file. {fix}")
+    return f"{where}: {key} '{value}' does not exist. {fix}"
+
+
 def _where(args: SimpleNamespace, key: str) -> str:
     return args.sources.get(key, "defaults")
 
@@ -198,8 +256,9 @@ def _validate(args: SimpleNamespace) -> None:
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
     # os.path rather than Path: False, not an exception, for names too long for the OS to look up
     if args.resume_ckpt != "findlast" and not os.path.exists(args.resume_ckpt):
-        raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' does not exist. Give a "
-                          "diffusers model folder or a .safetensors/.ckpt file on this machine, or `findlast`.")
+        raise ConfigError(missing_model(_where(args, "resume_ckpt"), "resume_ckpt", args.resume_ckpt,
+                                        "Give a diffusers model folder or a .safetensors/.ckpt file on this machine, "
+                                        "or `findlast`."))
     if os.path.isfile(args.resume_ckpt) and Path(args.resume_ckpt).suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{_where(args, 'resume_ckpt')}: resume_ckpt '{args.resume_ckpt}' is a file but not a "
                           ".safetensors or .ckpt checkpoint. Give one of those, or a diffusers model folder.")
@@ -214,6 +273,9 @@ def _validate(args: SimpleNamespace) -> None:
     if not 512 <= args.resolution <= 1024:
         args.notes.append(f"resolution {args.resolution} is outside 512..1024, the range SD 1.x/2.x models were "
                           "trained near; expect to retune the learning rate (fine for tiny test models).")
+    if args.disable_amp and args.mixed_precision in ("bf16", "fp16"):
+        raise ConfigError(f"disable_amp ({_where(args, 'disable_amp')}) turns mixed precision off, but mixed_precision "
+                          f"is '{args.mixed_precision}' ({_where(args, 'mixed_precision')}). Keep one of them.")
     if args.disable_unet_training and args.disable_textenc_training:
         raise ConfigError("disable_unet_training and disable_textenc_training are both set: nothing would be trained. "
                           "Unset one of them.")
@@ -235,7 +297,7 @@ def _validate(args: SimpleNamespace) -> None:
 
 def _derive(args: SimpleNamespace) -> None:
     """Fills the values that depend on others, as EveryDream2 users expect (REFERENCE.md §1.1 step 5)."""
-    args.amp = not args.disable_amp
+    args.amp = not args.disable_amp and args.mixed_precision != "no"
     if args.seed == -1:
         args.seed = random.randint(0, 2**30)
         args.notes.append(f"seed -1: using random seed {args.seed}")
@@ -273,10 +335,18 @@ def flag_table_markdown() -> str:
                               f"<= {flag.max:g}" if flag.max is not None else "") if part)
         default = "unset" if flag.default is None else f"`{json.dumps(flag.default)}`"
         meaning = flag.help + (f" *Not implemented yet ({flag.not_yet}).*" if flag.planned else "") + \
-            (" *Live: with `load_settings_every_epoch`, an edit applies at the next epoch.*" if flag.live else "")
+            (" *Live: with `load_settings_every_epoch`, an edit applies at the next epoch.*" if flag.live else "") + \
+            "".join(f" Also accepted as `{alias}`." for alias in flag.aliases)
         lines.append(f"| `{flag.name}` | {_type_name(flag)} | {default} | {allowed} | {meaning} |")
-    lines += ["", "## EveryDream2 keys accepted and ignored", "", "| key | note |", "|---|---|"]
-    lines += [f"| `{key}` | {note} |" for key, note in LEGACY_KEYS.items()]
+    lines += ["", "## Legacy: EveryDream2 names", "",
+              "Accepted in `train.json` and on the command line so EveryDream2 configs and command lines run "
+              "unchanged. A legacy switch set to true (`\"amp\": true`, `--amp`) is ignored with one note at start "
+              "saying what replaces it; `false` or `null` is ignored silently (except `amp`: false, which is noted).",
+              "", "| key | command line | what it does here |", "|---|---|---|"]
+    lines += [f"| `{key.name}` | `--{key.name}`, `--no-{key.name}` | {key.note[0].upper()}{key.note[1:]}." +
+              (f" `false`: {key.note_if_false}." if key.note_if_false else "") + " |" for key in LEGACY_KEYS.values()]
+    lines += [f"| `{alias}` | `--{alias}` | Another name of `{name}` (EveryDream2's documentation uses it). |"
+              for alias, name in ALIASES.items()]
     return "\n".join(lines) + "\n"
 
 

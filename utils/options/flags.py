@@ -29,6 +29,7 @@ class Flag:
     max: float | None = None
     planned: str | None = None  # "#N" (the issue that implements it) or why not yet; non-default values refused
     live: bool = False  # with load_settings_every_epoch, a change in the config file applies at the next epoch
+    aliases: tuple[str, ...] = ()  # other names of the same option (JSON key and command-line flag alike)
 
     @property
     def not_yet(self) -> str:
@@ -43,7 +44,8 @@ FLAGS: list[Flag] = [
     *_flags(
         "Model and data",
         ("resume_ckpt", str, None, "Base model: a diffusers folder, a single .safetensors/.ckpt file (SD1.x or SD2.x, "
-         "original layout), or `findlast` for the newest checkpoint under logdir. Required."),
+         "original layout), or `findlast` for the newest checkpoint under logdir (see findlast_scope). Required. "
+         "Nothing is downloaded: a Hugging Face id (`owner/name`) must first be downloaded by hand."),
         ("data_root", str, None, "Folder of training images with their captions (searched recursively), or a manifest .json "
          "listing them (doc/DATA.md). Required."),
         ("resolution", int, 512, "Training resolution; selects the aspect-ratio bucket table. A multiple of 64.",
@@ -74,7 +76,8 @@ FLAGS: list[Flag] = [
          "rates used are logged."),
         ("disable_textenc_training", bool, False, "Freeze the text encoder."),
         ("disable_unet_training", bool, False, "Freeze the UNet."),
-        ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU."),
+        ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU; the same as "
+         "mixed_precision no."),
         ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
@@ -84,6 +87,12 @@ FLAGS: list[Flag] = [
         ("seed", int, 555, "Seed for shuffling, noise and samples; -1 = random.", {"min": -1}),
         ("gpuid", int, 0, "CUDA device index; under torchrun or accelerate launch each process takes its own.",
          {"min": 0}),
+        ("mixed_precision", str, "auto", "Mixed precision on a GPU: auto (bf16 where the GPU supports it, else fp16), "
+         "bf16, fp16, or no (full fp32, as disable_amp). On the CPU training is fp32: auto and no only.",
+         {"choices": ("auto", "bf16", "fp16", "no")}),
+        ("allow_cpu", bool, False, "Train on the CPU although this machine has an NVIDIA GPU that PyTorch cannot use "
+         "(a CPU-only torch build, or a driver too old for it). Without it such a run stops at start with the command "
+         "that installs a CUDA build of torch. Machines without an NVIDIA GPU train on the CPU either way (slowly)."),
     ),
     *_flags(
         "Speed and memory",
@@ -145,8 +154,8 @@ FLAGS: list[Flag] = [
         ("ema_sample_ema_model", bool, False, "With EMA: sample the EMA model (the default when neither sample "
          "flag is set)."),
         ("ema_resume_model", str, None, "With EMA: start the EMA from this checkpoint (an `_ema` diffusers folder or "
-         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir; unset = a copy of the model "
-         "being trained."),
+         ".safetensors file), or `findlast` for the newest `_ema` folder under logdir (see findlast_scope); unset = a "
+         "copy of the model being trained.", {"aliases": ("ema_decay_resume_model",)}),
     ),
     *_flags(
         "Samples",
@@ -161,8 +170,14 @@ FLAGS: list[Flag] = [
     *_flags(
         "Logging and checkpoints",
         ("project_name", str, "myproj", "Prefix of the log folder and checkpoint names."),
-        ("run_name", str, None, "Name of the log folder (after the project name) instead of a timestamp."),
+        ("run_name", str, None, "Name of the run for trackers: the TensorBoard `config` and `run_name` texts, the "
+         "run's log and _main.json. The log folder is `<project_name>_<YYYYMMDD-HHMMSS>` either way, as "
+         "in EveryDream2."),
         ("logdir", str, "logs", "Parent folder of the per-run log folders."),
+        ("findlast_scope", str, "logdir", "Where `findlast` (resume_ckpt, ema_resume_model) looks: logdir = the "
+         "newest checkpoint of any run under logdir, as in EveryDream2 (chained runs may change project_name); "
+         "project = only this project_name's run folders (`<logdir>/<project_name>_<YYYYMMDD-HHMMSS>`).",
+         {"choices": ("logdir", "project")}),
         ("log_step", int, 25, "Log scalars to TensorBoard every N steps.", {"min": 1}),
         ("save_ckpt_dir", str, None, "Where single-file .safetensors checkpoints go; unset = the run's ckpts folder."),
         ("save_every_n_epochs", int, None, "Save a checkpoint every N epochs; unset or <1 = never.", {"live": True}),
@@ -180,14 +195,35 @@ FLAGS: list[Flag] = [
     ),
 ]
 
-# Keys EveryDream2 configs carry that no longer do anything: accepted with a note so old configs still run.
-LEGACY_KEYS: dict[str, str] = {
-    "amp": "mixed precision is on unless disable_amp is set",
-    "notebook": "has no effect",
-    "lowvram": "has no effect; see cfgs/lowvram.json",
-    "disable_xformers": "use attn_type instead",
-    "useadam8bit": "choose the optimizer in optimizer_config instead",
-    "ed1_mode": "SD1 attention is detected from the model",
-}
+
+@dataclass(frozen=True)
+class LegacyKey:
+    """An EveryDream2 switch that does nothing here: accepted in JSON and on the command line (`--name`,
+    `--no-name`) so old configs and command lines still run, with one note saying what to use instead."""
+    name: str
+    note: str  # what the switch does here, shown when it is set to true
+    note_if_false: str | None = None  # shown when it is set to false, where that might have been meant to act
+
+    def note_for(self, value) -> str | None:
+        if value is None:
+            return None
+        return self.note_if_false if value is False else self.note
+
+
+LEGACY_KEYS: dict[str, LegacyKey] = {key.name: key for key in (
+    LegacyKey("amp", "ignored: mixed precision is on by default (see mixed_precision); turn it off with disable_amp",
+              note_if_false="ignored: it does not turn mixed precision off (nor did it in EveryDream2); set "
+                            "disable_amp or mixed_precision 'no' for full fp32"),
+    LegacyKey("useadam8bit", "ignored: choose the optimizer in optimizer_config's file (`\"optimizer\": "
+              "\"adamw8bit\"`, also the default when that file does not exist; doc/OPTIMIZERS.md)"),
+    LegacyKey("lowvram", "ignored: start from cfgs/lowvram.json instead (`--config cfgs/lowvram.json`: gradient "
+              "checkpointing, batch 1, cached latents; SD1.5 at 512 within 10 GiB)"),
+    LegacyKey("disable_xformers", "ignored: choose the attention kernel with attn_type (the default, sdp, does not "
+              "use xformers)"),
+    LegacyKey("ed1_mode", "ignored: SD1 attention settings are detected from the model"),
+    LegacyKey("notebook", "ignored: it has no effect here"),
+)}
 
 BY_NAME: dict[str, Flag] = {flag.name: flag for flag in FLAGS}
+# Another name of an option -> the option's name.
+ALIASES: dict[str, str] = {alias: flag.name for flag in FLAGS for alias in flag.aliases}

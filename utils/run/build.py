@@ -4,6 +4,7 @@ the EMA and the loop's parts, and resumes a saved run's state. train.py and scri
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +19,9 @@ from utils.options import config
 from utils.options.config import ConfigError
 from utils.plugins import PluginRunner, load_plugins
 from utils.run import training_state
-from utils.run.checkpoint import EMA_SUFFIX, find_last
-from utils.run.setup import cuda_device, dataloader_workers, freeze_clip_skipped_layers, make_accelerator, \
-    prepare_models
+from utils.run.checkpoint import EMA_SUFFIX, find_last_for
+from utils.run.setup import cuda_device, dataloader_workers, find_nvidia_gpu, freeze_clip_skipped_layers, \
+    make_accelerator, prepare_models, unusable_gpu
 from utils.watch import ema, sampling, validation
 
 log = logging.getLogger("train")
@@ -51,7 +52,10 @@ def read_inputs(argv: list[str] | None) -> Inputs:
     flow.check_options(args)
     for note in args.notes:
         log.warning(note)
-    resume = find_last(args.logdir, args.project_name) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+    _check_gpu_usable(args)
+    resume = find_last_for(args) if args.resume_ckpt == "findlast" else Path(args.resume_ckpt)
+    if args.resume_ckpt == "findlast":
+        log.info("resume_ckpt findlast: %s", resume)
     saved_state = training_state.load(resume) if resume.is_dir() else None
     ema_resume = ema.check_options(args)
     if saved_state and ema_resume is None and ema.enabled(args) and resume.with_name(resume.name + EMA_SUFFIX).is_dir():
@@ -72,6 +76,19 @@ def read_inputs(argv: list[str] | None) -> Inputs:
         log.warning(line)
     return Inputs(args, resume, saved_state, ema_resume, optimizer_file, scan, records, validation_cfg,
                   validation_sets, samples, plugins)
+
+
+def _check_gpu_usable(args) -> None:
+    """A machine with an NVIDIA GPU that PyTorch cannot use trains on the CPU only when allow_cpu says so."""
+    if torch.cuda.is_available():
+        return
+    problem = unusable_gpu(find_nvidia_gpu(), False, torch.__version__, torch.version.cuda,
+                           os.environ.get("CUDA_VISIBLE_DEVICES"))
+    if problem is None:
+        return
+    if not args.allow_cpu:
+        raise ConfigError(f"{problem} To train on the CPU anyway, set allow_cpu (--allow_cpu).")
+    log.warning("%s Training on the CPU, as allow_cpu asks.", problem)
 
 
 def build_trainer(inputs: Inputs):
@@ -258,7 +275,8 @@ def _describe(args, accelerator, epoch_data, settings, trained, text_encoder_tra
                      s.lr_scheduler, s.lr_warmup_steps, s.lr_decay_steps)
     if text_encoder_training:
         log.info("Text encoder: %s", text_encoder_training)
-    log.info("Device: %s, precision: %s. Logs: %s", accelerator.device, accelerator.mixed_precision,
+    log.info("Device: %s, precision: %s (mixed_precision %s%s). Logs: %s", accelerator.device,
+             accelerator.mixed_precision, args.mixed_precision, ", disable_amp" if args.disable_amp else "",
              run.path if run else None)
     if epoch_data.latent_cache:
         log.info("Latent cache: %s (%d entries)", epoch_data.latent_cache.folder, len(epoch_data.latent_cache))

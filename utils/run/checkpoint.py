@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -57,26 +58,34 @@ def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str
 
 
 def find_last(logdir: str | Path, project: str | None = None, ema: bool = False) -> Path:
-    """The newest complete diffusers checkpoint folder under logdir (not errored, not partial), of `project`'s
-    runs (`<logdir>/<project>_<run>/...`) when given.
+    """The newest complete diffusers checkpoint folder under logdir (not errored, not partial): of any run, as
+    EveryDream2's `findlast`, or of `project`'s runs only (`<logdir>/<project>_<YYYYMMDD-HHMMSS>[-N]/...`) when given.
 
     Training checkpoints only, or with `ema` only the EMA ones (folders named `*_ema`).
     """
     key = "ema_resume_model" if ema else "resume_ckpt"
+    run_folder = re.compile(re.escape(project) + r"_\d{8}-\d{6}(-\d+)?") if project is not None else None
     folders = [index.parent for index in Path(logdir).rglob("model_index.json")]
     candidates = [f for f in folders if f.name.endswith(EMA_SUFFIX) == ema and not f.name.endswith(PARTIAL_SUFFIX)
-                  and (project is None or f.relative_to(logdir).parts[0].startswith(f"{project}_"))]
+                  and (run_folder is None or run_folder.fullmatch(f.relative_to(logdir).parts[0]))]
     if not candidates:
         kind = f"EMA checkpoint folder (`*{EMA_SUFFIX}`, with model_index.json)" if ema else \
             "checkpoint folder (with model_index.json)"
-        raise FileNotFoundError(f"{key} 'findlast': no {kind} under '{logdir}'"
-                                f"{f' in runs of project {project!r}' if project else ''}. Train once first, or set "
+        scope = (f" in runs of project {project!r} (findlast_scope 'project'; set it to 'logdir' to search every "
+                 "run)") if project is not None else ""
+        raise FileNotFoundError(f"{key} 'findlast': no {kind} under '{logdir}'{scope}. Train once first, or set "
                                 f"{key} to a model.")
     newest = max(candidates, key=lambda p: (p / "model_index.json").stat().st_mtime)
     if "errored" in newest.name:
         raise FileNotFoundError(f"{key} 'findlast': the newest checkpoint '{newest}' was saved after an error. "
                                 f"Check it, then set {key} to it explicitly if you want to continue from it.")
     return newest
+
+
+def find_last_for(args, ema: bool = False) -> Path:
+    """`findlast` for resume_ckpt (or with `ema`, ema_resume_model) where the options say: the whole logdir, or
+    with findlast_scope 'project' this project's runs."""
+    return find_last(args.logdir, args.project_name if args.findlast_scope == "project" else None, ema)
 
 
 class SaveTimer:

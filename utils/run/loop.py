@@ -69,6 +69,7 @@ class Trainer:
         self.epoch = 0  # the epoch being trained
         self.next_step = 0  # the next step's index within the epoch
         self.steps_in_epoch = 0
+        self.epoch_ended = False  # the epoch's end is being handled: a save now resumes at the next epoch
         self.epoch_loss = torch.zeros((), device=accelerator.device)
         self.epoch_losses: list[float] = []
         self.skipped_updates = self.skipped_in_a_row = 0
@@ -96,13 +97,13 @@ class Trainer:
                 if self.exit_code is None:  # no part could stop the run cleanly on it
                     self._close()
                     raise
+        if self.exit_code is None and self.run_dir:  # before the run's log file closes, so that it says so too
+            log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: "
+                     "tensorboard --logdir %s", self.global_step, (time.perf_counter() - started) / 60,
+                     self.epoch_losses[0], self.epoch_losses[-1], self.final_checkpoint, self.args.logdir)
         self._close()
         if self.exit_code is None:
             self.exit_code = EXIT_OK
-            if self.run_dir:
-                log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: "
-                         "tensorboard --logdir %s", self.global_step, (time.perf_counter() - started) / 60,
-                         self.epoch_losses[0], self.epoch_losses[-1], self.final_checkpoint, self.args.logdir)
         if self.exit_code in (EXIT_OK, EXIT_FAILED) and self.epoch == self.args.max_epochs:
             self.accelerator.wait_for_everyone()  # the processes leave their process group together
             self.accelerator.end_training()
@@ -120,6 +121,7 @@ class Trainer:
             if self.stopped:
                 return
             self.epoch, self.next_step = epoch, first_step if epoch == start_epoch else 0
+            self.epoch_ended = False
             self._train_epoch()
             if self.epoch_losses and not self.stopped:
                 epochs_bar.set_postfix(loss=f"{self.epoch_losses[-1]:.4f}")
@@ -147,6 +149,7 @@ class Trainer:
             return
         self.epoch_losses.append((self.accelerator.reduce(self.epoch_loss, "mean") / max(1, len(plan))).item())
         self.epoch_loss.zero_()
+        self.epoch_ended = True
         self.emit("epoch_end")
 
     def train_steps(self, steps: Iterable[tuple[int, dict]], steps_in_epoch: int, loss_sum: torch.Tensor) -> None:
@@ -211,8 +214,9 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------------------------
 
     def position(self) -> tuple[int, int]:
-        """(epoch, step within it) of the next step; an epoch that is done counts as the next one's start."""
-        if self.steps_in_epoch and self.next_step >= self.steps_in_epoch:
+        """(epoch, step within it) of what comes next; once an epoch's end is handled, the next epoch's start. A
+        save after an epoch's last step but before its end resumes there, so the epoch's end is not skipped."""
+        if self.epoch_ended:
             return self.epoch + 1, 0
         return self.epoch, self.next_step
 

@@ -36,30 +36,40 @@ def setup_console_logging() -> None:
 
 
 class RunDir:
-    """`<logdir>/<project_name>_<run_name or timestamp>/` and what goes in it."""
+    """`<logdir>/<project_name>_<YYYYMMDD-HHMMSS>/` and what goes in it. As in EveryDream2, `run_name` does not name
+    the folder: it names the run for trackers (TensorBoard's `config` and `run_name` texts, the log, _main.json)."""
 
     def __init__(self, args: SimpleNamespace):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        name = f"{args.project_name}_{args.run_name or stamp}"
-        path = Path(args.logdir) / name
-        if path.exists():  # never write into an earlier run's folder
-            path = path.with_name(f"{name}-{stamp}")
+        name = f"{args.project_name}_{stamp}"
+        Path(args.logdir).mkdir(parents=True, exist_ok=True)
+        path, number = Path(args.logdir) / name, 1
+        while True:  # never write into an earlier run's folder, e.g. one started in the same second
+            try:
+                path.mkdir()
+                break
+            except FileExistsError:
+                number += 1
+                path = path.with_name(f"{name}-{number}")
         self.path = path
         self.name = path.name
+        self.run_name = args.run_name or self.name  # what trackers call the run
         self.ckpts = path / "ckpts"
         self.samples = path / "samples"
-        for folder in (self.path, self.ckpts, self.samples):
+        for folder in (self.ckpts, self.samples):
             folder.mkdir(parents=True, exist_ok=True)
         self.file_log = logging.FileHandler(path / f"{self.name}.log", encoding="utf-8")
         self.file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%m/%d/%Y %I:%M:%S %p"))
         logging.getLogger().addHandler(self.file_log)
-        (path / f"{self.name}_main.json").write_text(json.dumps(effective_options(args), indent=2) + "\n")
+        options = effective_options(args)
+        (path / f"{self.name}_main.json").write_text(json.dumps(options, indent=2) + "\n")
+        log.info("Run: %s (project %s), logging to %s", self.run_name, args.project_name, path)
 
         from torch.utils.tensorboard import SummaryWriter
 
         self.tb = SummaryWriter(log_dir=str(path), flush_secs=20)
-        options = effective_options(args)
         self.tb.add_text("config", ", ".join(f"{k}={options[k]}" for k in sorted(options)))
+        self.tb.add_text("run_name", self.run_name)
 
     def write_json(self, suffix: str, data) -> None:
         (self.path / f"{self.name}_{suffix}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")

@@ -5,8 +5,15 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
 
 import torch
+
+from utils.options.config import ConfigError
 
 PROCESS_WAIT_MINUTES = 30  # how long processes wait for each other before a run counts as hung
 
@@ -35,15 +42,104 @@ def make_accelerator(args, ddp_options: dict = DDP_OPTIONS):
         # Buckets repeat the same few shapes all run long: finding the fastest convolution once per shape pays.
         torch.backends.cudnn.benchmark = True
         torch.cuda.set_device(cuda_device(args))
-    if not use_cuda or args.disable_amp:
-        precision = "no"
-    else:
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    precision = choose_precision(args.mixed_precision, args.disable_amp, use_cuda,
+                                 use_cuda and torch.cuda.is_bf16_supported(),
+                                 torch.cuda.get_device_name() if use_cuda else "",
+                                 args.sources.get("mixed_precision", "defaults"))
     # While the first process samples or writes a checkpoint the others wait at their next exchange; NCCL's
     # default 10 minutes before calling that a hang is short for a big sample set or a slow disk.
     wait = InitProcessGroupKwargs(timeout=datetime.timedelta(minutes=PROCESS_WAIT_MINUTES))
     return Accelerator(mixed_precision=precision, cpu=not use_cuda,
                        kwargs_handlers=[wait, DistributedDataParallelKwargs(**ddp_options)])
+
+
+def choose_precision(setting: str, disable_amp: bool, cuda: bool, bf16_supported: bool, gpu_name: str = "",
+                     where: str = "defaults") -> str:
+    """accelerate's mixed precision ("bf16", "fp16" or "no") for the `mixed_precision` option on this device.
+
+    auto: none on the CPU or with disable_amp, else bf16 where the GPU supports it, else fp16 (with a grad scaler).
+    An explicit bf16 or fp16 that the device cannot run is a ConfigError naming the fix."""
+    if setting == "auto":
+        return "no" if not cuda or disable_amp else "bf16" if bf16_supported else "fp16"
+    if setting == "no" or disable_amp:
+        return "no"
+    if not cuda:
+        raise ConfigError(f"{where}: mixed_precision '{setting}' needs a CUDA GPU, and PyTorch sees none: on the CPU "
+                          "training runs in full precision. Set mixed_precision to 'auto' or 'no'.")
+    if setting == "bf16" and not bf16_supported:
+        raise ConfigError(f"{where}: mixed_precision 'bf16', but this GPU ({gpu_name or 'cuda'}) does not support "
+                          "bf16 (it needs an NVIDIA Ampere or newer GPU, e.g. RTX 30xx, A100). Use 'fp16' or 'auto'.")
+    return setting
+
+
+@dataclass(frozen=True)
+class NvidiaGpu:
+    """What the NVIDIA driver says about this machine's GPUs."""
+    names: tuple[str, ...] = ()  # from `nvidia-smi -L`; empty when only the driver was seen
+    driver_cuda: str | None = None  # the newest CUDA version the driver supports ("12.4"), from `nvidia-smi`
+
+
+# download.pytorch.org's CUDA builds of torch (a driver runs any build for its CUDA version or older).
+CUDA_WHEELS = ((11, 8), (12, 1), (12, 4), (12, 6), (12, 8), (12, 9), (13, 0))
+# Where the NVIDIA driver announces itself on Linux; WSL's nvidia-smi is outside the PATH.
+NVIDIA_PROC_VERSION = Path("/proc/driver/nvidia/version")
+WSL_NVIDIA_SMI = Path("/usr/lib/wsl/lib/nvidia-smi")
+
+
+def find_nvidia_gpu(nvidia_smi: str | None = None, proc_version: Path = NVIDIA_PROC_VERSION) -> NvidiaGpu | None:
+    """The machine's NVIDIA GPU as its driver reports it (nvidia-smi, or the Linux driver's /proc entry), whether
+    or not PyTorch can use it; None when there is no NVIDIA driver. `nvidia_smi`: the program (default: the one on
+    the PATH, or WSL's)."""
+    if nvidia_smi is None:
+        nvidia_smi = shutil.which("nvidia-smi") or (str(WSL_NVIDIA_SMI) if WSL_NVIDIA_SMI.is_file() else None)
+    if nvidia_smi:
+        try:
+            listing = subprocess.run([nvidia_smi, "-L"], capture_output=True, text=True, timeout=20)
+            names = tuple(m.group(1) for m in re.finditer(r"GPU \d+: (.+?)(?: \(UUID|$)", listing.stdout, re.M))
+            if listing.returncode == 0 and names:
+                header = subprocess.run([nvidia_smi], capture_output=True, text=True, timeout=20).stdout
+                version = re.search(r"CUDA Version: (\d+\.\d+)", header)
+                return NvidiaGpu(names, version.group(1) if version else None)
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return NvidiaGpu() if proc_version.is_file() else None
+
+
+def unusable_gpu(gpu: NvidiaGpu | None, cuda_available: bool, torch_version: str, torch_cuda: str | None,
+                 visible_devices: str | None = None) -> str | None:
+    """What is wrong when this machine has an NVIDIA GPU but PyTorch cannot use it (a CPU-only build of torch, or a
+    driver older than torch's CUDA), with the fix; None when there is nothing to say: no NVIDIA GPU, a usable one,
+    or CUDA_VISIBLE_DEVICES set to hide them all (the user's choice)."""
+    if gpu is None or cuda_available or visible_devices is not None and visible_devices.strip() in ("", "-1"):
+        return None
+    which = f" ({', '.join(gpu.names)})" if gpu.names else ""
+    if torch_cuda is None:
+        wheel = _cuda_wheel(gpu.driver_cuda)
+        return (f"This machine has an NVIDIA GPU{which}, but the installed PyTorch {torch_version} is a CPU-only build "
+                f"(torch.version.cuda is None), so training would run on the CPU, many times slower. Install a CUDA "
+                f"build of torch: `python -m pip install --force-reinstall torch --index-url "
+                f"https://download.pytorch.org/whl/{wheel}`"
+                + (f" (the driver supports CUDA up to {gpu.driver_cuda})" if gpu.driver_cuda else "")
+                + "; other systems and CUDA versions: https://pytorch.org/get-started/locally/.")
+    older = gpu.driver_cuda and _version(gpu.driver_cuda) < _version(torch_cuda)
+    reason = (f"the NVIDIA driver supports CUDA up to {gpu.driver_cuda}, older than torch's CUDA {torch_cuda}: update "
+              "the driver, or install the torch build for your CUDA version (https://pytorch.org/get-started/locally/)"
+              if older else "`python -c \"import torch; torch.cuda.init()\"` says why (often a driver older than "
+              "torch's CUDA, or CUDA_VISIBLE_DEVICES)")
+    return (f"This machine has an NVIDIA GPU{which}, but PyTorch {torch_version} (built for CUDA {torch_cuda}) cannot "
+            f"use it, so training would run on the CPU, many times slower: {reason}.")
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+def _cuda_wheel(driver_cuda: str | None) -> str:
+    """The newest download.pytorch.org CUDA build index the driver runs (cu124 when the driver did not say)."""
+    fitting = [v for v in CUDA_WHEELS if driver_cuda is None and v == (12, 4) or
+               driver_cuda is not None and v <= _version(driver_cuda)]
+    major, minor = fitting[-1] if fitting else CUDA_WHEELS[0]
+    return f"cu{major}{minor}"
 
 
 def dataloader_workers(accelerator) -> int:

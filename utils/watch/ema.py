@@ -16,8 +16,8 @@ from types import SimpleNamespace
 
 import torch
 
-from utils.run.checkpoint import EMA_SUFFIX, find_last
-from utils.options.config import ConfigError
+from utils.run.checkpoint import EMA_SUFFIX, find_last_for
+from utils.options.config import ConfigError, missing_model
 
 log = logging.getLogger(__name__)
 
@@ -47,12 +47,13 @@ def check_options(args: SimpleNamespace) -> Path | None:
     if args.ema_resume_model is None:
         return None
     if args.ema_resume_model == "findlast":
-        return find_last(args.logdir, args.project_name, ema=True)
+        return find_last_for(args, ema=True)
     where = args.sources.get("ema_resume_model", "defaults")
     path = Path(args.ema_resume_model)
     if not path.exists():
-        raise ConfigError(f"{where}: ema_resume_model '{path}' does not exist. Give an `{EMA_SUFFIX}` diffusers "
-                          f"folder or `{EMA_SUFFIX}.safetensors` file saved by an earlier run, or `findlast`.")
+        raise ConfigError(missing_model(where, "ema_resume_model", args.ema_resume_model,
+                                        f"Give an `{EMA_SUFFIX}` diffusers folder or `{EMA_SUFFIX}.safetensors` file "
+                                        "saved by an earlier run, or `findlast`."))
     if path.is_file() and path.suffix.lower() not in (".safetensors", ".ckpt"):
         raise ConfigError(f"{where}: ema_resume_model '{path}' is a file but not a .safetensors or .ckpt checkpoint. "
                           "Give one of those, or a diffusers model folder.")
