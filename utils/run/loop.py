@@ -127,6 +127,7 @@ class Trainer:
                 epochs_bar.set_postfix(loss=f"{self.epoch_losses[-1]:.4f}")
         if not self.stopped:
             self.epoch, self.next_step, self.steps_in_epoch = self.args.max_epochs, 0, 0
+            self.epoch_ended = False
             self.emit("training_end")
 
     def _train_epoch(self) -> None:
