@@ -174,9 +174,6 @@ def test_chain_bat_runs_chain0_then_chain1_and_chain2_from_findlast(ed2_dir, ima
     assert len(list(Path("logs").glob("myproj_ch0_*"))) == 3
 
 
-@pytest.mark.xfail(strict=True, reason="findlast searches only the runs of this project_name; EveryDream2's "
-                                       "findlast (and its chaining guide, which renames project_name per session) "
-                                       "searches the whole logdir: that change is in utils/run (findlast scope)")
 def test_findlast_finds_the_previous_session_of_another_project_name(ed2_dir, images):
     earlier = Path("logs") / "myproj_ch0_20250101-000000" / "ckpts" / "last-myproj_ch0-ep01-gs00002"
     shutil.copytree(TINY_MODEL, earlier)
