@@ -104,6 +104,13 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
     raw = read_json_object(Path(path), "Paths are relative to the working directory. Fix the path, or remove "
                            "validation_config to train without validation.",
                            "validation settings (see cfgs/validation.json for an example)")
+    cfg = ValidationConfig(path=where, **_checked_values(where, _current_names(where, raw)))
+    _check_together(cfg)
+    return cfg
+
+
+def _current_names(where: str, raw: dict) -> dict[str, Any]:
+    """The file's keys under their current names (old names warned about), documentation and nulls dropped."""
     values: dict[str, Any] = {}
     for key, value in raw.items():
         if key in IGNORED_KEYS:
@@ -119,7 +126,10 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
             raise unknown_key(where, key, KEYS + tuple(ALIASES), otherwise=f" Valid keys: {', '.join(KEYS)}.")
         if value is not None:
             values[key] = value
+    return values
 
+
+def _checked_values(where: str, values: dict[str, Any]) -> dict[str, Any]:
     checked: dict[str, Any] = {}
     for key in ("validate_training", "stabilize_training_loss", "use_relative_loss"):
         if key in values:
@@ -159,8 +169,12 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
             key = f"extra_manual_datasets.{name}"
             _require_dataset(where, key, _path(where, key, folder))
         checked["extra_manual_datasets"] = dict(extra)
+    return checked
 
-    cfg = ValidationConfig(path=where, **checked)
+
+def _check_together(cfg: ValidationConfig) -> None:
+    """What depends on several keys: the manual folder where the mode uses it, sets left without validation."""
+    where = cfg.path
     if cfg.validate_training and cfg.val_split_mode == "manual" and not cfg.manual_data_root and \
             not cfg.extra_manual_datasets:
         raise ConfigError(f"{where}: val_split_mode is 'manual' but neither manual_data_root nor "
@@ -175,7 +189,6 @@ def load_validation_config(path: str | os.PathLike) -> ValidationConfig:
     if not cfg.validate_training and still:
         log.warning("%s: validate_training is false, so there is no '%s' set; still evaluated: %s. Remove "
                     "validation_config to turn validation off.", where, VAL, ", ".join(still))
-    return cfg
 
 
 # -- building the sets ---------------------------------------------------------------------------------------------
