@@ -5,7 +5,6 @@ tests/e2e/test_ed2_habits_run.py."""
 from __future__ import annotations
 
 import json
-import os
 import re
 import stat
 import sys
@@ -15,6 +14,7 @@ from types import SimpleNamespace
 import pytest
 
 from tests.conftest import REPO, write_json
+from tests.test_checkpoint import make_ckpt
 from utils.options import config
 from utils.options.flags import ALIASES, BY_NAME, LEGACY_KEYS
 from utils.run.checkpoint import find_last, find_last_for
@@ -203,21 +203,12 @@ def test_bare_and_missing_names_say_where_they_were_looked_for(tmp_path, paths, 
 
 # ---------------------------------------------------------------- findlast
 
-def checkpoint(folder: Path, age_seconds: float) -> Path:
-    folder.mkdir(parents=True)
-    index = folder / "model_index.json"
-    index.write_text("{}")
-    stamp = os.path.getmtime(index) - age_seconds
-    os.utime(index, (stamp, stamp))
-    return folder
-
-
 def test_findlast_searches_the_whole_logdir_unless_scoped_to_the_project(tmp_path):
-    mine = checkpoint(tmp_path / "a_20250101-120000" / "ckpts" / "last-a-ep01-gs00004", 30)
-    mine_ema = checkpoint(tmp_path / "a_20250101-120000" / "ckpts" / "last-a-ep01-gs00004_ema", 30)
-    checkpoint(tmp_path / "a_20250101-120000-2" / "ckpts" / "a-ep00-gs00002", 40)
-    other = checkpoint(tmp_path / "a_b_20250102-120000" / "ckpts" / "last-a_b-ep01-gs00004", 20)  # another project
-    newest = checkpoint(tmp_path / "chain2_20250103-120000" / "ckpts" / "last-chain2-ep01-gs00004", 10)
+    mine = make_ckpt(tmp_path / "a_20250101-120000" / "ckpts" / "last-a-ep01-gs00004", 30)
+    mine_ema = make_ckpt(tmp_path / "a_20250101-120000" / "ckpts" / "last-a-ep01-gs00004_ema", 30)
+    make_ckpt(tmp_path / "a_20250101-120000-2" / "ckpts" / "a-ep00-gs00002", 40)
+    other = make_ckpt(tmp_path / "a_b_20250102-120000" / "ckpts" / "last-a_b-ep01-gs00004", 20)  # another project
+    newest = make_ckpt(tmp_path / "chain2_20250103-120000" / "ckpts" / "last-chain2-ep01-gs00004", 10)
     assert find_last(tmp_path) == newest
     assert find_last(tmp_path, "a") == mine  # not a_b's, though its folder starts with "a_"
     assert find_last(tmp_path, "a_b") == other
