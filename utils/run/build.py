@@ -124,7 +124,8 @@ def build_trainer(inputs: Inputs):
         for line in data.report_undersized(inputs.records, run.path):
             log.warning(line)
     epoch_data = _epoch_data(inputs, model, accelerator)
-    steps_per_epoch = len(epoch_data.plan(0, args.grad_accum))
+    first_plan = epoch_data.plan(0, args.grad_accum)
+    steps_per_epoch = len(first_plan)
     settings = resolve_settings(inputs.optimizer_file, args, steps_per_epoch, accelerator.num_processes)
     if run:
         run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
@@ -149,7 +150,7 @@ def build_trainer(inputs: Inputs):
         trainer.load_state_dict(saved_state)
         log.info("Resuming the run of %s at epoch %d, step %d of it (global step %d).", inputs.resume,
                  saved_state.epoch, saved_state.step_in_epoch, saved_state.global_step)
-    _describe(args, accelerator, epoch_data, settings, trained, text_encoder_training, run, steps_per_epoch)
+    _describe(args, accelerator, epoch_data, first_plan, settings, trained, text_encoder_training, run)
     return trainer
 
 
@@ -261,9 +262,8 @@ def _reflow(args, model, accelerator, run, saved_state):
     return Reflow(args, model, accelerator, run)
 
 
-def _describe(args, accelerator, epoch_data, settings, trained, text_encoder_training, run, steps_per_epoch) -> None:
-    processes = accelerator.num_processes
-    plan = epoch_data.plan(0, args.grad_accum)
+def _describe(args, accelerator, epoch_data, plan, settings, trained, text_encoder_training, run) -> None:
+    processes, steps_per_epoch = accelerator.num_processes, len(plan)
     for line in data.epoch_plan_summary(plan, epoch_data.global_batch, epoch_data.records).lines():
         log.info("Data: %s", line)
     log.info("Training: %d epochs x %d steps = %d steps; batch %d x grad_accum %d x %d process(es) = %d images "
