@@ -16,6 +16,22 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly in
 sys.path.insert(0, str(REPO))
 
 
+@pytest.fixture(autouse=True)
+def forget_modules_from_temporary_folders(tmp_path_factory):
+    """Plugin modules that a test imports from its temporary folder (a `plugins` package, say) are dropped
+    afterwards, with the sys.path entries that plugin loading added, so a later test's folder with a module of
+    the same name is imported afresh."""
+    path = list(sys.path)
+    yield
+    sys.path[:] = path
+    root = str(tmp_path_factory.getbasetemp())
+    for name, module in list(sys.modules.items()):
+        spec = getattr(module, "__spec__", None)
+        places = [getattr(spec, "origin", None), *(getattr(spec, "submodule_search_locations", None) or [])]
+        if any(str(place).startswith(root) for place in places if place):
+            del sys.modules[name]
+
+
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     """Eight captioned 64x64 images of two colours in two buckets' worth of shapes."""

@@ -49,16 +49,10 @@ HOOK_KWARGS = {
 
 @pytest.fixture
 def cwd(tmp_path, monkeypatch):
-    """tmp_path as the current directory; sys.path and the modules imported from tmp_path are restored."""
+    """tmp_path as the current directory, with sys.path restored afterwards (conftest drops the modules)."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    yield tmp_path
-    root = str(tmp_path)
-    for name, module in list(sys.modules.items()):
-        spec = getattr(module, "__spec__", None)
-        places = [getattr(spec, "origin", None), *(getattr(spec, "submodule_search_locations", None) or [])]
-        if any(str(p).startswith(root) for p in places if p):
-            del sys.modules[name]
+    return tmp_path
 
 
 def write_module(folder, relative: str, source: str):
