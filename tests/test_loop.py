@@ -119,6 +119,25 @@ def test_a_stop_request_saves_a_resumable_checkpoint_that_continues_exactly(tmp_
     assert len(resumed_recorder.named("step_end")) == 2 and resumed.global_step == 6
 
 
+def test_reflow_steps_come_first_then_every_step_of_the_first_epoch(tmp_path, six_images):
+    import json
+    import shutil
+
+    v_model = tmp_path / "tiny-v"  # rectified flow starts from a v-prediction model
+    shutil.copytree(TINY_MODEL, v_model)
+    scheduler_file = v_model / "scheduler" / "scheduler_config.json"
+    write_json(scheduler_file, json.loads(scheduler_file.read_text()) | {"prediction_type": "v_prediction"})
+    recorder = Recorder()
+    trainer = build(tmp_path, six_images, "--resume_ckpt", str(v_model), "--project_name", "reflow", "--max_epochs", "1", "--rectified_flow",
+                    "--reflow_steps", "1", "--reflow_gen_batches", "2", "--reflow_sample_steps", "2",
+                    "--reflow_train_epochs", "1", recorder=recorder)
+    assert trainer.run() == 0
+    # 2 generated batches of 2 pairs: 2 reflow steps (indices 0, 1), then the epoch's 3 steps from its start.
+    assert [(e[1], e[2], e[3]) for e in recorder.named("step_start")] == [
+        (0, 0, 0), (0, 1, 1), (0, 2, 0), (0, 3, 1), (0, 4, 2)]
+    assert recorder.named("epoch_end") == [("epoch_end", 0, 5, 1)]
+
+
 def test_a_stop_asked_for_before_training_saves_nothing(tmp_path, six_images):
     trainer = build(tmp_path, six_images, "--project_name", "early", recorder=Recorder(stop_at=("training_start", 0)))
     assert trainer.run() == 1

@@ -113,6 +113,7 @@ class Trainer:
         self.emit("training_start")
         if self.reflow is not None and not self.resumed and not self.stopped:
             self.reflow.run_phase(self)
+            self.next_step = 0  # reflow counted its own passes' steps; the first epoch starts at its beginning
         start_epoch, first_step = self.epoch, self.next_step
         epochs_bar = tqdm(range(start_epoch, self.args.max_epochs), desc="epochs", unit="ep", dynamic_ncols=True,
                           initial=start_epoch, total=self.args.max_epochs,
