@@ -75,6 +75,18 @@ def read_scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
         {"_images": events.Tags()["images"]}
 
 
+def tensorboard_images(run: Path) -> dict[str, list[tuple[int, tuple[int, int]]]]:
+    """{tag: [(step, (width, height)), ...]} of the images in a run's event file."""
+    import io
+
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    return {tag: [(e.step, Image.open(io.BytesIO(e.encoded_image_string)).size) for e in events.Images(tag)]
+            for tag in events.Tags()["images"]}
+
+
 def short_run(tmp_path, data_root, *extra: str) -> Path:
     """A short in-process run on the tiny model; returns its run folder."""
     import train
