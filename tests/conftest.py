@@ -87,6 +87,48 @@ def tensorboard_images(run: Path) -> dict[str, list[tuple[int, tuple[int, int]]]
             for tag in events.Tags()["images"]}
 
 
+def read_wandb(run_dir: Path) -> dict:
+    """The W&B run that a run with `wandb` on wrote in offline mode under its folder, read back from W&B's own
+    record file (a LevelDB-style log of protobuf records): {"run": the run record, "config": {key: value},
+    "history": [{key: value}], "exit_code": int, "files": its files folder}."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (record_file,) = run_dir.glob("wandb/offline-run-*/run-*.wandb")
+    data = record_file.read_bytes()
+    assert data[:4] == b":W&B", record_file
+    block, position, pending, records = 32 * 1024, 7, b"", []
+    while position + 7 <= len(data):
+        if block - position % block < 7:  # a block's tail too short for a record header is padding
+            position += block - position % block
+            continue
+        length, kind = int.from_bytes(data[position + 4:position + 6], "little"), data[position + 6]
+        chunk, position = data[position + 7:position + 7 + length], position + 7 + length
+        if kind in (2, 3):  # first or middle piece of a record split across blocks
+            pending = (pending if kind == 3 else b"") + chunk
+            continue
+        if kind not in (1, 4):  # 1: a whole record, 4: the last piece
+            break
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(pending + chunk if kind == 4 else chunk)
+        records.append(record)
+    by_kind = {}
+    for record in records:
+        by_kind.setdefault(record.WhichOneof("record_type"), []).append(record)
+    (run,) = by_kind["run"]
+    (exit_record,) = by_kind["exit"]
+    return {"run": run.run, "config": {item.key: json.loads(item.value_json) for item in run.run.config.update},
+            "history": [{item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                         for item in record.history.item} for record in by_kind.get("history", [])],
+            "exit_code": exit_record.exit.exit_code, "files": record_file.parent / "files"}
+
+
+def wandb_scalars(wandb_run: dict, tag: str) -> dict[int, float]:
+    """{global step: value} of one scalar in a read_wandb result, comparable with dict(read_scalars(...)[tag])."""
+    return {row["global_step"]: row[tag] for row in wandb_run["history"] if tag in row}
+
+
 def short_run(tmp_path, data_root, *extra: str) -> Path:
     """A short in-process run on the tiny model; returns its run folder."""
     import train

@@ -93,7 +93,7 @@ def test_two_runs_started_in_the_same_second_get_their_own_folders(tmp_path, sma
         assert [run.run_name for run in runs] == ["r"] * 3
     finally:
         for run in runs:
-            run.close()
+            run.close(0)
 
 
 def test_a_hugging_face_id_or_a_precision_the_cpu_cannot_run_stops_before_anything_is_made(tmp_path, small_dataset,

@@ -18,8 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, TINY_MODEL
-from tests.conftest import read_scalars
+from tests.conftest import REPO, TINY_MODEL, read_scalars, read_wandb, wandb_scalars
 from utils.options.flags import LEGACY_KEYS
 
 ED2 = REPO / "tests" / "fixtures" / "everydream2"
@@ -191,25 +190,18 @@ def set_paths(path: Path, **paths: str) -> None:
     path.write_text(json.dumps({**settings, **paths}, indent=4))
 
 
-def test_train_coco_with_its_manual_validation_set(ed2_dir, images):
+def test_train_coco_as_shipped_with_its_manual_validation_set_and_wandb(ed2_dir, images, monkeypatch):
     """cfgs/train_coco.json names cfgs/validation_coco.json, which uses the old key names val_data_root and
-    val_split_proportion and the string "true"; its val_data_root (a Windows path) is the one path changed. The
-    file's wandb: true is switched off on the command line (the next test keeps it)."""
+    val_split_proportion and the string "true"; its val_data_root (a Windows path) is the one path changed. Its
+    wandb: true logs to Weights & Biases, offline here."""
+    monkeypatch.setenv("WANDB_MODE", "offline")
     set_paths(ed2_dir / "cfgs" / "validation_coco.json", val_data_root=str(images / "val"))
-    flags = ("--no-wandb", "--no-generate_pretrain_samples")
+    flags = ("--no-generate_pretrain_samples",)
     assert train("cfgs/train_coco.json", images, *flags) == 0
     run = check_run("cfgs/train_coco.json", *flags)
     scalars = read_scalars(run)
     assert [step for step, _ in scalars["loss/stabilize-train"]] == [step for step, _ in scalars["loss/val"]]
-
-
-@pytest.mark.xfail(strict=True, reason="cfgs/train_coco.json sets wandb: true, and Weights & Biases logging is not "
-                                       "implemented (utils/options marks the wandb flag 'not implemented yet')")
-def test_train_coco_as_shipped_with_wandb(ed2_dir, images, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")  # never the network, whenever this is implemented
-    set_paths(ed2_dir / "cfgs" / "validation_coco.json", val_data_root=str(images / "val"))
-    assert train("cfgs/train_coco.json", images, "--no-generate_pretrain_samples") == 0
-    check_run("cfgs/train_coco.json", "--no-generate_pretrain_samples")
+    assert wandb_scalars(read_wandb(run), "loss/val") == pytest.approx(dict(scalars["loss/val"])) != {}
 
 
 def test_the_migration_page_covers_every_key_of_everydream2s_files():

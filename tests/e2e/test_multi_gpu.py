@@ -26,8 +26,7 @@ from safetensors.torch import load_file
 import data
 from data.batching import process_share
 from data.records import DEFAULT_BATCH_ID, Caption, ImageRecord
-from tests.conftest import REPO, TINY_MODEL, write_json
-from tests.conftest import read_scalars
+from tests.conftest import REPO, TINY_MODEL, read_scalars, read_wandb, wandb_scalars, write_json
 
 BUCKETS = [(512, 512), (576, 448), (448, 576)]
 
@@ -261,7 +260,7 @@ RUN_ARGS = ["--resolution", "64", "--grad_accum", "2", "--max_epochs", "2", "--l
 
 def torchrun(args: list[str]) -> subprocess.Popen:
     """train.py on two CPU processes, launched as a user would: `torchrun --nproc_per_node 2 train.py ...`."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              str(REPO / "train.py"), *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
@@ -300,7 +299,7 @@ def two_runs(tmp_path_factory):
     import train
 
     assert train.main([*common, "--batch_size", "4", "--logdir", str(root / "one")]) == 0
-    output = finish(torchrun([*common, "--batch_size", "2", "--logdir", str(root / "two")]))
+    output = finish(torchrun([*common, "--batch_size", "2", "--logdir", str(root / "two"), "--wandb"]))
     (one,), (two,) = (root / "one").iterdir(), (root / "two").iterdir()
     return dict(root=root, common=common, one=one, two=two, output=output)
 
@@ -334,6 +333,10 @@ def test_the_first_process_alone_writes_the_run_folder_logs_samples_and_checkpoi
     run, output = two_runs["two"], two_runs["output"]
     assert [p.name for p in run.parent.iterdir()] == [run.name]  # one run folder
     assert len(list(run.glob("events.out.tfevents.*"))) == 1 and len(list(run.glob("*.log"))) == 1
+    # Weights & Biases (on in this run only): one W&B run, with the first process's TensorBoard scalars.
+    assert len(list(run.glob("wandb/offline-run-*"))) == 1
+    tb_losses = dict(read_scalars(run)["loss/log_step"])
+    assert wandb_scalars(read_wandb(run), "loss/log_step") == pytest.approx(tb_losses) and len(tb_losses) > 1
     log_text = (run / f"{run.name}.log").read_text()
     assert "batch 2 x grad_accum 2 x 2 process(es) = 8 images per update" in log_text  # the effective batch
     assert output.count("Training: 2 epochs") == 1  # the other process prints errors only

@@ -9,6 +9,7 @@ that names the key, the file and the fix, before any output folder exists.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import logging
 import os
@@ -246,11 +247,9 @@ def _where(args: SimpleNamespace, key: str) -> str:
 
 
 def _validate(args: SimpleNamespace) -> None:
-    for flag in FLAGS:
-        value = getattr(args, flag.name)
-        if flag.planned and value not in (flag.default, None, False, 0):
-            raise ConfigError(f"{_where(args, flag.name)}: '{flag.name}' is not implemented yet in this version "
-                              f"({flag.not_yet}). Remove it or set it to its default ({json.dumps(flag.default)}).")
+    if args.wandb and importlib.util.find_spec("wandb") is None:
+        raise ConfigError(f"{_where(args, 'wandb')}: wandb is on but the wandb package is not installed. Install it "
+                          f"(`pip install wandb`, then `wandb login`) or turn wandb off.")
     for key in ("resume_ckpt", "data_root"):
         if getattr(args, key) in (None, ""):
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
@@ -334,8 +333,7 @@ def flag_table_markdown() -> str:
             part for part in (f">= {flag.min:g}" if flag.min is not None else "",
                               f"<= {flag.max:g}" if flag.max is not None else "") if part)
         default = "unset" if flag.default is None else f"`{json.dumps(flag.default)}`"
-        meaning = flag.help + (f" *Not implemented yet ({flag.not_yet}).*" if flag.planned else "") + \
-            (" *Live: with `load_settings_every_epoch`, an edit applies at the next epoch.*" if flag.live else "") + \
+        meaning = flag.help + (" *Live: with `load_settings_every_epoch`, an edit applies at the next epoch.*" if flag.live else "") + \
             "".join(f" Also accepted as `{alias}`." for alias in flag.aliases)
         lines.append(f"| `{flag.name}` | {_type_name(flag)} | {default} | {allowed} | {meaning} |")
     lines += ["", "## Legacy: EveryDream2 names", "",

@@ -4,9 +4,6 @@ Each `Flag` is declared once here; `utils/options/config.py` turns the registry 
 JSON config file and validates it, and `python -m utils.options.config` writes the flag table in doc/FLAGS.md.
 Names, types and defaults follow EveryDream2 (../shared/spec/REFERENCE.md §1.2) so existing train.json
 files keep working.
-
-A flag whose `planned` names an issue is parsed and validated today but not yet implemented: leaving it at
-its default is fine, setting it to anything else stops the run with a clear message.
 """
 from __future__ import annotations
 
@@ -27,13 +24,8 @@ class Flag:
     choices: tuple | None = None
     min: float | None = None
     max: float | None = None
-    planned: str | None = None  # "#N" (the issue that implements it) or why not yet; non-default values refused
     live: bool = False  # with load_settings_every_epoch, a change in the config file applies at the next epoch
     aliases: tuple[str, ...] = ()  # other names of the same option (JSON key and command-line flag alike)
-
-    @property
-    def not_yet(self) -> str:
-        return f"tracked in issue {self.planned}" if self.planned.startswith("#") else self.planned
 
 
 def _flags(group: str, *specs: tuple) -> list[Flag]:
@@ -191,7 +183,11 @@ FLAGS: list[Flag] = [
         ("no_prepend_last", bool, False, "Do not prefix the final checkpoint with `last-`."),
         ("plugins", list, None, "Plugin classes to load, as `module.Class` (doc/PLUGINS.md); on the command line "
          "separated by spaces: `--plugins my_plugins.Counter utils.plugins.accumulnator.Accumulnator`."),
-        ("wandb", bool, False, "Also log to Weights & Biases.", {"planned": "no issue yet"}),
+        ("wandb", bool, False, "Also log to Weights & Biases (an optional package: `pip install wandb`, then "
+         "`wandb login`, or set the environment variable WANDB_MODE=offline and `wandb sync` later): the same "
+         "scalars, sample images and run config as TensorBoard, which is still written. The W&B project is "
+         "project_name and the run's name is run_name (unset: the run folder's name); W&B's files go in the run "
+         "folder's `wandb/`. See doc/TRAINING.md (Weights & Biases)."),
     ),
 ]
 

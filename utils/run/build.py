@@ -119,7 +119,7 @@ def build_trainer(inputs: Inputs):
     # and split by slot; the first process alone writes the run folder, logs, samples and checkpoints.
     from utils.run.run_dir import RunDir
 
-    run = RunDir(args) if accelerator.is_main_process else None
+    run = RunDir(args, inputs.optimizer_file) if accelerator.is_main_process else None
     if run:
         for line in data.report_undersized(inputs.records, run.path):
             log.warning(line)

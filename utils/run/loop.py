@@ -95,15 +95,15 @@ class Trainer:
             except Exception as error:
                 self.emit("training_error", error=error)
                 if self.exit_code is None:  # no part could stop the run cleanly on it
-                    self._close()
+                    self._close(EXIT_FAILED)
                     raise
         if self.exit_code is None and self.run_dir:  # before the run's log file closes, so that it says so too
             log.info("Done: %d steps in %.1f min. Epoch loss %.4f -> %.4f. Final model: %s. TensorBoard: "
                      "tensorboard --logdir %s", self.global_step, (time.perf_counter() - started) / 60,
                      self.epoch_losses[0], self.epoch_losses[-1], self.final_checkpoint, self.args.logdir)
-        self._close()
         if self.exit_code is None:
             self.exit_code = EXIT_OK
+        self._close(self.exit_code)
         if self.exit_code in (EXIT_OK, EXIT_FAILED) and self.epoch == self.args.max_epochs:
             self.accelerator.wait_for_everyone()  # the processes leave their process group together
             self.accelerator.end_training()
@@ -209,9 +209,9 @@ class Trainer:
     def stopped(self) -> bool:
         return self.exit_code is not None
 
-    def _close(self) -> None:
+    def _close(self, exit_code: int) -> None:
         if self.run_dir:
-            self.run_dir.close()
+            self.run_dir.close(exit_code)
 
     # -- state ---------------------------------------------------------------------------------------------------
 

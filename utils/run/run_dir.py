@@ -5,13 +5,15 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from tqdm.auto import tqdm
 
-from utils.options.config import effective_options
+from utils.options.config import ConfigError, effective_options
+from utils.run import wandb_run
 
 log = logging.getLogger("train")
 
@@ -39,7 +41,7 @@ class RunDir:
     """`<logdir>/<project_name>_<YYYYMMDD-HHMMSS>/` and what goes in it. As in EveryDream2, `run_name` does not name
     the folder: it names the run for trackers (TensorBoard's `config` and `run_name` texts, the log, _main.json)."""
 
-    def __init__(self, args: SimpleNamespace):
+    def __init__(self, args: SimpleNamespace, optimizer_config: dict | None = None):
         stamp = time.strftime("%Y%m%d-%H%M%S")
         name = f"{args.project_name}_{stamp}"
         Path(args.logdir).mkdir(parents=True, exist_ok=True)
@@ -54,6 +56,15 @@ class RunDir:
         self.path = path
         self.name = path.name
         self.run_name = args.run_name or self.name  # what trackers call the run
+        options = effective_options(args)
+        self.wandb = None
+        if args.wandb:
+            try:
+                self.wandb = wandb_run.start(path, args.project_name, self.run_name,
+                                             {"main_cfg": options, "optimizer_cfg": optimizer_config})
+            except ConfigError:
+                shutil.rmtree(path)  # made a moment ago and holding only W&B's attempt: no trace of a run
+                raise
         self.ckpts = path / "ckpts"
         self.samples = path / "samples"
         for folder in (self.ckpts, self.samples):
@@ -61,7 +72,6 @@ class RunDir:
         self.file_log = logging.FileHandler(path / f"{self.name}.log", encoding="utf-8")
         self.file_log.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%m/%d/%Y %I:%M:%S %p"))
         logging.getLogger().addHandler(self.file_log)
-        options = effective_options(args)
         (path / f"{self.name}_main.json").write_text(json.dumps(options, indent=2) + "\n")
         log.info("Run: %s (project %s), logging to %s", self.run_name, args.project_name, path)
 
@@ -74,7 +84,9 @@ class RunDir:
     def write_json(self, suffix: str, data) -> None:
         (self.path / f"{self.name}_{suffix}.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
 
-    def close(self) -> None:
+    def close(self, exit_code: int) -> None:
         self.tb.close()
+        if self.wandb is not None:
+            wandb_run.finish(self.wandb, exit_code)
         logging.getLogger().removeHandler(self.file_log)
         self.file_log.close()
