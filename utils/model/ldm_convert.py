@@ -255,12 +255,10 @@ def vae_to_ldm(vae_state_dict: Mapping[str, torch.Tensor], vae_config: Any) -> d
 # ------------------------------------------------------------------------------------- text encoder
 
 
-def _text_layout(te_config: Any) -> str:
-    # SD2's text encoder is OpenCLIP ViT-H/14: width 1024 with plain GELU. SD1's ViT-L/14 uses
-    # quick_gelu (width 768); tiny test encoders fall back to the CLIP layout as well.
-    if _cfg(te_config, "hidden_act") == "gelu" and _cfg(te_config, "hidden_size") == 1024:
-        return "openclip"
-    return "clip"
+def text_layout(te_config: Any) -> str:
+    """SD2's text encoder is OpenCLIP ViT-H/14, with plain GELU; SD1's is OpenAI's CLIP ViT-L/14, with quick_gelu.
+    Small test encoders of either kind keep their kind's layout."""
+    return "openclip" if _cfg(te_config, "hidden_act") == "gelu" else "clip"
 
 
 def _normalize_text_keys(te_state_dict: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -336,10 +334,9 @@ def text_encoder_to_ldm(
     """diffusers/transformers CLIP text encoder state dict -> LDM keys.
 
     ``layout``: ``"clip"`` (SD1, ``cond_stage_model.transformer.text_model.*``) or ``"openclip"``
-    (SD2, ``cond_stage_model.model.*``). ``None`` picks from the config: OpenCLIP for the SD2 ViT-H
-    encoder (hidden_act "gelu", hidden_size 1024), CLIP for everything else.
+    (SD2, ``cond_stage_model.model.*``). ``None`` picks from the config (``text_layout``).
     """
-    layout = layout or _text_layout(te_config)
+    layout = layout or text_layout(te_config)
     sd = _normalize_text_keys(te_state_dict)
     if layout == "clip":
         return _text_to_clip(sd)
@@ -349,6 +346,17 @@ def text_encoder_to_ldm(
 
 
 # ------------------------------------------------------------------------------------------- all
+
+
+def ldm_keys(unet: torch.nn.Module, vae: torch.nn.Module, text_encoder: torch.nn.Module) -> set[str]:
+    """The keys ``pipeline_to_ldm`` writes for these modules, found without copying any weight."""
+
+    def on_meta(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+        return {key: tensor.to("meta") for key, tensor in module.state_dict().items()}
+
+    return set(unet_to_ldm(on_meta(unet), unet.config)) | set(vae_to_ldm(on_meta(vae), vae.config)) | \
+        set(text_encoder_to_ldm(on_meta(text_encoder), text_encoder.config))
+
 
 
 def pipeline_to_ldm(

@@ -18,26 +18,28 @@ import pickle
 import re
 import tempfile
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, PNDMScheduler, StableDiffusionPipeline, \
     UNet2DConditionModel
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from utils.objective import flow
 from utils.model import shipped
 from utils.run.checkpoint import atomic_dir, atomic_file
-from utils.model.ldm_convert import pipeline_to_ldm
+from utils.model.ldm_convert import CLIP_PREFIX, OPENCLIP_PREFIX, ldm_keys, pipeline_to_ldm, text_layout
 
 log = logging.getLogger(__name__)
 
 CONFIG_METADATA_KEY = "sd_trainer_configs"
 SD2_PROBE_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight"
 TRAIN_SAMPLERS = {"ddpm": DDPMScheduler, "pndm": PNDMScheduler, "ddim": DDIMScheduler}
+CARRIED_FILE = "ldm_carried.safetensors"  # in our diffusers folders: the tensors carried from an original file
+EMA_KEY_PREFIX = "model_ema."  # an original file's EMA copy of its UNet: stale once the UNet is trained
 
 
 class ModelLoadError(Exception):
@@ -52,6 +54,10 @@ class StableDiffusion:
     tokenizer: CLIPTokenizer
     scheduler: object  # the inference scheduler saved with the model
     source: str
+    # Tensors of the original single file that the diffusers model has no place for (SD2's 24th text encoder
+    # layer, text_projection and logit_scale; the LDM noise schedule buffers): written back unchanged into every
+    # single file saved, and kept beside the weights in diffusers folders (CARRIED_FILE) for later saves.
+    carried: dict[str, torch.Tensor] = field(default_factory=dict)
 
     @property
     def prediction_type(self) -> str:
@@ -88,6 +94,23 @@ class StableDiffusion:
             scheduler_class = DDIMScheduler  # e.g. PNDM has no such option; DDIM is what the paper samples with
         self.scheduler = scheduler_class.from_config(self.scheduler.config, rescale_betas_zero_snr=True,
                                                      timestep_spacing="trailing")
+
+    def carried_summary(self) -> list[str]:
+        """For the run log: what single files saved from this model carry unchanged, and what they cannot."""
+        lines = []
+        if self.carried:
+            lines.append(f"Single-file saves carry {len(self.carried)} tensors of {self.source} unchanged that the "
+                         f"diffusers model does not hold: {_key_groups(self.carried)}.")
+        te_config = self.text_encoder.config
+        if text_layout(te_config) == "openclip":  # SD2's text encoder
+            last_layer = f"{OPENCLIP_PREFIX}transformer.resblocks.{te_config.num_hidden_layers}."
+            if not any(key.startswith(last_layer) for key in self.carried):
+                lines.append(f"Single files saved from this run lack {last_layer}*, {OPENCLIP_PREFIX}text_projection "
+                             f"and {OPENCLIP_PREFIX}logit_scale of OpenCLIP's last text encoder layer, which SD2 does "
+                             f"not use and {self.source} does not hold. Image generators use the layer before it by "
+                             "default; in ComfyUI do not set 'CLIP Set Last Layer' to -1. Start from the original "
+                             "single file to keep them.")
+        return lines
 
     def describe(self) -> str:
         n_unet = sum(p.numel() for p in self.unet.parameters()) / 1e6
@@ -154,7 +177,8 @@ def _load_folder(path: Path) -> StableDiffusion:
         advice = "Use a copy of the model with .safetensors weights." if reason.startswith("refused") else \
             "A part of the folder is damaged or does not match its config.json; copy the model folder again."
         raise ModelLoadError(f"{path}: could not load the model ({reason}). {advice}") from None
-    return StableDiffusion(unet, text_encoder, vae, tokenizer, scheduler, str(path))
+    carried = load_file(path / CARRIED_FILE) if (path / CARRIED_FILE).is_file() else {}
+    return StableDiffusion(unet, text_encoder, vae, tokenizer, scheduler, str(path), carried)
 
 
 def _scheduler_class(config, where: str):
@@ -289,12 +313,44 @@ def _load_single_file(path: Path) -> StableDiffusion:
             raise ModelLoadError(f"{path}: {reason}. It may be incomplete, or for another architecture (SDXL, SD3, "
                                  "an inpainting or LoRA file); use a complete SD 1.x/2.x checkpoint.") from None
     model = StableDiffusion(pipe.unet, pipe.text_encoder, pipe.vae, tokenizer, pipe.scheduler, str(path))
+    model.carried = _carried_tensors(path, shapes, ldm_keys(model.unet, model.vae, model.text_encoder))
     needs_probe = CONFIG_METADATA_KEY not in metadata and model.family == "SD2.x" and \
         not path.with_suffix(".yaml").is_file()
     if needs_probe and _probe_v_prediction(model.unet):
         model.scheduler = type(model.scheduler).from_pretrained(shipped.config_dir("sd2-v"), subfolder="scheduler")
         model.unet.register_to_config(sample_size=96)
     return model
+
+
+def _carried_tensors(path: Path, file_keys, written: set[str]) -> dict[str, torch.Tensor]:
+    """The tensors of an original file that a single file saved from its diffusers model would not have, except
+    its EMA copy and old names of what is written (A1111 renames `cond_stage_model.transformer.embeddings.` and the
+    like to their `text_model.` names, so a stale copy under an old name would replace the trained weights)."""
+    def aliases_written(key: str) -> bool:
+        return key.startswith(CLIP_PREFIX) and CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):] in written
+
+    keys = [key for key in file_keys
+            if key not in written and not key.startswith(EMA_KEY_PREFIX) and not aliases_written(key)]
+    if not keys:
+        return {}
+    if path.suffix.lower() == ".safetensors":
+        with safe_open(path, framework="pt") as f:
+            return {key: f.get_tensor(key) for key in keys}
+    with torch.serialization.safe_globals(CKPT_STAND_INS):
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
+    weights = state.get("state_dict", state)
+    return {key: weights[key].clone() for key in keys}  # a copy: not tied to the file's memory map
+
+
+def _key_groups(keys, shown: int = 8) -> str:
+    """Keys in short: those of one numbered layer as `prefix.N.*` (with their count)."""
+    groups: dict[str, int] = {}
+    for key in keys:
+        layer = re.match(r"(.*\.\d+)\.", key)
+        name = f"{layer[1]}.*" if layer else key
+        groups[name] = groups.get(name, 0) + 1
+    names = [f"{name} ({count})" if count > 1 else name for name, count in groups.items()]
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 @torch.no_grad()
@@ -323,6 +379,8 @@ def save_diffusers(model: StableDiffusion, unet, text_encoder, folder: Path,
 
     with atomic_dir(folder) as scratch:
         _pipeline(model, unet, text_encoder).save_pretrained(scratch, safe_serialization=True)
+        if model.carried:
+            save_file({key: tensor.contiguous() for key, tensor in model.carried.items()}, str(scratch / CARRIED_FILE))
         for name, state in (optimizer_states or {}).items():
             torch.save(state, scratch / f"optimizer_{'te' if name == 'text_encoder' else name}.pt")
         if run_state is not None:
@@ -333,6 +391,7 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
     """Writes one .safetensors in the original SD layout, with our configs in its metadata, atomically."""
     dtype = torch.float32 if full_precision else torch.float16
     tensors = pipeline_to_ldm(unet, model.vae, text_encoder, dtype=dtype)
+    tensors.update((key, tensor.contiguous()) for key, tensor in model.carried.items() if key not in tensors)
     configs = {"unet": dict(unet.config), "vae": dict(model.vae.config), "text_encoder": text_encoder.config.to_dict(),
                "scheduler": dict(model.scheduler.config),
                "tokenizer": "sd2" if model.tokenizer.pad_token == "!" else "sd1"}

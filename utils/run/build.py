@@ -138,6 +138,8 @@ def build_trainer(inputs: Inputs):
         del ema_start  # the EMA holds its own copy now
     _load_optimizer_states(opts, inputs.resume)
     log.info("Model: %s", model.describe())  # before DistributedDataParallel wraps the trained models
+    for line in model.carried_summary():
+        log.info(line)
     if accelerator.num_processes > 1 and "text_encoder" in trained and args.clip_skip >= 2:
         freeze_clip_skipped_layers(model.text_encoder, args.clip_skip)
     for name, module in trained.items():

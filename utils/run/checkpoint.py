@@ -25,6 +25,7 @@ def atomic_dir(final: Path):
     scratch.mkdir(parents=True)
     try:
         yield scratch
+        give_user_permissions(scratch)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
@@ -48,9 +49,34 @@ def atomic_file(final: Path):
     scratch = final.with_name(f"{final.name}.{os.getpid()}{PARTIAL_SUFFIX}")
     try:
         yield scratch
+        give_user_permissions(scratch)
         os.replace(scratch, final)
     finally:
         scratch.unlink(missing_ok=True)
+
+
+def umask() -> int:
+    """The process's umask, read without changing it where the system allows (Linux), else set and restored."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def give_user_permissions(path: Path) -> None:
+    """The permissions any file the user creates gets (0666 / 0777 less the umask, so usually 0644 / 0755), for a
+    file or a folder and everything in it. safetensors writes its files 0600 whatever the umask, which a model
+    folder shared with an image generator running as another user (or in a container) cannot read."""
+    mask = umask()
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for item in paths:
+        if not item.is_symlink():
+            item.chmod((0o777 if item.is_dir() else 0o666) & ~mask)
 
 
 def checkpoint_name(project_name: str, epoch: int, global_step: int, prefix: str = "") -> str:
