@@ -78,6 +78,46 @@ def test_our_single_file_carries_its_configs(tmp_path):
             assert torch.equal(getattr(loaded, name).state_dict()[key], value), f"{name}.{key}"
 
 
+def test_single_files_mark_how_image_generators_should_sample_them(tmp_path):
+    """`v_pred` (ComfyUI's convention) for v-prediction and `ztsnr` (read by AUTOMATIC1111 for any architecture) for
+    zero terminal SNR, as empty tensors; written from the model being saved, never carried from the file it came
+    from (a flow model trained from a v-model file is no v-model)."""
+    from safetensors import safe_open
+
+    def marks(file):
+        with safe_open(file, framework="pt") as f:
+            return {key: f.get_slice(key).get_shape() for key in models.SAMPLING_MARKS if key in f.keys()}
+
+    tiny = models.load(TINY_MODEL)
+    epsilon = tmp_path / "epsilon.safetensors"
+    models.save_single_file(tiny, tiny.unet, tiny.text_encoder, epsilon, full_precision=False)
+    assert marks(epsilon) == {}
+    tiny.scheduler = type(tiny.scheduler).from_config(tiny.scheduler.config, prediction_type="v_prediction")
+    v = tmp_path / "v.safetensors"
+    models.save_single_file(tiny, tiny.unet, tiny.text_encoder, v, full_precision=False)
+    assert marks(v) == {"v_pred": [0]}
+    tiny.use_zero_terminal_snr()
+    ztsnr = tmp_path / "ztsnr.safetensors"
+    models.save_single_file(tiny, tiny.unet, tiny.text_encoder, ztsnr, full_precision=False)
+    assert marks(ztsnr) == {"v_pred": [0], "ztsnr": [0]}
+    # diffusers (doc/TRAINING.md's table): the single file with the checkpoint's folder as its config, offline.
+    from diffusers import StableDiffusionPipeline
+
+    models.save_diffusers(tiny, tiny.unet, tiny.text_encoder, tmp_path / "folder")
+    pipe = StableDiffusionPipeline.from_single_file(str(ztsnr), config=str(tmp_path / "folder"), local_files_only=True,
+                                                    safety_checker=None, requires_safety_checker=False)
+    assert (pipe.scheduler.config.prediction_type, pipe.scheduler.config.rescale_betas_zero_snr,
+            pipe.scheduler.config.timestep_spacing) == ("v_prediction", True, "trailing")
+
+    reloaded = models.load(ztsnr)
+    assert reloaded.carried == {} and reloaded.scheduler.config.rescale_betas_zero_snr
+    reloaded.scheduler = type(reloaded.scheduler).from_config(reloaded.scheduler.config, prediction_type="epsilon",
+                                                              rescale_betas_zero_snr=False)
+    again = tmp_path / "again.safetensors"
+    models.save_single_file(reloaded, reloaded.unet, reloaded.text_encoder, again, full_precision=False)
+    assert marks(again) == {}
+
+
 class RunsCode:
     def __reduce__(self):
         return (os.system, ("touch pwned",))

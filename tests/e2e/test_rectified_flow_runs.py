@@ -126,6 +126,9 @@ def test_flow_checkpoints_sample_the_same_in_a_stock_pipeline(flow_run, tmp_path
     with safe_open(single, framework="pt") as f:
         metadata = f.metadata()
     assert metadata["prediction_type"] == "flow_prediction" and "Euler" in metadata["sampler"]
+    from_single_file = StableDiffusionPipeline.from_single_file(str(single), config=str(folder), local_files_only=True,
+                                                                safety_checker=None, requires_safety_checker=False)
+    assert from_single_file.scheduler.config.use_flow_sigmas  # doc/RECTIFIED_FLOW.md's way for diffusers
     restored = models.load(single).scheduler
     assert type(restored) is DPMSolverMultistepScheduler
     assert {k: v for k, v in restored.config.items() if not k.startswith("_")} == \

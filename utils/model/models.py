@@ -40,6 +40,10 @@ SD2_PROBE_KEY = "model.diffusion_model.input_blocks.2.1.transformer_blocks.0.att
 TRAIN_SAMPLERS = {"ddpm": DDPMScheduler, "pndm": PNDMScheduler, "ddim": DDIMScheduler}
 CARRIED_FILE = "ldm_carried.safetensors"  # in our diffusers folders: the tensors carried from an original file
 EMA_KEY_PREFIX = "model_ema."  # an original file's EMA copy of its UNet: stale once the UNet is trained
+# Empty tensors that mark how a single file samples, by ComfyUI's convention (its own saves of a v-prediction model
+# write `v_pred`): AUTOMATIC1111 samples a file with `ztsnr` with the zero-terminal-SNR schedule, whatever its
+# architecture; ComfyUI and A1111 read `v_pred` for SDXL files. Written afresh at each save, never carried over.
+SAMPLING_MARKS = ("v_pred", "ztsnr")
 
 
 class ModelLoadError(Exception):
@@ -329,8 +333,8 @@ def _carried_tensors(path: Path, file_keys, written: set[str]) -> dict[str, torc
     def aliases_written(key: str) -> bool:
         return key.startswith(CLIP_PREFIX) and CLIP_PREFIX + "text_model." + key[len(CLIP_PREFIX):] in written
 
-    keys = [key for key in file_keys
-            if key not in written and not key.startswith(EMA_KEY_PREFIX) and not aliases_written(key)]
+    keys = [key for key in file_keys if key not in written and key not in SAMPLING_MARKS
+            and not key.startswith(EMA_KEY_PREFIX) and not aliases_written(key)]
     if not keys:
         return {}
     if path.suffix.lower() == ".safetensors":
@@ -392,6 +396,7 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
     dtype = torch.float32 if full_precision else torch.float16
     tensors = pipeline_to_ldm(unet, model.vae, text_encoder, dtype=dtype)
     tensors.update((key, tensor.contiguous()) for key, tensor in model.carried.items() if key not in tensors)
+    tensors.update((mark, torch.tensor([])) for mark in sampling_marks(model.scheduler.config))
     configs = {"unet": dict(unet.config), "vae": dict(model.vae.config), "text_encoder": text_encoder.config.to_dict(),
                "scheduler": dict(model.scheduler.config),
                "tokenizer": "sd2" if model.tokenizer.pad_token == "!" else "sd1"}
@@ -406,6 +411,12 @@ def save_single_file(model: StableDiffusion, unet, text_encoder, file: Path, ful
         yaml_name = "v2-inference-v.yaml" if v_like else "v2-inference.yaml"
         with atomic_file(file.with_suffix(".yaml")) as scratch:
             scratch.write_bytes((shipped.MODEL_CONFIGS / "ldm" / yaml_name).read_bytes())
+
+
+def sampling_marks(scheduler_config) -> list[str]:
+    """The SAMPLING_MARKS that describe a model with this scheduler config."""
+    marks = ["v_pred"] if scheduler_config.get("prediction_type") == "v_prediction" else []
+    return marks + (["ztsnr"] if scheduler_config.get("rescale_betas_zero_snr") else [])
 
 
 def load_optimizer_states(folder: Path) -> dict[str, dict]:
