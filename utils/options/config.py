@@ -285,13 +285,9 @@ def _validate(args: SimpleNamespace) -> None:
         raise ConfigError(f"{_where(args, 'optimizer_config')}: optimizer_config '{args.optimizer_config}' not found "
                           "(paths are relative to the working directory). Fix the path or remove the key to use "
                           "the defaults.")
-    if args.attn_type == "xformers":
-        try:
-            import xformers  # noqa: F401
-        except ImportError:
-            raise ConfigError(f"{_where(args, 'attn_type')}: attn_type 'xformers' needs the xformers package, which "
-                              "is not installed. Use attn_type 'sdp' (faster on PyTorch 2) or pip install "
-                              "xformers.") from None
+    if args.attn_type == "xformers" and importlib.util.find_spec("xformers") is None:
+        raise ConfigError(f"{_where(args, 'attn_type')}: attn_type 'xformers' needs the xformers package, which "
+                          "is not installed. Use attn_type 'sdp' (faster on PyTorch 2) or pip install xformers.")
 
 
 def _derive(args: SimpleNamespace) -> None:
