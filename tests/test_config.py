@@ -91,6 +91,7 @@ def test_derived_values(tmp_path, paths):
     ({"resolution": 500}, "resolution 500 is not a multiple of 64"),
     ({"timestep_start": 600, "timestep_end": 500}, "timestep_start (600) must be below timestep_end (500)"),
     ({"disable_unet_training": True, "disable_textenc_training": True}, "nothing would be trained"),
+    ({"attn_type": "xformers"}, "attn_type 'xformers' needs the xformers package, which is not installed"),
     ({"plugins": "my.Plugin"}, "key 'plugins' must be a list of strings"),
     ({"plugins": ["my.Plugin", 3]}, "key 'plugins[1]' must be a string"),
     ({"optimizer_config": "nope.json"}, "optimizer_config 'nope.json' not found"),
