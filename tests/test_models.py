@@ -28,11 +28,49 @@ def assert_same_weights(model: models.StableDiffusion, originals):
             assert torch.equal(loaded[key].half(), value), f"{name}.{key}"
 
 
+# What real original SD files hold beyond the diffusers model: LDM's noise-schedule buffers and an EMA copy (SD1.5's
+# v1-5-pruned files), CLIP's position-id buffer (SD1), OpenCLIP's 24th layer, text_projection and logit_scale (SD2).
+SCHEDULE_BUFFERS = ("betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod",
+                    "sqrt_one_minus_alphas_cumprod", "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod",
+                    "sqrt_recipm1_alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                    "posterior_mean_coef1", "posterior_mean_coef2")
+EMA_COPY = {"model_ema.decay": torch.tensor(0.9999), "model_ema.num_updates": torch.tensor(0, dtype=torch.int32),
+            "model_ema.diffusion_modelout2bias": torch.zeros(4, dtype=torch.float16)}
+
+
+def original_extras(kind: str) -> dict[str, torch.Tensor]:
+    extras = {name: torch.rand(1000) for name in SCHEDULE_BUFFERS}
+    if kind == "sd1":
+        return extras | {"cond_stage_model.transformer.text_model.embeddings.position_ids": torch.arange(77)[None]}
+    last = "cond_stage_model.model.transformer.resblocks.23."
+    shapes = {"ln_1.weight": [1024], "ln_1.bias": [1024], "attn.in_proj_weight": [3072, 1024],
+              "attn.in_proj_bias": [3072], "attn.out_proj.weight": [1024, 1024], "attn.out_proj.bias": [1024],
+              "ln_2.weight": [1024], "ln_2.bias": [1024], "mlp.c_fc.weight": [4096, 1024], "mlp.c_fc.bias": [4096],
+              "mlp.c_proj.weight": [1024, 4096], "mlp.c_proj.bias": [1024]}
+    return extras | {last + name: torch.rand(shape).half() for name, shape in shapes.items()} | {
+        "cond_stage_model.model.text_projection": torch.rand(1024, 1024).half(),
+        "cond_stage_model.model.logit_scale": torch.tensor(4.6052)}
+
+
+def assert_saved_losslessly(original, saved):
+    """Every key of the original but its EMA copy, and what the diffusers model does not hold bit-identical."""
+    from safetensors import safe_open
+
+    with safe_open(original, framework="pt") as before, safe_open(saved, framework="pt") as after:
+        assert set(after.keys()) - set(models.SAMPLING_MARKS) == set(before.keys()) - set(EMA_COPY)
+        extras = [key for key in before.keys() if key in SCHEDULE_BUFFERS or "position_ids" in key
+                  or key.startswith(("cond_stage_model.model.transformer.resblocks.23.",
+                                     "cond_stage_model.model.text_projection", "cond_stage_model.model.logit_scale"))]
+        assert extras
+        for key in extras:
+            assert torch.equal(before.get_tensor(key), after.get_tensor(key)), key
+
+
 @pytest.fixture(scope="module")
 def sd15_file(tmp_path_factory):
     parts = random_sd("sd15")
     folder = tmp_path_factory.mktemp("sd15")
-    tensors = pipeline_to_ldm(*parts, dtype=torch.float16)
+    tensors = pipeline_to_ldm(*parts, dtype=torch.float16) | original_extras("sd1") | EMA_COPY
     save_file(tensors, folder / "sd15.safetensors")  # no metadata: like a file downloaded for A1111
     torch.save({"state_dict": tensors}, folder / "sd15.ckpt")
     return folder, parts
@@ -45,12 +83,15 @@ def test_sd15_single_file_loads_offline_as_sd1_epsilon(sd15_file):
         assert model.family == "SD1.x" and model.prediction_type == "epsilon"
         assert model.tokenizer.pad_token == "<|endoftext|>"
         assert_same_weights(model, parts)
+    saved = folder / "saved" / "sd15-again.safetensors"
+    models.save_single_file(model, model.unet, model.text_encoder, saved, full_precision=False)
+    assert_saved_losslessly(folder / "sd15.safetensors", saved)
 
 
 def test_sd2_single_file_with_v_yaml_loads_as_768_v_prediction(tmp_path):
     parts = random_sd("sd2-v")
     file = tmp_path / "sd21.safetensors"
-    save_file(pipeline_to_ldm(*parts, dtype=torch.float16), file)
+    save_file(pipeline_to_ldm(*parts, dtype=torch.float16) | original_extras("sd2") | EMA_COPY, file)
     file.with_suffix(".yaml").write_text('model:\n  params:\n    parameterization: "v"\n')
     model = models.load(file)
     assert model.family == "SD2.x" and model.prediction_type == "v_prediction"
@@ -61,6 +102,7 @@ def test_sd2_single_file_with_v_yaml_loads_as_768_v_prediction(tmp_path):
     models.save_single_file(model, model.unet, model.text_encoder, saved, full_precision=False)
     shipped_v_yaml = shipped.MODEL_CONFIGS / "ldm" / "v2-inference-v.yaml"
     assert saved.with_suffix(".yaml").read_text() == shipped_v_yaml.read_text()  # for image generators
+    assert_saved_losslessly(file, saved)  # the real SD2 key set, OpenCLIP's 24 layers included
     file.with_suffix(".yaml").write_text("model:\n  params:\n    linear_start: 0.00085\n")
     assert models.load(file).prediction_type == "epsilon"
 
