@@ -44,31 +44,48 @@ def _background(rng: random.Random) -> tuple[int, int, int]:
     return tuple(max(0, min(255, grey + rng.randint(-18, 18))) for _ in range(3))
 
 
-def render_image(concept: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
-    """Draw one image of ``concept`` at ``size`` = (width, height) with randomness from ``rng``."""
-    _, color = CONCEPTS[concept]
+# The shapes world: every colour of PALETTE with every shape of SHAPES, captioned "a <colour> <shape>".
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "blue": (30, 60, 220),
+    "green": (30, 180, 40),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 190),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+
+
+def render_shape(colour: str, shape: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """Draw a ``colour`` ``shape`` (names from PALETTE and SHAPES) at ``size`` = (width, height) on a muted
+    background, with random position, extent and colour jitter from ``rng``."""
     w, h = size
     img = Image.new("RGB", size, _background(rng))
     draw = ImageDraw.Draw(img)
-    color = _jitter(color, rng)
+    color = _jitter(PALETTE[colour], rng)
     s = rng.randint(int(0.3 * min(w, h)), int(0.6 * min(w, h)))  # shape extent in px
     x0 = rng.randint(4, w - s - 4)
     y0 = rng.randint(4, h - s - 4)
     x1, y1 = x0 + s, y0 + s
-    if concept == "red_circle":
+    if shape == "circle":
         draw.ellipse([x0, y0, x1, y1], fill=color)
-    elif concept == "blue_square":
+    elif shape == "square":
         draw.rectangle([x0, y0, x1, y1], fill=color)
-    elif concept == "green_triangle":
+    elif shape == "triangle":
         draw.polygon([((x0 + x1) / 2, y0), (x1, y1), (x0, y1)], fill=color)
-    elif concept == "yellow_cross":
+    elif shape == "cross":
         t = max(4, s // 4)  # bar thickness
         cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
         draw.rectangle([x0, cy - t // 2, x1, cy + t // 2], fill=color)
         draw.rectangle([cx - t // 2, y0, cx + t // 2, y1], fill=color)
-    else:  # pragma: no cover
-        raise ValueError(concept)
+    else:
+        raise ValueError(f"unknown shape {shape!r}; one of {SHAPES}")
     return img
+
+
+def render_image(concept: str, size: tuple[int, int], rng: random.Random) -> Image.Image:
+    """Draw one image of ``concept`` (a key of CONCEPTS) at ``size`` = (width, height) with randomness from ``rng``."""
+    colour, shape = concept.split("_")
+    return render_shape(colour, shape, size, rng)
 
 
 def render_dataset(seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_portrait: int = 1):
