@@ -41,7 +41,7 @@ HOOK_KWARGS = {
     "on_step_end": ["epoch", "global_step", "local_step", "project_name", "log_folder", "data_root", "batch",
                     "ed_state"],
     "on_epoch_end": ["epoch", "global_step", "project_name", "log_folder", "data_root", "arg_update_callback"],
-    "on_training_end": [],
+    "on_training_end": ["global_step", "log_folder", "tb_writer"],
 }
 
 
@@ -424,6 +424,7 @@ def test_slow_hooks_warn_with_plugin_hook_and_seconds(monkeypatch, caplog):
 def test_shipped_thresholds():
     assert SLOW_HOOK_SECONDS == {"on_training_start": 20, "on_training_end": 20, "on_epoch_start": 5,
                                  "on_epoch_end": 5, "on_step_start": 0.5, "on_step_end": 0.5,
+                                 "on_samples_rendered": 20,
                                  "transform_caption": 0.5, "transform_pil_image": 0.5}
 
 

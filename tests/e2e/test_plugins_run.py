@@ -24,7 +24,8 @@ PLUGIN_SOURCE = textwrap.dedent('''
             self.out = os.environ["PLUGIN_RECORD"]
 
         def _write(self, hook, **kwargs):
-            shown = {k: (v if isinstance(v, (int, str)) or v is None else type(v).__name__) for k, v in kwargs.items()}
+            shown = {k: (v if isinstance(v, (int, str, list)) or v is None else type(v).__name__)
+                     for k, v in kwargs.items()}
             if "batch" in kwargs:
                 shown["batch_keys"] = sorted(kwargs["batch"])
             if "ed_state" in kwargs:
@@ -41,6 +42,9 @@ PLUGIN_SOURCE = textwrap.dedent('''
                 raise RuntimeError("the plugin broke on purpose")
         def on_epoch_end(self, **kwargs): self._write("on_epoch_end", **kwargs)
         def on_training_end(self, **kwargs): self._write("on_training_end", **kwargs)
+        def on_samples_rendered(self, samples, **kwargs):
+            self._write("on_samples_rendered", **kwargs, drawn=[[s.prompt, s.seed, s.cfg, list(s.image.size)]
+                                                                for s in samples])
         def transform_caption(self, caption):
             if os.environ.get("PLUGIN_FAIL_CAPTIONS"):
                 raise ValueError("no captions today")
@@ -71,6 +75,18 @@ def train(tmp_path: Path, data_root: Path, *flags: str, plugins=("my_plugins.Rec
                               "--optimizer_config", str(optimizer), "--project_name", "plug", "--seed", "3", *flags])
 
 
+def test_sample_events_hand_their_images_to_plugins(tmp_path, small_dataset, plugin_dir):
+    prompts = write_json(tmp_path / "samples.json", {"cfgs": [3, 1], "num_inference_steps": 2, "samples": [
+        {"prompt": "a red square", "seed": 5}, {"prompt": "a blue square", "seed": 6, "size": [96, 64]}]})
+    assert train(tmp_path, small_dataset, "--sample_prompts", str(prompts), "--sample_steps", "4") == 0
+    rendered = [c for c in records(tmp_path) if c["hook"] == "on_samples_rendered"]
+    assert [(c["global_step"], c["label"]) for c in rendered] == [(0, ""), (4, ""), (8, "")]
+    assert all(c["tb_writer"] == "SummaryWriter" and Path(c["log_folder"]).is_dir() for c in rendered)
+    assert sorted(map(tuple, (tuple(d[:3]) + (tuple(d[3]),) for d in rendered[0]["drawn"]))) == [
+        ("a blue square", 6, 1, (96, 64)), ("a blue square", 6, 3, (96, 64)),
+        ("a red square", 5, 1, (64, 64)), ("a red square", 5, 3, (64, 64))]
+
+
 def records(tmp_path: Path) -> list[dict]:
     return [json.loads(line) for line in (tmp_path / "record.jsonl").read_text().splitlines()]
 
@@ -96,7 +112,7 @@ def test_every_hook_fires_at_its_point_with_everydream2s_arguments(tmp_path, sma
                                         "train_batch", "unet", "unet_ema", "vae"]
     epoch_ends = [c for c in calls if c["hook"] == "on_epoch_end"]
     assert [(c["epoch"], c["global_step"]) for c in epoch_ends] == [(0, steps), (1, 2 * steps)]
-    assert set(calls[-1]) == {"hook"}
+    assert set(calls[-1]) == {"hook", "global_step", "log_folder", "tb_writer"} and calls[-1]["global_step"] == 8
     # transform_caption ran in the data pipeline: the schedule shows the captions as trained
     schedule = next((tmp_path / "logs").glob("plug_*/ep0_batch_schedule.txt")).read_text()
     assert "caption:A RED SQUARE" in schedule and "caption:a red square" not in schedule

@@ -16,7 +16,7 @@ from PIL import Image
 log = logging.getLogger(__name__)
 
 EVENT_HOOKS = ("on_training_start", "on_training_end", "on_epoch_start", "on_epoch_end",
-               "on_step_start", "on_step_end")
+               "on_step_start", "on_step_end", "on_samples_rendered")
 TRANSFORM_HOOKS = ("transform_caption", "transform_pil_image")
 
 # A call slower than this many seconds logs a warning naming the plugin and hook (REFERENCE §8.2).
@@ -27,6 +27,7 @@ SLOW_HOOK_SECONDS = {
     "on_epoch_end": 5.0,
     "on_step_start": 0.5,
     "on_step_end": 0.5,
+    "on_samples_rendered": 20.0,
     "transform_caption": 0.5,
     "transform_pil_image": 0.5,
 }
@@ -55,6 +56,9 @@ class BasePlugin:
         pass
 
     def on_step_end(self, **kwargs) -> None:
+        pass
+
+    def on_samples_rendered(self, **kwargs) -> None:
         pass
 
     def transform_caption(self, caption: str) -> str:

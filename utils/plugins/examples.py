@@ -41,6 +41,9 @@ class ExampleLoggingPlugin(BasePlugin):
     def on_step_end(self, **kwargs):
         self._log("on_step_end", kwargs)
 
+    def on_samples_rendered(self, **kwargs):
+        self._log("on_samples_rendered", kwargs)
+
 
 class ReplaceWordsAndGrade(BasePlugin):
     """Captions: each whole word in WORDS (any case) is replaced by its value. Images: gamma, then

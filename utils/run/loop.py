@@ -7,6 +7,8 @@ A part is any object with some of the event methods below, each taking the train
     epoch_start(trainer)                         before an epoch's batches are planned
     step_start(trainer, batch)                   before each step
     step_end(trainer, batch, out: StepOutput)    after each step (reflow's too)
+    samples_rendered(trainer, step, label, samples)  after a sample event drew one model's images (label "" for
+                                                 the trained weights, "ema"): RenderedSample each
     reflow_iteration_end(trainer)                after each reflow iteration
     epoch_end(trainer)                           after each epoch
     training_end(trainer)                        after the last epoch

@@ -19,6 +19,7 @@ class PluginHooks:
         self.runner, self.args, self.accelerator, self.model = runner, args, accelerator, model
         self.noise_scheduler, self.ema = noise_scheduler, ema_model
         self.log_folder = str(run.path) if run else None
+        self.tb_writer = run.tb if run else None
 
     def training_start(self, trainer) -> None:
         self._call(trainer, "on_training_start", log_folder=self.log_folder, project_name=self.args.project_name)
@@ -45,8 +46,13 @@ class PluginHooks:
                    arg_update_callback=self._updater(trainer))
         self._share_grad_accum(trainer)
 
+    def samples_rendered(self, trainer, step, label, samples) -> None:
+        self._call(trainer, "on_samples_rendered", global_step=step, label=label, samples=samples,
+                   tb_writer=self.tb_writer, log_folder=self.log_folder)
+
     def training_end(self, trainer) -> None:
-        self._call(trainer, "on_training_end")
+        self._call(trainer, "on_training_end", global_step=trainer.global_step, log_folder=self.log_folder,
+                   tb_writer=self.tb_writer)
 
     def _call(self, trainer, hook: str, **kwargs) -> None:
         if not self.accelerator.is_main_process or trainer.stop_request:

@@ -136,6 +136,15 @@ class SampleRequest:
 
 
 @dataclass(frozen=True)
+class RenderedSample:
+    """One image of a sample event as the model drew it (no label, not yet in a strip)."""
+    prompt: str
+    seed: int
+    cfg: float
+    image: Image.Image
+
+
+@dataclass(frozen=True)
 class SampleSettings:
     """Everything the sample file sets; `requests` empty = random-caption mode."""
 
@@ -420,13 +429,15 @@ def _batches(requests: tuple[SampleRequest, ...], settings: SampleSettings) -> l
 
 @torch.no_grad()
 def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int, out_dir: Path, tb_writer,
-                     autocast, clip_skip: int = 0, label: str = "") -> list[Path]:
+                     autocast, clip_skip: int = 0, label: str = "",
+                     rendered: list[RenderedSample] | None = None) -> list[Path]:
     """Renders every request of `event` once per cfg (its own `cfgs`, else the event's) into a labelled strip; saves the JPEG and a .txt beside it
     and logs the strip to TensorBoard at `step`. Returns the JPEG paths.
 
     `unet` and `text_encoder` are the live modules (their dtype and device as trained; no copy is made), `model`
     gives the VAE, tokenizer and scheduler config. `label` (e.g. "ema") marks file names and tags when several
-    models are sampled at one event. Training's random state is the same afterwards as before.
+    models are sampled at one event. Training's random state is the same afterwards as before. Each image drawn is
+    also appended to `rendered` when given.
     """
     from diffusers import StableDiffusionPipeline
 
@@ -464,6 +475,8 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
                                   generator=generators).images
                     for i, image in zip(batch, images):
                         strips[i].append(_label(image, f"cfg:{cfg:g}"))
+                        if rendered is not None:
+                            rendered.append(RenderedSample(requests[i].prompt, requests[i].seed, cfg, image))
     finally:
         unet.train(was_training[0])
         text_encoder.train(was_training[1])
@@ -503,19 +516,23 @@ class SampleImages:
 
     def training_start(self, trainer) -> None:
         if not trainer.resumed and self.schedule.pretrain_due and self.run:
-            self.sample(0, trainer.data.first_captions())
+            self.sample(trainer, 0, trainer.data.first_captions())
 
     def step_end(self, trainer, batch, out) -> None:
         if self.schedule.due(trainer.global_step):
-            self.sample(trainer.global_step, batch["captions"])
+            self.sample(trainer, trainer.global_step, batch["captions"])
 
-    def sample(self, step: int, captions: list[str]) -> None:
+    def sample(self, trainer, step: int, captions: list[str]) -> None:
+        """Renders one event; then the loop's `samples_rendered` event hands each model's images to the parts
+        that judge them (plugins' on_samples_rendered)."""
         if self.run is None:
             return
         event = self.schedule.prepare(step, captions)  # one event: every sampled model gets the same prompts and seeds
         for label in self.sampled_models:
+            rendered: list[RenderedSample] = []
             with self.ema.swapped_in() if label == "ema" else contextlib.nullcontext():
                 generate_samples(self.model, self.accelerator.unwrap_model(self.model.unet),
                                  self.accelerator.unwrap_model(self.model.text_encoder), event, step=step,
                                  out_dir=self.run.samples, tb_writer=self.run.tb, autocast=self.accelerator.autocast,
-                                 clip_skip=self.args.clip_skip, label=label)
+                                 clip_skip=self.args.clip_skip, label=label, rendered=rendered)
+            trainer.emit("samples_rendered", step=step, label=label, samples=rendered)
