@@ -4,4 +4,5 @@
     validation  validation config, held-out splits, repeatable passes (Validator); ValidationPasses
     ema         the EMA of the trained weights; EMAUpdates
     metrics     TensorBoard scalars; Metrics
+    shape_judge whether a demo sample shows what its prompt asks for (judge, is_correct)
 """
