@@ -15,7 +15,6 @@ checking the sample file at startup stays instant.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import inspect
 import itertools
 import json
@@ -50,7 +49,6 @@ RANDOM_CAPTION_REQUESTS = 4
 class SamplerSpec:
     scheduler_class: str  # a diffusers scheduler class name
     options: dict = field(default_factory=dict)  # passed to from_config on top of the model's scheduler config
-    needs: str | None = None  # a package diffusers needs for this scheduler and that this trainer does not ship
 
 
 _DPM = {"algorithm_type": "dpmsolver++"}
@@ -64,7 +62,7 @@ SAMPLERS: dict[str, SamplerSpec] = {
     # PRK warm-up steps need many inference steps and SD models ship with them skipped.
     "pndm": SamplerSpec("PNDMScheduler", {"skip_prk_steps": True}),
     "ddpm": SamplerSpec("DDPMScheduler"),
-    "lms": SamplerSpec("LMSDiscreteScheduler", needs="scipy"),
+    "lms": SamplerSpec("LMSDiscreteScheduler"),  # its coefficients are integrals taken with scipy
     "euler": SamplerSpec("EulerDiscreteScheduler"),
     "euler_a": SamplerSpec("EulerAncestralDiscreteScheduler"),
     "kdpm2": SamplerSpec("KDPM2AncestralDiscreteScheduler"),
@@ -73,9 +71,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
     "dpm++_2m_k": SamplerSpec("DPMSolverMultistepScheduler", {**_DPM, **_KARRAS}),
     "dpm++_2s": SamplerSpec("DPMSolverSinglestepScheduler", _SINGLESTEP),
     "dpm++_2s_k": SamplerSpec("DPMSolverSinglestepScheduler", {**_SINGLESTEP, **_KARRAS}),
-    # Its Brownian-tree noise ignores the per-prompt generators; a fixed noise seed keeps samples repeatable.
-    "dpm++_sde": SamplerSpec("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}, needs="torchsde"),
-    "dpm++_sde_k": SamplerSpec("DPMSolverSDEScheduler", {"noise_sampler_seed": 0, **_KARRAS}, needs="torchsde"),
+    # Its Brownian-tree noise (torchsde) ignores the per-prompt generators; a fixed noise seed keeps samples
+    # repeatable.
+    "dpm++_sde": SamplerSpec("DPMSolverSDEScheduler", {"noise_sampler_seed": 0}),
+    "dpm++_sde_k": SamplerSpec("DPMSolverSDEScheduler", {"noise_sampler_seed": 0, **_KARRAS}),
     "dpm++_2m_sde": SamplerSpec("DPMSolverMultistepScheduler", _DPM_SDE),
     "dpm++_2m_sde_k": SamplerSpec("DPMSolverMultistepScheduler", {**_DPM_SDE, **_KARRAS}),
     # Rectified-flow models predict the velocity from noise to image; first order = plain Euler steps in sigma.
@@ -84,14 +83,10 @@ SAMPLERS: dict[str, SamplerSpec] = {
 
 
 def check_sampler_name(name: str, where: str) -> None:
-    """A ConfigError for a name that is not in SAMPLERS or whose extra package is missing."""
+    """A ConfigError for a name that is not in SAMPLERS."""
     if name not in SAMPLERS:
         raise ConfigError(f"{where}: key 'scheduler' is '{name}', which is not a sampler here."
                           f"{did_you_mean(name, SAMPLERS)} Choose one of: {', '.join(SAMPLERS)}.")
-    needs = SAMPLERS[name].needs
-    if needs and importlib.util.find_spec(needs) is None:
-        raise ConfigError(f"{where}: scheduler '{name}' needs the {needs} package, which is not installed. "
-                          f"pip install {needs}, or choose another sampler (e.g. euler or dpm++).")
 
 
 def _accepts(scheduler_class, option: str) -> bool:
