@@ -99,12 +99,31 @@ def render_dataset(seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_por
     return items
 
 
-def make_demo_data(out_dir: str | Path, seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_portrait: int = 1):
-    """Write ``NAME.png`` + ``NAME.txt`` pairs to ``out_dir``; returns the list of png paths."""
+NEW_COLOUR = "purple"  # what the demo teaches: demo/tiny-shapes never saw it (scripts/pretrain_tiny_shapes.py)
+
+
+def render_finetune_dataset(seed: int = 0, n_new: int = 6, n_known: int = 1):
+    """The demo's fine-tuning set (demo/purple): ``n_new`` images of each shape in NEW_COLOUR, and ``n_known`` of
+    every known colour and shape, so the known concepts stay in view while the new one is learned. A list of
+    (file stem, caption, PIL image), 128x128, deterministic for ``seed``."""
+    rng = random.Random(seed)
+    items = []
+    for colour in PALETTE:
+        for shape in SHAPES:
+            for i in range(n_new if colour == NEW_COLOUR else n_known):
+                items.append((f"{colour}_{shape}_{i:02d}", f"a {colour} {shape}", render_shape(colour, shape, SQUARE, rng)))
+    return items
+
+
+def make_demo_data(out_dir: str | Path, seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_portrait: int = 1,
+                   finetune: bool = False):
+    """Write ``NAME.png`` + ``NAME.txt`` pairs to ``out_dir`` (the fine-tuning set with ``finetune``); returns the
+    list of png paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for stem, caption, img in render_dataset(seed, n_square, n_landscape, n_portrait):
+    items = render_finetune_dataset(seed) if finetune else render_dataset(seed, n_square, n_landscape, n_portrait)
+    for stem, caption, img in items:
         img.save(out / f"{stem}.png", optimize=True)
         (out / f"{stem}.txt").write_text(caption + "\n")
         paths.append(out / f"{stem}.png")
@@ -118,8 +137,10 @@ def main() -> None:
     p.add_argument("--n_square", type=int, default=8, help="128x128 images per concept")
     p.add_argument("--n_landscape", type=int, default=1, help="192x128 images per concept")
     p.add_argument("--n_portrait", type=int, default=1, help="128x192 images per concept")
+    p.add_argument("--finetune", action="store_true", help=f"the demo's fine-tuning set instead (demo/purple): "
+                   f"{NEW_COLOUR} shapes and one image of each known concept")
     a = p.parse_args()
-    paths = make_demo_data(a.out, a.seed, a.n_square, a.n_landscape, a.n_portrait)
+    paths = make_demo_data(a.out, a.seed, a.n_square, a.n_landscape, a.n_portrait, a.finetune)
     print(f"wrote {len(paths)} images (+ .txt captions) to {a.out}")
 
 
