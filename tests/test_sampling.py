@@ -323,3 +323,142 @@ def test_clip_skip_conditions_samples_as_training_does(tmp_path):
     expected.save(tmp_path / "expected.jpg", quality=95)
     tile = skipped[:40, :40]  # away from the cfg label
     assert np.abs(tile - np.asarray(Image.open(tmp_path / "expected.jpg"), dtype=float)[:40, :40]).max() <= 1
+
+
+# ---------------------------------------------------------------- weighted prompts (Compel)
+
+RED = 1  # the position of "red" in "red square": <start> red square <end> ...
+
+
+def training_conditioning(tiny, texts: list[str], clip_skip: int = 0, attention_mask=None) -> torch.Tensor:
+    """What training conditions on for these captions: the loader's 77 token ids through encode_text."""
+    from utils.objective.step import encode_text
+
+    ids = tiny.tokenizer(texts, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return encode_text(tiny.text_encoder, ids, clip_skip, attention_mask)
+
+
+def sample_conditioning(tiny, requests: list[SampleRequest], clip_skip: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return sampling.SamplePromptEncoder(tiny.tokenizer, tiny.text_encoder, clip_skip).encode(requests)
+
+
+def weighted(tiny, prompt: str, clip_skip: int = 0) -> torch.Tensor:
+    return sample_conditioning(tiny, [SampleRequest(prompt, seed=1, size=(64, 64))], clip_skip)[0]
+
+
+PLAIN_PROMPTS = ["a red square", "a cat, a dog. two birds,green", "", " ".join(["a red square"] * 30),
+                 "a (red square"]  # an unbalanced parenthesis is text
+
+
+@pytest.mark.parametrize("clip_skip", [0, 2])
+def test_compel_gives_plain_prompts_exactly_the_conditioning_training_gives(tiny, clip_skip):
+    assert len(tiny.tokenizer(PLAIN_PROMPTS[3]).input_ids) > 77  # cut to 77 tokens, as training cuts a caption
+    requests = [SampleRequest(prompt, seed=1, size=(64, 64), negative_prompt=negative)
+                for prompt, negative in zip(PLAIN_PROMPTS, reversed(PLAIN_PROMPTS))]
+    prompts, negatives = sample_conditioning(tiny, requests, clip_skip)
+    assert torch.equal(prompts, training_conditioning(tiny, PLAIN_PROMPTS, clip_skip))
+    assert torch.equal(negatives, training_conditioning(tiny, PLAIN_PROMPTS[::-1], clip_skip))
+
+
+def test_a_caption_from_the_training_batch_is_not_parsed(tiny):
+    caption = "a (red)1.5 square"
+    random_caption = SampleRequest(caption, seed=1, size=(64, 64), random_caption=True)
+    prompts, _ = sample_conditioning(tiny, [random_caption])
+    assert torch.equal(prompts, training_conditioning(tiny, [caption]))
+    assert not torch.equal(prompts, weighted(tiny, caption))
+
+
+@pytest.mark.parametrize("clip_skip", [0, 2])
+def test_a_weighted_word_moves_the_conditioning_the_way_asked(tiny, clip_skip):
+    empty, plain = training_conditioning(tiny, ["", "red square"], clip_skip)
+    up, down = weighted(tiny, "(red)1.5 square", clip_skip)[0], weighted(tiny, "(red)0.5 square", clip_skip)[0]
+    # Up: the word's own embedding goes 1.5 times as far from the empty prompt's; the rest of the prompt stays.
+    assert torch.allclose(up[RED] - empty[RED], 1.5 * (plain[RED] - empty[RED]), atol=1e-5)
+    assert torch.equal(up[RED + 1:], plain[RED + 1:]) and torch.equal(up[:RED], plain[:RED])
+    assert torch.equal(weighted(tiny, "red++ square", clip_skip), weighted(tiny, "(red)1.21 square", clip_skip))
+    # Down: the word's embedding comes closer to the empty prompt's, and the words after it go half-way to what
+    # they are when the text encoder does not see the word.
+    unseen = torch.ones(1, 77, dtype=torch.long)
+    unseen[0, RED] = 0
+    without = training_conditioning(tiny, ["red square"], clip_skip, attention_mask=unseen)[0]
+    assert torch.allclose(down[RED + 1:], (plain[RED + 1:] + without[RED + 1:]) / 2, atol=1e-6)
+    assert (down[RED] - empty[RED]).norm() < (plain[RED] - empty[RED]).norm() < (up[RED] - empty[RED]).norm()
+    assert (down - without).norm() < (plain - without).norm()
+
+
+def test_a_blend_lies_between_its_prompts_closer_to_the_heavier(tiny):
+    red, blue = training_conditioning(tiny, ["a red square", "a blue square"])
+    blend = weighted(tiny, '("a red square", "a blue square").blend(0.7, 0.3)')[0]
+    assert torch.allclose(blend, 0.7 * red + 0.3 * blue, atol=1e-6)
+    assert (blend - red).norm() < (blend - blue).norm()
+
+
+def test_weighted_negative_prompts_and_conjunctions_reach_the_unet_padded_to_one_length(tiny, tmp_path):
+    embeddings = []
+    hook = tiny.unet.register_forward_pre_hook(
+        lambda module, args, kwargs: embeddings.append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    settings = SampleSettings(batch_size=2, seed=1, resolution=64, every_n_steps=1, generate_pretrain_samples=False,
+                              cfgs=(3.0,), num_inference_steps=1)
+    requests = [SampleRequest("a red square", seed=1, size=(64, 64), negative_prompt="a (blue)1.5 circle"),
+                SampleRequest('("a red square", "a blue circle").and()', seed=1, size=(64, 64))]
+    try:
+        render(tiny, tmp_path, settings, requests)
+    finally:
+        hook.remove()
+    (conditioning,) = embeddings  # one step at one cfg: negatives first, then prompts
+    empty, red_square, blue_circle = training_conditioning(tiny, ["", "a red square", "a blue circle"])
+    weighted_negative, negative_of_the_and, prompt, conjunction = conditioning
+    blue = 2  # <start> a blue circle <end>
+    assert torch.allclose(weighted_negative[blue] - empty[blue], 1.5 * (blue_circle[blue] - empty[blue]), atol=1e-5)
+    assert not torch.equal(weighted_negative[:77], blue_circle)
+    # .and() puts the two prompts' 77 tokens side by side; the rest of the batch is padded with the empty prompt.
+    assert torch.equal(conjunction, torch.cat([red_square, blue_circle]))
+    assert torch.equal(prompt, torch.cat([red_square, empty]))
+    assert torch.equal(weighted_negative[77:], empty) and torch.equal(negative_of_the_and, torch.cat([empty, empty]))
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"prompt": "(red:1.3) square"}, "samples[0]: key 'prompt' is \"(red:1.3) square\": '(red:1.3)' is "
+                                     "AUTOMATIC1111's weight syntax, which Compel reads as plain text; write (red)1.3"),
+    ({"prompt": "a cat", "negative_prompt": "(a, b).blend(0.5)"},
+     "samples[0]: key 'negative_prompt' is \"(a, b).blend(0.5)\": Compel cannot parse it"),
+    ({"prompt": "()"}, "nothing is left to encode"),
+    ({"prompt": "a cat.swap(dog)"}, ".swap() needs cross-attention control"),
+    ({"prompt": "useLora(style) a cat"}, "useLora()/withLora() would load a LoRA"),
+])
+def test_prompts_a_sample_could_not_encode_are_refused_when_the_file_is_read(tmp_path, entry, message):
+    path = write_json(tmp_path / "samples.json", {"samples": [entry]})
+    with pytest.raises(ConfigError) as err:
+        sampling.read_sample_settings(path, DEFAULTS)
+    assert str(path) in str(err.value) and message in str(err.value)
+    assert "doc/SAMPLES.md, Weighted prompts" in str(err.value)
+
+
+def test_prompt_syntax_is_checked_per_line_of_a_txt_and_not_for_ignored_prompts(tmp_path):
+    txt = tmp_path / "prompts.txt"
+    txt.write_text("a (red square\n\n(red:1.3) square\n")
+    with pytest.raises(ConfigError, match=r"prompts.txt: line 3 is \"\(red:1.3\) square\": '\(red:1.3\)'"):
+        sampling.read_sample_settings(txt, DEFAULTS)
+    txt.write_text("a (red square\nred) square\n\\(red:1.3\\) square\n")  # unbalanced or escaped: text
+    assert [r.prompt for r in sampling.read_sample_settings(txt, DEFAULTS).requests] == [
+        "a (red square", "red) square", "\\(red:1.3\\) square"]
+    ignored = write_json(tmp_path / "samples.json", {"samples": [{"prompt": "()", "random_caption": True}]})
+    assert sampling.read_sample_settings(ignored, DEFAULTS).requests[0].random_caption
+
+
+def test_an_edit_with_a_prompt_compel_cannot_read_keeps_the_previous_settings(tmp_path, caplog):
+    path = write_json(tmp_path / "samples.json", {"samples": [{"prompt": "(red)1.5 square"}]})
+    schedule = SampleSchedule(path, DEFAULTS)
+    write_json(path, {"samples": [{"prompt": "a red square"}, {"prompt": "(a, b).blend(0.5)"}]})
+    assert [r.prompt for r in schedule.prepare(10, []).requests] == ["(red)1.5 square"]
+    assert f"{path}: samples[1]: key 'prompt'" in caplog.text and "keeping the previous settings" in caplog.text
+
+
+def test_the_user_pages_weighted_prompt_examples_are_accepted():
+    page = (REPO / "doc" / "SAMPLES.md").read_text()
+    section = page.split("### Weighted prompts")[1].split("\n###")[0]
+    examples = [line.split("`")[1] for line in section.splitlines() if line.startswith("| `")]
+    assert len(examples) == 6
+    assert all(sampling.prompt_syntax_problem(example) == "" for example in examples), examples

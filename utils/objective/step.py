@@ -103,15 +103,21 @@ def batch_posterior(vae, batch: dict) -> torch.Tensor:
     return params
 
 
-def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0) -> torch.Tensor:
+def encode_text(text_encoder, input_ids: torch.Tensor, clip_skip: int = 0,
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """The UNet's conditioning: the text encoder's last hidden state, or with clip_skip N >= 2 the hidden state
     N layers back counting the last as 1, passed through the final layer norm as the last one is (EveryDream2's
     and AUTOMATIC1111's clip skip). Diffusers' SD2.x text encoders already stop one layer short of the original
-    24, so there N goes that much further back."""
+    24, so there N goes that much further back.
+
+    Training passes no `attention_mask`; sample prompts that weigh a word down pass one that hides it."""
     input_ids = input_ids.to(text_encoder.device, non_blocking=True)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(text_encoder.device, non_blocking=True)
     if clip_skip < 2:
-        return text_encoder(input_ids)[0]
-    hidden = text_encoder(input_ids, output_hidden_states=True).hidden_states[-clip_skip]
+        return text_encoder(input_ids, attention_mask=attention_mask)[0]
+    output = text_encoder(input_ids, attention_mask=attention_mask, output_hidden_states=True)
+    hidden = output.hidden_states[-clip_skip]
     # transformers 5 keeps the layer norm on CLIPTextModel itself; 4.x on its inner text_model. With several
     # processes the model is wrapped in DistributedDataParallel.
     model = extract_model_from_parallel(text_encoder)

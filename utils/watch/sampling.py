@@ -6,7 +6,8 @@ Three parts:
   loads) and re-reads it before every sampling event, keeping the previous settings when an edit is invalid;
 - `make_sampler`: the diffusers scheduler for a sampler name, built from the model's own scheduler config;
 - `generate_samples`: renders one event with the live modules (no copy, training dtype, autocast), writes
-  the labelled strips and their prompt files, and logs one TensorBoard image per prompt.
+  the labelled strips and their prompt files, and logs one TensorBoard image per prompt. Prompts are encoded
+  with Compel's weighting syntax (`SamplePromptEncoder`), checked when the sample file is read.
 
 Sampling runs with torch's random state forked, and random seeds come from the OS, so training after a
 sample draws exactly what it would have drawn without it. diffusers is imported only where images are made, so
@@ -28,6 +29,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+from compel import Compel
 from PIL import Image, ImageDraw, ImageFont
 
 from data.buckets import buckets_for
@@ -182,6 +184,38 @@ def _size_for_aspect(aspect_ratio: float, resolution: int) -> tuple[int, int]:
     return min(buckets_for(resolution), key=lambda bucket: abs(bucket[0] / bucket[1] - aspect_ratio))
 
 
+# AUTOMATIC1111's "(word:1.3)": Compel has no such syntax and would encode the text "word:1 . 3".
+_A1111_WEIGHT = re.compile(r"\(([^():]*):\s*(\d*\.?\d+)\s*\)")
+
+
+def prompt_syntax_problem(prompt: str) -> str:
+    """Why `prompt` cannot be rendered as its weighting syntax asks (doc/SAMPLES.md, Weighted prompts); "" if it
+    can. Unbalanced parentheses or quotes are not a problem: Compel takes them as text."""
+    a1111 = _A1111_WEIGHT.search(prompt)
+    if a1111:
+        return (f"'{a1111[0]}' is AUTOMATIC1111's weight syntax, which Compel reads as plain text; write "
+                f"({a1111[1]}){a1111[2]}")
+    try:
+        conjunction = Compel.parse_prompt_string(prompt)
+    except Exception as e:  # noqa: BLE001 - whatever the parser raises, the prompt cannot be encoded
+        return f"Compel cannot parse it ({type(e).__name__}: {e})"
+    if not conjunction.prompts:
+        return "once its syntax is read, nothing is left to encode"
+    if conjunction.lora_weights:
+        return "useLora()/withLora() would load a LoRA, which samples cannot"
+    if any(part.wants_cross_attention_control for part in conjunction.prompts):
+        return ".swap() needs cross-attention control, which samples do not have"
+    return ""
+
+
+def _check_prompt(where: str, prompt: str) -> str:
+    """`prompt`, or a ConfigError if a sampling event could not encode it (so an edit cannot fail mid-training)."""
+    problem = prompt_syntax_problem(prompt)
+    if problem:
+        raise ConfigError(f"{where} is {json.dumps(prompt)}: {problem} (doc/SAMPLES.md, Weighted prompts).")
+    return prompt
+
+
 def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
     if not isinstance(entry, dict):
         raise ConfigError(f"{where}: expected an object such as {{\"prompt\": \"a photo of a cat\"}}, "
@@ -205,12 +239,17 @@ def _request(where: str, entry, seed: int, resolution: int) -> SampleRequest:
         width, height = _size_for_aspect(ratio, resolution)
     else:
         width, height = resolution, resolution
+    random_caption = boolean(where, "random_caption", entry.get("random_caption", False))
+    prompt = string(where, "prompt", entry.get("prompt", ""))
+    if not random_caption:  # otherwise the prompt is ignored
+        _check_prompt(f"{where}: key 'prompt'", prompt)
+    negative_prompt = string(where, "negative_prompt", entry.get("negative_prompt", ""))
     return SampleRequest(
-        prompt=string(where, "prompt", entry.get("prompt", "")),
-        negative_prompt=string(where, "negative_prompt", entry.get("negative_prompt", "")),
+        prompt=prompt,
+        negative_prompt=_check_prompt(f"{where}: key 'negative_prompt'", negative_prompt),
         seed=integer(where, "seed", entry["seed"], -1) if "seed" in entry else seed,
         size=(width, height),
-        random_caption=boolean(where, "random_caption", entry.get("random_caption", False)),
+        random_caption=random_caption,
         cfgs=_cfgs(where, entry["cfgs"]) if "cfgs" in entry else None)
 
 
@@ -252,7 +291,8 @@ def _settings_from_json(path: Path, defaults: SampleSettings) -> SampleSettings:
 
 
 def _settings_from_txt(path: Path, defaults: SampleSettings) -> SampleSettings:
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = enumerate(path.read_text(encoding="utf-8").splitlines(), start=1)
+    prompts = [_check_prompt(f"{path}: line {number}", line.strip()) for number, line in lines if line.strip()]
     size = (defaults.resolution, defaults.resolution)
     return replace(defaults, requests=tuple(SampleRequest(p, seed=defaults.seed, size=size) for p in prompts))
 
@@ -403,6 +443,53 @@ def _token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
                      return_tensors="pt").input_ids
 
 
+class _ClipSkipTextEncoder:
+    """The text encoder as Compel calls it, answering with `encode_text`'s conditioning (clip_skip included) as the
+    `last_hidden_state` Compel reads: a prompt without weights is then conditioned exactly as training conditions a
+    caption, and weights apply to that conditioning. (Compel's own clip skip is the penultimate layer only, and
+    reaches for a `text_model` that transformers 5's CLIPTextModel no longer has.)"""
+
+    def __init__(self, text_encoder, clip_skip: int):
+        self.text_encoder, self.clip_skip = text_encoder, clip_skip
+
+    @property
+    def device(self) -> torch.device:
+        return self.text_encoder.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.text_encoder.dtype
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                 **_hidden_state_options) -> SimpleNamespace:
+        # Compel also passes output_hidden_states and return_dict, for its own clip skip; encode_text needs neither.
+        return SimpleNamespace(last_hidden_state=encode_text(self.text_encoder, input_ids, self.clip_skip,
+                                                             attention_mask))
+
+
+class SamplePromptEncoder:
+    """Sample requests -> the pipeline's prompt and negative prompt embeddings.
+
+    Prompts and negative prompts are read with Compel's weighting syntax; a caption taken from the training batch
+    (random_caption) is encoded as training encodes it, syntax and all, since training never parses captions. Like
+    training, Compel cuts a prompt to the tokenizer's 77 tokens (its default)."""
+
+    def __init__(self, tokenizer, text_encoder, clip_skip: int):
+        self.tokenizer, self.text_encoder, self.clip_skip = tokenizer, text_encoder, clip_skip
+        self.compel = Compel(tokenizer=tokenizer, text_encoder=_ClipSkipTextEncoder(text_encoder, clip_skip))
+
+    def _caption(self, caption: str) -> torch.Tensor:
+        return encode_text(self.text_encoder, _token_ids(self.tokenizer, [caption]), self.clip_skip)
+
+    def encode(self, requests: list[SampleRequest]) -> tuple[torch.Tensor, torch.Tensor]:
+        prompts = [self._caption(r.prompt) if r.random_caption else self.compel(r.prompt) for r in requests]
+        negatives = [self.compel(r.negative_prompt) for r in requests]
+        # .and() gives 77 tokens per part; one batch of the pipeline needs one length, so shorter ones are padded
+        # with the empty prompt's conditioning (Compel's padding).
+        padded = self.compel.pad_conditioning_tensors_to_same_length(prompts + negatives)
+        return torch.cat(padded[:len(requests)]), torch.cat(padded[len(requests):])
+
+
 def sample_names(step: int, index: int, request: SampleRequest, label: str = "") -> tuple[str, str]:
     """(file stem, TensorBoard tag) of one request's strip; doc/SAMPLES.md documents both."""
     marker = f"_{label}" if label else ""
@@ -452,15 +539,14 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
     unet.eval()
     text_encoder.eval()
     device = unet.device
+    prompt_encoder = SamplePromptEncoder(model.tokenizer, text_encoder, clip_skip)
     strips: list[list] = [[] for _ in requests]
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), autocast():
             for batch in _batches(requests, settings):
                 width, height = requests[batch[0]].size
                 # The conditioning as training computes it (clip_skip included), not the pipeline's own encoding.
-                prompt_embeds, negative_embeds = (
-                    encode_text(text_encoder, _token_ids(model.tokenizer, texts), clip_skip)
-                    for texts in ([requests[i].prompt for i in batch], [requests[i].negative_prompt for i in batch]))
+                prompt_embeds, negative_embeds = prompt_encoder.encode([requests[i] for i in batch])
                 for cfg in cfgs_of(requests[batch[0]], settings):
                     # One generator per request, so an image depends on its own seed, not on its batch-mates.
                     generators = [torch.Generator(device).manual_seed(requests[i].seed) for i in batch]
