@@ -38,16 +38,16 @@ IMAGES_PER_CONCEPT = 48
 VAE_BATCH, VAE_LR = 32, 1e-3
 
 
-def render(colours, per_concept: int, seed: int) -> list:
+def render(colours, per_concept: int, seed: int, size: int) -> list:
     rng = random.Random(seed)
-    return [(f"a {colour} {shape}", world.render_shape(colour, shape, (128, 128), rng))
+    return [(f"a {colour} {shape}", world.render_shape(colour, shape, (size, size), rng))
             for colour in colours for shape in world.SHAPES for _ in range(per_concept)]
 
 
-def train_vae(seed: int, steps: int, device: torch.device):
+def train_vae(seed: int, steps: int, size: int, device: torch.device):
     """make_tiny_model.py's VAE and loss (MSE on 64 px crops, a little latent noise, pinned log-variance), longer
     and on every colour of the world."""
-    images = tiny._to_tensor([image for _, image in render(world.PALETTE, 24, seed + 1000)]).to(device)
+    images = tiny._to_tensor([image for _, image in render(world.PALETTE, 24, seed + 1000, size)]).to(device)
     vae = tiny.tiny_vae(seed).to(device).train()
     generator = torch.Generator(device=device).manual_seed(seed + 3)
     optimizer = torch.optim.Adam(vae.parameters(), lr=VAE_LR)
@@ -55,7 +55,7 @@ def train_vae(seed: int, steps: int, device: torch.device):
                                                  (0.55 + 0.45 * math.cos(math.pi * s / steps)))
     for step in range(steps):
         batch = images[torch.randint(len(images), (VAE_BATCH,), generator=generator, device=device)]
-        i, j = (int(torch.randint(0, 128 - tiny.VAE_CROP + 1, (1,), generator=generator, device=device))
+        i, j = (int(torch.randint(0, size - tiny.VAE_CROP + 1, (1,), generator=generator, device=device))
                 for _ in range(2))
         x = batch[:, :, i:i + tiny.VAE_CROP, j:j + tiny.VAE_CROP]
         mean = tiny._encode_mean(vae, x)
@@ -76,32 +76,32 @@ def train_vae(seed: int, steps: int, device: torch.device):
     return vae.cpu()
 
 
-def random_base(folder: Path, seed: int, vae_steps: int, device: torch.device) -> None:
+def random_base(folder: Path, seed: int, vae_steps: int, size: int, device: torch.device) -> None:
     """make_tiny_model.py's model with the world's VAE."""
     pipe = tiny.build_tiny_pipeline(seed=seed, vae_train_steps=0)
-    pipe.vae = train_vae(seed, vae_steps, device)
+    pipe.vae = train_vae(seed, vae_steps, size, device)
+    pipe.unet.register_to_config(sample_size=size // 8)
     pipe.save_pretrained(str(folder), safe_serialization=True)
     tiny.save_tokenizer_files(folder / "tokenizer", "sd1")
 
 
-def write_data(folder: Path, seed: int) -> None:
+def write_data(folder: Path, seed: int, size: int) -> None:
     folder.mkdir(parents=True)
-    for n, (caption, image) in enumerate(render(KNOWN_COLOURS, IMAGES_PER_CONCEPT, seed)):
+    for n, (caption, image) in enumerate(render(KNOWN_COLOURS, IMAGES_PER_CONCEPT, seed, size)):
         image.save(folder / f"{n:04d}.png")
         (folder / f"{n:04d}.txt").write_text(caption + "\n")
 
 
-def pretrain(base: Path, data: Path, work: Path, steps: int, seed: int) -> Path:
+def pretrain(base: Path, data: Path, work: Path, steps: int, batch: int, size: int, seed: int) -> Path:
     """UNet and text encoder through train.py; returns the final diffusers folder."""
     import train
 
-    batch = 64
     steps_per_epoch = len(world.SHAPES) * len(KNOWN_COLOURS) * IMAGES_PER_CONCEPT // batch
     optimizer = work / "optimizer.json"
     optimizer.write_text(json.dumps({"base": {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 0.0,
                                               "lr_scheduler": "cosine", "lr_warmup_steps": 200}}))
     status = train.main([
-        "--resume_ckpt", str(base), "--data_root", str(data), "--resolution", "128", "--batch_size", str(batch),
+        "--resume_ckpt", str(base), "--data_root", str(data), "--resolution", str(size), "--batch_size", str(batch),
         "--max_epochs", str(math.ceil(steps / steps_per_epoch)), "--optimizer_config", str(optimizer),
         "--lr_decay_steps", str(steps), "--cond_dropout", "0.1", "--loss_type", "mse",
         "--zero_frequency_noise_ratio", "0", "--cache_latents", "--sample_steps", "0",
@@ -119,6 +119,8 @@ def main() -> None:
     parser.add_argument("--out", default="demo/tiny-shapes")
     parser.add_argument("--steps", type=int, default=6000)
     parser.add_argument("--vae_steps", type=int, default=3000)
+    parser.add_argument("--batch_size", type=int, default=64)
+    parser.add_argument("--resolution", type=int, default=128, choices=(64, 128))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", help="keep the pretraining run (logs, data) here instead of a temporary folder")
     args = parser.parse_args()
@@ -127,10 +129,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as scratch:
         work = Path(args.work or scratch)
         work.mkdir(parents=True, exist_ok=True)
-        random_base(work / "base", args.seed, args.vae_steps, device)
+        random_base(work / "base", args.seed, args.vae_steps, args.resolution, device)
         print(f"VAE trained in {time.time() - started:.0f} s", flush=True)
-        write_data(work / "data", args.seed)
-        final = pretrain(work / "base", work / "data", work, args.steps, args.seed)
+        write_data(work / "data", args.seed, args.resolution)
+        final = pretrain(work / "base", work / "data", work, args.steps, args.batch_size, args.resolution, args.seed)
         out = Path(args.out)
         shutil.rmtree(out, ignore_errors=True)
         shutil.copytree(final, out, ignore=shutil.ignore_patterns("*.pt", "ldm_carried.safetensors"))
