@@ -419,9 +419,18 @@ def test_weighted_negative_prompts_and_conjunctions_reach_the_unet_padded_to_one
     assert torch.equal(weighted_negative[77:], empty) and torch.equal(negative_of_the_and, torch.cat([empty, empty]))
 
 
+def test_automatic1111_weights_mean_what_they_mean_there(tiny):
+    encoder = sampling.SamplePromptEncoder(tiny.tokenizer, tiny.text_encoder, clip_skip=0)
+    spelled = [SampleRequest(prompt, seed=1, size=(64, 64), negative_prompt=negative) for prompt, negative in (
+        ("a (red:1.3) square", "(blue : 0.5)"), ("a (red)1.3 square", "(blue)0.5"), ("a red square", "blue"))]
+    (a1111, a1111_negative), (compel, compel_negative), (plain, plain_negative) = (
+        encoder.encode([request]) for request in spelled)
+    assert torch.equal(a1111, compel) and torch.equal(a1111_negative, compel_negative)
+    assert not torch.equal(a1111, plain) and not torch.equal(a1111_negative, plain_negative)
+    assert sampling.prompt_syntax_problem("a (red:1.3) square") == ""
+
+
 @pytest.mark.parametrize("entry, message", [
-    ({"prompt": "(red:1.3) square"}, "samples[0]: key 'prompt' is \"(red:1.3) square\": '(red:1.3)' is "
-                                     "AUTOMATIC1111's weight syntax, which Compel reads as plain text; write (red)1.3"),
     ({"prompt": "a cat", "negative_prompt": "(a, b).blend(0.5)"},
      "samples[0]: key 'negative_prompt' is \"(a, b).blend(0.5)\": Compel cannot parse it"),
     ({"prompt": "()"}, "nothing is left to encode"),
@@ -438,8 +447,8 @@ def test_prompts_a_sample_could_not_encode_are_refused_when_the_file_is_read(tmp
 
 def test_prompt_syntax_is_checked_per_line_of_a_txt_and_not_for_ignored_prompts(tmp_path):
     txt = tmp_path / "prompts.txt"
-    txt.write_text("a (red square\n\n(red:1.3) square\n")
-    with pytest.raises(ConfigError, match=r"prompts.txt: line 3 is \"\(red:1.3\) square\": '\(red:1.3\)'"):
+    txt.write_text("a (red square\n\n()\n")
+    with pytest.raises(ConfigError, match=r"prompts.txt: line 3 is \"\(\)\": once its syntax is read, nothing is left"):
         sampling.read_sample_settings(txt, DEFAULTS)
     txt.write_text("a (red square\nred) square\n\\(red:1.3\\) square\n")  # unbalanced or escaped: text
     assert [r.prompt for r in sampling.read_sample_settings(txt, DEFAULTS).requests] == [

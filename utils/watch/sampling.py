@@ -188,15 +188,17 @@ def _size_for_aspect(aspect_ratio: float, resolution: int) -> tuple[int, int]:
 _A1111_WEIGHT = re.compile(r"\(([^():]*):\s*(\d*\.?\d+)\s*\)")
 
 
+def compel_syntax(prompt: str) -> str:
+    """AUTOMATIC1111's `(words:1.3)`, which users also write for EveryDream2, in Compel's spelling `(words)1.3`:
+    Compel itself would read it as the text `words:1 . 3`."""
+    return _A1111_WEIGHT.sub(r"(\1)\2", prompt)
+
+
 def prompt_syntax_problem(prompt: str) -> str:
     """Why `prompt` cannot be rendered as its weighting syntax asks (doc/SAMPLES.md, Weighted prompts); "" if it
     can. Unbalanced parentheses or quotes are not a problem: Compel takes them as text."""
-    a1111 = _A1111_WEIGHT.search(prompt)
-    if a1111:
-        return (f"'{a1111[0]}' is AUTOMATIC1111's weight syntax, which Compel reads as plain text; write "
-                f"({a1111[1]}){a1111[2]}")
     try:
-        conjunction = Compel.parse_prompt_string(prompt)
+        conjunction = Compel.parse_prompt_string(compel_syntax(prompt))
     except Exception as e:  # noqa: BLE001 - whatever the parser raises, the prompt cannot be encoded
         return f"Compel cannot parse it ({type(e).__name__}: {e})"
     if not conjunction.prompts:
@@ -482,8 +484,9 @@ class SamplePromptEncoder:
         return encode_text(self.text_encoder, _token_ids(self.tokenizer, [caption]), self.clip_skip)
 
     def encode(self, requests: list[SampleRequest]) -> tuple[torch.Tensor, torch.Tensor]:
-        prompts = [self._caption(r.prompt) if r.random_caption else self.compel(r.prompt) for r in requests]
-        negatives = [self.compel(r.negative_prompt) for r in requests]
+        prompts = [self._caption(r.prompt) if r.random_caption else self.compel(compel_syntax(r.prompt))
+                   for r in requests]
+        negatives = [self.compel(compel_syntax(r.negative_prompt)) for r in requests]
         # .and() gives 77 tokens per part; one batch of the pipeline needs one length, so shorter ones are padded
         # with the empty prompt's conditioning (Compel's padding).
         padded = self.compel.pad_conditioning_tensors_to_same_length(prompts + negatives)
