@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
+import dadaptation
+import lion_pytorch
+import prodigyopt
 import torch
 from diffusers.optimization import get_scheduler
 from torch.optim.lr_scheduler import LambdaLR
 
 from optimizer.adacoor import AdaCoor
 from optimizer.freezing import check_freezing_config
-from optimizer.lr_free import DAdaptAdam, DAdaptLion, DAdaptSGD, LearningRateFree, Prodigy
 from utils.options.config import ConfigError, read_json_object
 from utils.options.flags import LR_SCHEDULERS
 from utils.options.values import boolean, check_section, did_you_mean, is_number, is_whole, unknown_key
@@ -36,21 +38,30 @@ DEFAULT_SETTINGS = {
     "lr_scheduler": None,
     "lr_warmup_steps": None,
     "lr_decay_steps": None,
-    "betas": [0.9, 0.999],
+    "betas": None,  # per optimizer: _default_betas
     "epsilon": 1e-8,
     "weight_decay": 0.01,
     "d0": 1e-6,
     "decouple": True,
     "momentum": 0.0,
     "growth_rate": float("inf"),
-    "no_prox": False,  # dadapt_adan's, which is not supported; accepted so EveryDream2 files load
+    "no_prox": False,
     "safeguard_warmup": True,
 }
-BITSANDBYTES = ("adamw8bit", "lion", "lion8bit")
+ADAM_BETAS = (0.9, 0.999)
+# Adan averages the gradient, its change and the squared update; these are the dadaptation package's defaults.
+ADAN_BETAS = (0.98, 0.92, 0.99)
+BITSANDBYTES = ("adamw8bit", "lion8bit")
+D_ADAPTATION = {"dadapt_adam": dadaptation.DAdaptAdam, "dadapt_adan": dadaptation.DAdaptAdan,
+                "dadapt_lion": dadaptation.DAdaptLion, "dadapt_sgd": dadaptation.DAdaptSGD}
 # They adapt their own step size; lr multiplies it, and defaults to 1.0 when no file or option sets one.
-LEARNING_RATE_FREE = ("prodigy", "dadapt_adam", "dadapt_lion", "dadapt_sgd", "adacoor")
-SUPPORTED = ("adamw", *BITSANDBYTES, *LEARNING_RATE_FREE)
-NOT_SUPPORTED = ("dadapt_adan", "coordinate_dowg", "scalar_dowg")
+LEARNING_RATE_FREE = ("prodigy", *D_ADAPTATION, "adacoor")
+SUPPORTED = ("adamw", "adamw8bit", "lion", "lion8bit", *LEARNING_RATE_FREE)
+NOT_SUPPORTED = ("coordinate_dowg", "scalar_dowg")
+# From their authors' packages, as in EveryDream2. All need lr > 0: most of the packages refuse 0.
+FROM_PACKAGES = ("lion", "prodigy", *D_ADAPTATION)
+# They keep d, their running estimate of the distance to a solution, in each param group; d x lr is the step size.
+D_ADAPTING_CLASSES = (prodigyopt.Prodigy, *D_ADAPTATION.values())
 TOP_LEVEL_KEYS = ("doc", "base", "text_encoder_overrides", "text_encoder_freezing", "apply_grad_scaler_step_tweaks",
                   "log_grad_norm", "text_encoder_lr_scale")
 # The 8-bit kernels quantize tensors from this size on; the probe must take that path.
@@ -64,8 +75,8 @@ VALUE_CHECKS = {
     "lr_scheduler": (lambda v: v in LR_SCHEDULERS, f"one of {', '.join(LR_SCHEDULERS)}"),
     "lr_warmup_steps": (lambda v: is_whole(v) and v >= 0, "a whole number of steps >= 0"),
     "lr_decay_steps": (lambda v: is_whole(v) and v >= 0, "a whole number of steps >= 0"),
-    "betas": (lambda v: isinstance(v, list) and len(v) == 2 and all(is_number(b) and 0 <= b < 1 for b in v),
-              "two numbers in [0, 1), e.g. [0.9, 0.999]"),
+    "betas": (lambda v: isinstance(v, list) and len(v) in (2, 3) and all(is_number(b) and 0 <= b < 1 for b in v),
+              "two numbers in [0, 1), e.g. [0.9, 0.999] (three for dadapt_adan, e.g. [0.98, 0.92, 0.99])"),
     "epsilon": (lambda v: is_number(v) and v > 0, "a number > 0, e.g. 1e-8"),
     "weight_decay": (lambda v: is_number(v) and v >= 0, "a number >= 0"),
     "d0": (lambda v: is_number(v) and v > 0, "a number > 0, e.g. 1e-6"),
@@ -86,7 +97,7 @@ class OptimizerSettings:
     lr_scheduler: str
     lr_warmup_steps: int
     lr_decay_steps: int
-    betas: tuple[float, float]
+    betas: tuple[float, ...]
     epsilon: float
     weight_decay: float
     extra: dict = field(default_factory=dict)
@@ -120,6 +131,7 @@ def read_optimizer_file(path: str | Path) -> dict:
         raise ConfigError(f"{path}: text_encoder_lr_scale must be a number > 0 (it multiplies the text encoder's "
                           f"learning rate), got {scale!r}. To not train the text encoder, use "
                           "disable_textenc_training.")
+    _check_betas_fit(data, path)
     check_freezing_config(data.get("text_encoder_freezing"), str(path))
     return data
 
@@ -127,12 +139,28 @@ def read_optimizer_file(path: str | Path) -> dict:
 def _check_optimizer_name(name: str, where: str) -> None:
     name = name.lower()
     if name in NOT_SUPPORTED:
-        raise ConfigError(f"{where}: optimizer '{name}' is not supported by this trainer (EveryDream2 silently "
-                          f"trained with adamw8bit or needed an extra package instead). Use one of: "
-                          f"{', '.join(SUPPORTED)}.")
+        raise ConfigError(f"{where}: optimizer '{name}' is not supported by this trainer (EveryDream2 needed the "
+                          f"extra dowg package for it). Use one of: {', '.join(SUPPORTED)}.")
     if name not in SUPPORTED:
         raise ConfigError(f"{where}: unknown optimizer '{name}'.{did_you_mean(name, SUPPORTED)} Supported: "
                           f"{', '.join(SUPPORTED)}.")
+
+
+def _check_betas_fit(data: dict, path: Path) -> None:
+    """Each model's betas, as the text encoder inherits them from base, must be as many as its optimizer takes;
+    the packages would fail only at the first step."""
+    base, overrides = data.get("base") or {}, data.get("text_encoder_overrides") or {}
+    for section, values in (("base", base), ("text_encoder_overrides", _layer(base, overrides))):
+        name = (values.get("optimizer") or DEFAULT_SETTINGS["optimizer"]).lower()
+        betas, wanted = values.get("betas"), _default_betas(name)
+        if betas is not None and len(betas) != len(wanted):
+            inherited = " (from base)" if section != "base" and overrides.get("betas") is None else ""
+            raise ConfigError(f"{path}: {section}: optimizer '{name}' takes {len(wanted)} betas, e.g. "
+                              f"{list(wanted)}; got {betas}{inherited}. Set {section}.betas.")
+
+
+def _default_betas(optimizer_name: str) -> tuple[float, ...]:
+    return ADAN_BETAS if optimizer_name == "dadapt_adan" else ADAM_BETAS
 
 
 def check_optimizers_run_here(file_data: dict, where: str, device: torch.device | str) -> None:
@@ -145,8 +173,8 @@ def check_optimizers_run_here(file_data: dict, where: str, device: torch.device 
         problem = _probe(name, device)
         if problem:
             raise ConfigError(f"{where}: {key} '{name}' needs bitsandbytes, which cannot run on {device} here "
-                              f"({problem}). Set {key.split(' ')[0]} to 'adamw' (PyTorch's AdamW, runs everywhere) "
-                              "or to a learning-rate-free optimizer such as 'dadapt_lion' (see doc/OPTIMIZERS.md).")
+                              f"({problem}). Set {key.split(' ')[0]} to 'adamw' or 'lion' (both run everywhere) or "
+                              "to a learning-rate-free optimizer such as 'dadapt_lion' (see doc/OPTIMIZERS.md).")
 
 
 def _chosen_optimizers(file_data: dict) -> list[tuple[str, str]]:
@@ -194,6 +222,10 @@ def resolve_settings(file_data: dict, args: SimpleNamespace, steps_per_epoch: in
         base["lr"], te["lr"] = base["lr"] * factor, te["lr"] * factor
     for model, values in (("UNet", base), ("text encoder", te)):
         name = values["optimizer"].lower()
+        if name in FROM_PACKAGES and values["lr"] == 0:
+            flag = "disable_unet_training" if model == "UNet" else "disable_textenc_training"
+            raise ConfigError(f"lr 0 for the {model}'s {name}: lion, prodigy and the dadapt_* optimizers need an lr "
+                              f"above 0. To leave the {model} untrained, set {flag}.")
         if name in LEARNING_RATE_FREE and values["lr"] < 0.1:
             log.warning("%s: %s adapts its own step size and lr %g multiplies it; 1.0 is the usual value (an "
                         "Adam-style rate like this one makes it barely train).", model, name, values["lr"])
@@ -234,11 +266,12 @@ def _layer(*layers: dict | None) -> dict:
 def _settings(values: dict) -> OptimizerSettings:
     values = copy.deepcopy(values)
     decay = values.pop("lr_decay_steps") or 1
+    name = values.pop("optimizer").lower()
     return OptimizerSettings(
-        optimizer=values.pop("optimizer").lower(), lr=float(values.pop("lr")),
+        optimizer=name, lr=float(values.pop("lr")),
         lr_scheduler=values.pop("lr_scheduler"), lr_warmup_steps=int(values.pop("lr_warmup_steps")),
-        lr_decay_steps=int(decay), betas=tuple(values.pop("betas")), epsilon=float(values.pop("epsilon")),
-        weight_decay=float(values.pop("weight_decay")), extra=values)
+        lr_decay_steps=int(decay), betas=tuple(values.pop("betas", None) or _default_betas(name)),
+        epsilon=float(values.pop("epsilon")), weight_decay=float(values.pop("weight_decay")), extra=values)
 
 
 def make_optimizer(params, settings: OptimizerSettings) -> torch.optim.Optimizer:
@@ -249,30 +282,42 @@ def make_optimizer(params, settings: OptimizerSettings) -> torch.optim.Optimizer
         return torch.optim.AdamW(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
                                  fused=on_cuda or None, foreach=None if on_cuda else True)
     if s.optimizer in BITSANDBYTES:
-        import bitsandbytes
-
-        if s.optimizer == "adamw8bit":
-            return bitsandbytes.optim.AdamW8bit(params, lr=s.lr, betas=s.betas, eps=s.epsilon,
-                                                weight_decay=s.weight_decay)
-        if s.optimizer == "lion8bit":
-            return bitsandbytes.optim.Lion8bit(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
-                                               min_8bit_size=PROBE_SIZE)
-        return bitsandbytes.optim.Lion(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, optim_bits=32)
+        return _bitsandbytes_optimizer(params, s)
+    if s.optimizer == "lion":
+        return lion_pytorch.Lion(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay)
     if s.optimizer == "prodigy":
-        return Prodigy(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
-                       decouple=extra["decouple"], use_bias_correction=True, safeguard_warmup=extra["safeguard_warmup"],
-                       d0=extra["d0"], growth_rate=extra["growth_rate"])
-    if s.optimizer == "dadapt_adam":
-        return DAdaptAdam(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
-                          decouple=extra["decouple"], d0=extra["d0"], growth_rate=extra["growth_rate"])
-    if s.optimizer == "dadapt_lion":
-        return DAdaptLion(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay, d0=extra["d0"])
-    if s.optimizer == "dadapt_sgd":
-        return DAdaptSGD(params, lr=s.lr, momentum=extra["momentum"], weight_decay=s.weight_decay, d0=extra["d0"],
-                         growth_rate=extra["growth_rate"])
+        # EveryDream2 leaves betas, eps and decouple at the package's defaults; the file's values are passed here.
+        return prodigyopt.Prodigy(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay,
+                                  decouple=extra["decouple"], use_bias_correction=True,
+                                  safeguard_warmup=extra["safeguard_warmup"], d0=extra["d0"],
+                                  growth_rate=extra["growth_rate"])
+    if s.optimizer in D_ADAPTATION:
+        return D_ADAPTATION[s.optimizer](params, lr=s.lr, weight_decay=s.weight_decay, d0=extra["d0"],
+                                         **_d_adaptation_options(s))
     if s.optimizer == "adacoor":
         return AdaCoor(params, lr=s.lr, eps=s.epsilon)
     raise ValueError(f"unknown optimizer {s.optimizer!r}")  # read_optimizer_file lets only SUPPORTED names through
+
+
+def _bitsandbytes_optimizer(params, s: OptimizerSettings) -> torch.optim.Optimizer:
+    import bitsandbytes  # not installed on macOS: imported only when chosen
+
+    if s.optimizer == "adamw8bit":
+        return bitsandbytes.optim.AdamW8bit(params, lr=s.lr, betas=s.betas, eps=s.epsilon, weight_decay=s.weight_decay)
+    return bitsandbytes.optim.Lion8bit(params, lr=s.lr, betas=s.betas, weight_decay=s.weight_decay,
+                                       min_8bit_size=PROBE_SIZE)
+
+
+def _d_adaptation_options(s: OptimizerSettings) -> dict:
+    """What each D-Adaptation variant takes besides lr, weight_decay and d0, as EveryDream2 passes it. Its
+    log_every stays 0: the package would print d to the console, and TensorBoard shows d x lr already."""
+    extra = s.extra
+    return {"dadapt_adam": dict(betas=s.betas, eps=s.epsilon, decouple=extra["decouple"],
+                                growth_rate=extra["growth_rate"]),
+            "dadapt_adan": dict(betas=s.betas, eps=s.epsilon, no_prox=extra["no_prox"],
+                                growth_rate=extra["growth_rate"]),
+            "dadapt_lion": dict(betas=s.betas),
+            "dadapt_sgd": dict(momentum=extra["momentum"], growth_rate=extra["growth_rate"])}[s.optimizer]
 
 
 def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettings) -> LambdaLR:
@@ -301,7 +346,7 @@ class TrainingOptimizers:
         lrs = {}
         for name, schedule in self.schedules.items():
             optimizer = self.optimizers[name]
-            scale = optimizer.d if isinstance(optimizer, LearningRateFree) else 1.0
+            scale = optimizer.param_groups[0]["d"] if isinstance(optimizer, D_ADAPTING_CLASSES) else 1.0
             lrs[name] = schedule.get_last_lr()[0] * scale
         return lrs
 
@@ -339,6 +384,20 @@ class TrainingOptimizers:
         return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
 
     def load_state_dicts(self, states: dict[str, dict]) -> None:
+        """Raises ValueError for a state that does not fit its optimizer."""
         for name, state in states.items():
             if name in self.optimizers:
+                _check_state_fits(self.optimizers[name], state)
                 self.optimizers[name].load_state_dict(state)
+
+
+def _check_state_fits(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """A package optimizer reads its settings from its param groups, which loading replaces by the saved ones: a state
+    saved by another optimizer (or by this trainer's own Prodigy and D-Adaptation before they came from the packages)
+    would fail at the first step for want of a setting."""
+    if not isinstance(optimizer, (lion_pytorch.Lion, *D_ADAPTING_CLASSES)):
+        return  # PyTorch's optimizers fill in settings an older state lacks; AdaCoor and bitsandbytes' are unchanged
+    for group in state["param_groups"]:
+        missing = set(optimizer.defaults) - set(group)
+        if missing:
+            raise ValueError(f"it was saved by another optimizer: no {', '.join(sorted(missing))}")

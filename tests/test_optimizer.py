@@ -52,10 +52,14 @@ def test_text_encoder_overrides_and_main_lr_precedence(tmp_path, caplog):
 @pytest.mark.parametrize("content, message", [
     ({"base": {"optimiser": "adamw"}}, "unknown key 'base.optimiser'. Did you mean 'optimizer'?"),
     ({"base": {"optimizer": "sgd9000"}}, "unknown optimizer 'sgd9000'"),
-    ({"base": {"optimizer": "dadapt_adan"}}, "optimizer 'dadapt_adan' is not supported by this trainer"),
+    ({"base": {"optimizer": "coordinate_dowg"}}, "optimizer 'coordinate_dowg' is not supported by this trainer"),
     ({"text_encoder_overrides": {"optimizer": "scalar_dowg"}}, "Use one of: adamw, adamw8bit, lion, lion8bit, prodigy"),
     ({"bsae": {}}, "unknown key 'bsae'. Did you mean 'base'?"),
     ({"base": {"betas": [0.9]}}, "base.betas must be two numbers in [0, 1)"),
+    ({"base": {"optimizer": "dadapt_adan", "betas": [0.9, 0.999]}},
+     "base: optimizer 'dadapt_adan' takes 3 betas, e.g. [0.98, 0.92, 0.99]; got [0.9, 0.999]. Set base.betas."),
+    ({"base": {"optimizer": "dadapt_adan", "betas": [0.98, 0.92, 0.99]}, "text_encoder_overrides": {"optimizer": "lion"}},
+     "text_encoder_overrides: optimizer 'lion' takes 2 betas, e.g. [0.9, 0.999]; got [0.98, 0.92, 0.99] (from base)"),
     ({"base": {"growth_rate": 0.5}}, "base.growth_rate must be a number >= 1"),
     ({"text_encoder_overrides": {"safeguard_warmup": "yes"}}, "text_encoder_overrides.safeguard_warmup must be true"),
     ({"base": {"lr_scheduler": "cosin"}}, "base.lr_scheduler must be one of constant"),
@@ -163,9 +167,52 @@ def test_learning_rate_free_optimizers_default_to_lr_1_and_warn_about_adam_rates
     assert "adacoor adapts its own step size and lr 2e-06 multiplies it" in caplog.text
 
 
-@pytest.mark.parametrize("name", ["adamw8bit", "lion", "lion8bit"])
+def test_dadapt_adan_defaults_to_its_packages_three_betas():
+    settings = resolve_settings({"base": {"optimizer": "dadapt_adan"}, "text_encoder_overrides": {"optimizer": "adamw"}},
+                                main_args(), steps_per_epoch=5)
+    assert settings["unet"].betas == (0.98, 0.92, 0.99) and settings["text_encoder"].betas == (0.9, 0.999)
+
+
+@pytest.mark.parametrize("name", ["lion", "prodigy", "dadapt_sgd"])
+def test_lr_0_for_an_optimizer_whose_package_refuses_it_is_a_clear_error(name):
+    with pytest.raises(ConfigError, match=f"lr 0 for the text encoder's {name}: .* set disable_textenc_training"):
+        resolve_settings({"base": {"optimizer": name}, "text_encoder_overrides": {"lr": 0}}, main_args(),
+                         steps_per_epoch=5)
+
+
+def test_the_logged_rate_of_a_d_adapting_optimizer_is_d_times_lr():
+    opts = TrainingOptimizers({"unet": torch.nn.Linear(2, 2)},
+                              resolve_settings({"base": {"optimizer": "prodigy", "lr": 0.5}}, main_args(), 5))
+    opts.optimizers["unet"].param_groups[0]["d"] = 0.25
+    assert opts.current_lrs() == {"unet": 0.125}
+
+
+def stepped_optimizers(model: torch.nn.Module, name: str) -> TrainingOptimizers:
+    opts = TrainingOptimizers({"unet": model}, resolve_settings({"base": {"optimizer": name}}, main_args(), 5))
+    model(torch.ones(1, 2)).sum().backward()
+    opts.clip_and_step(None, clip_grad_norm=None)
+    return opts
+
+
+def test_a_saved_state_loads_into_its_own_optimizer_and_not_into_a_package_optimizer_of_another_kind():
+    """Torch would load the other's state (same parameters), and the package's first step would fail for want of its
+    settings."""
+    model = torch.nn.Linear(2, 2)
+    prodigy = stepped_optimizers(model, "prodigy")
+    resumed = TrainingOptimizers({"unet": model}, resolve_settings({"base": {"optimizer": "prodigy"}}, main_args(), 5))
+    resumed.load_state_dicts(prodigy.state_dicts())
+    assert resumed.optimizers["unet"].param_groups[0]["k"] == 1
+    with pytest.raises(ValueError, match="saved by another optimizer: no .*d0"):
+        resumed.load_state_dicts(stepped_optimizers(model, "adamw").state_dicts())
+
+
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
 def test_bitsandbytes_optimizers_pass_the_probe_on_cpu(name):
     check_optimizers_run_here({"base": {"optimizer": name}}, "optimizer.json", "cpu")
+
+
+def test_lion_needs_no_bitsandbytes_probe():
+    check_optimizers_run_here({"base": {"optimizer": "lion"}}, "optimizer.json", "meta")  # where a probe would fail
 
 
 def test_a_device_bitsandbytes_cannot_train_on_is_a_clear_error_naming_the_key():
