@@ -7,7 +7,7 @@ that generator's seed, never on which worker decoded it or in what order.
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -162,11 +162,24 @@ def _decode_error(path: str, e: Exception) -> DataError:
                      f"re-save it with an image editor or remove it from the dataset")
 
 
-def training_crop(path: str, bucket: tuple[int, int], rng: random.Random,
-                  jitter: bool = True) -> tuple[float, float, float, float]:
-    """The crop box `load_training_image` draws from `rng` in the same state, read from the file's
-    header alone (size, orientation, JPEG draft scale): the latent cache keys on it before deciding
-    whether the image needs decoding at all."""
+class Crop(NamedTuple):
+    """A crop box and the size of the decoded, upright image it is in (a JPEG's draft scale makes that smaller
+    than the file's size)."""
+
+    size: tuple[int, int]
+    box: tuple[float, float, float, float]
+
+    def box_in(self, size: tuple[int, int]) -> tuple[float, float, float, float]:
+        """The same region of an image of another `size` that covers the same picture (the image's mask)."""
+        sx, sy = size[0] / self.size[0], size[1] / self.size[1]
+        left, top, right, bottom = self.box
+        return left * sx, top * sy, right * sx, bottom * sy
+
+
+def training_crop(path: str, bucket: tuple[int, int], rng: random.Random, jitter: bool = True) -> Crop:
+    """The crop `load_training_image` draws from `rng` in the same state, read from the file's
+    header alone (size, orientation, JPEG draft scale): the latent cache keys on its box before deciding
+    whether the image needs decoding at all, and the image's mask is cut to it."""
     bw, bh = bucket
     try:
         with Image.open(path) as img:
@@ -175,7 +188,7 @@ def training_crop(path: str, bucket: tuple[int, int], rng: random.Random,
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise _decode_error(path, e) from e
     size = (h, w) if orientation in (5, 6, 7, 8) else (w, h)
-    return crop_box(size, bucket, rng, jitter)
+    return Crop(size, crop_box(size, bucket, rng, jitter))
 
 
 def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
@@ -201,3 +214,18 @@ def load_training_image(path: str, bucket: tuple[int, int], rng: random.Random,
     if transform is not None:
         img = transform(img)
     return to_tensor(img)
+
+
+def load_training_mask(path: str, crop: Crop, bucket: tuple[int, int], flip: bool) -> torch.Tensor:
+    """Decode the mask at `path` into a [1, bucket_h, bucket_w] uint8 tensor (255 = learn), cut from the region
+    `crop` cuts from its image, resized and flipped as the image is. Any image mode is read as its 8-bit grey
+    level (transparency counts as white, as in images). Raises DataError naming the mask when it cannot be
+    decoded."""
+    try:
+        mask = open_oriented_rgb(path).convert("L")
+        mask = mask.resize(bucket, box=crop.box_in(mask.size))
+        if flip:
+            mask = mask.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        raise DataError(f"{path}: cannot decode the mask ({type(e).__name__}: {e})") from e
+    return torch.from_numpy(np.array(mask, dtype=np.uint8))[None]

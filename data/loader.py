@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from data.batching import Batch
 from data.captions import assemble_caption
-from data.images import load_training_image, training_crop
+from data.images import load_training_image, load_training_mask, training_crop
 from data.latent_cache import LatentCache, collate_slots, content_hash, crop_rng
 from data.records import DataError, ImageRecord, SkippedFiles, without_path
 
@@ -104,31 +104,50 @@ class EpochBatches(Dataset):
             caption = self.plugins.transform_caption(caption)
         return (DROPPED_CAPTION if dropped else caption), flip
 
+    def _crop_draws(self, step: int, slot: int, content: Optional[str]) -> random.Random:
+        """The generator a sample's crop is drawn from: its own, or with the latent cache one per image content,
+        so that each image keeps one crop across epochs and runs (data/latent_cache.py)."""
+        return self._rng(step, slot, "crop") if content is None else crop_rng(content)
+
     def _load(self, step: int, slot: int, index: int, bucket) -> dict:
         """{caption, loss_scale} and either the image's `pixels` or, from the latent cache, its
-        `latent_params` (a cache miss also names the `entry` its latents are to be stored in)."""
+        `latent_params` (a cache miss also names the `entry` its latents are to be stored in); for an
+        image with a mask, its `mask`, or the `mask_problem` that leaves the image without one."""
         caption, flip = self.sample(step, slot, index)
         record = self.records[index]
         item = {"caption": caption, "loss_scale": record.loss_scale}
+        content = None
         if self.latent_cache is None:
             transform = self.plugins.transform_pil_image if self.plugins and self.plugins.changes_images else None
-            item["pixels"] = load_training_image(record.path, bucket, self._rng(step, slot, "crop"),
+            item["pixels"] = load_training_image(record.path, bucket, self._crop_draws(step, slot, content),
                                                  self.options.crop_jitter, flip, transform)
-            return item
-        try:
-            content = content_hash(record.path)
-        except OSError as e:
-            raise DataError(f"{record.path}: cannot read the file ({e})") from e
-        box = training_crop(record.path, bucket, crop_rng(content), self.options.crop_jitter)
+        else:
+            try:
+                content = content_hash(record.path)
+            except OSError as e:
+                raise DataError(f"{record.path}: cannot read the file ({e})") from e
+            item.update(self._load_cached(record, content, bucket, flip))
+        if record.mask_path is not None:
+            item.update(self._load_mask(record, bucket, self._crop_draws(step, slot, content), flip))
+        return item
+
+    def _load_cached(self, record: ImageRecord, content: str, bucket, flip: bool) -> dict:
+        box = training_crop(record.path, bucket, crop_rng(content), self.options.crop_jitter).box
         entry = self.latent_cache.entry(content, bucket, box, flip)
         params = self.latent_cache.load(entry)
         if params is not None:
-            item["latent_params"] = params
-        else:
-            item["pixels"] = load_training_image(record.path, bucket, crop_rng(content),
-                                                 self.options.crop_jitter, flip)
-            item["entry"] = entry
-        return item
+            return {"latent_params": params}
+        return {"pixels": load_training_image(record.path, bucket, crop_rng(content), self.options.crop_jitter, flip),
+                "entry": entry}
+
+    def _load_mask(self, record: ImageRecord, bucket, crop_draws: random.Random, flip: bool) -> dict:
+        """{"mask"}, cut where the image was (`crop_draws` is in the state the image's crop was drawn from), or
+        {"mask_problem"}: a mask that cannot be decoded leaves its image to train without one."""
+        crop = training_crop(record.path, bucket, crop_draws, self.options.crop_jitter)
+        try:
+            return {"mask": load_training_mask(record.mask_path, crop, bucket, flip)}
+        except DataError as e:
+            return {"mask_problem": (record.mask_path, without_path(str(e), record.mask_path))}
 
     def __getitem__(self, step: int) -> dict:
         batch = self.plan[step]
@@ -151,6 +170,7 @@ class EpochBatches(Dataset):
             else collate_slots(slots)
         return {
             **images,
+            **loss_masks(slots, batch.bucket),
             "input_ids": input_ids.long(),
             "captions": captions,
             "runt_size": batch.runt_size,
@@ -181,8 +201,23 @@ class EpochBatches(Dataset):
         return [s if s is not None else good[n % len(good)] for n, s in enumerate(slots)]
 
 
+def loss_masks(slots: list[dict], bucket) -> dict:
+    """Nothing for a batch without masks, so it trains exactly as before masks existed; else `loss_mask`, every
+    slot's mask ([N, 1, h, w] uint8, all 255 for a slot without one), and the `mask_problems` that left images
+    without theirs."""
+    masks = {}
+    if any("mask" in s for s in slots):
+        w, h = bucket
+        unmasked = torch.full((1, h, w), 255, dtype=torch.uint8)
+        masks["loss_mask"] = torch.stack([s.get("mask", unmasked) for s in slots])
+    problems = [s["mask_problem"] for s in slots if "mask_problem" in s]
+    if problems:
+        masks["mask_problems"] = problems
+    return masks
+
+
 class EpochLoader:
-    """The epoch's DataLoader, which also reports each image that fails to decode, once per run
+    """The epoch's DataLoader, which also reports each image or mask that fails to decode, once per run
     (workers find a broken file again every epoch; `skipped` remembers it)."""
 
     def __init__(self, loader: DataLoader, skipped: SkippedFiles):
@@ -202,6 +237,9 @@ class EpochLoader:
                 if self.skipped.add(path, reason):
                     log.warning("skipped %s: %s; its batches use a duplicate of another image "
                                 "instead", path, reason)
+            for path, reason in batch.pop("mask_problems", ()):
+                if self.skipped.add(path, reason):
+                    log.warning("skipped mask %s: %s; its image trains without a mask", path, reason)
             yield batch
 
 

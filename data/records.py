@@ -7,7 +7,7 @@ frozen: data-loader workers receive copies, so nothing may rely on mutating one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple, Optional
 
 DEFAULT_BATCH_ID = "default_batch"
@@ -62,6 +62,9 @@ class ImageRecord:
     shuffle_tags: bool = False                 # shuffle this image's tags even without --shuffle_tags
     rating: float = 1.0                        # importance for rated_dataset and multiply sweeps (§2.7)
     max_caption_length: int = DEFAULT_MAX_CAPTION_LENGTH
+    # The image's loss mask (doc/DATA.md, Masks), checked at scan time. Left out of the repr, which the resume
+    # fingerprint hashes, so that records without a mask fingerprint as they did before masks existed.
+    mask_path: Optional[str] = field(default=None, repr=False)
 
 
 def without_path(message: str, path: str) -> str:

@@ -23,14 +23,18 @@ from PIL import Image
 
 from data.images import MAX_IMAGE_PIXELS, exif_orientation
 from data.records import Caption, DataError, ImageRecord, SkippedFiles, Tag, without_path
-from data.settings import (GLOBAL_FILES, LOCAL_FILES, SIDECAR_EXTENSIONS, Notify, Settings,
-                           SettingsError, manifest_entry, merge, read_folder_file, read_manifest,
+from data.settings import (DEFAULT_MASK_SUFFIX, GLOBAL_FILES, LOCAL_FILES, SIDECAR_EXTENSIONS, Notify,
+                           Settings, SettingsError, manifest_entry, merge, read_folder_file, read_manifest,
                            read_sidecar, record_fields)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".jfif")
 
 # EXIF orientations 5-8 rotate by 90 degrees (or transpose), so width and height swap.
 _SWAPS_AXES = {5, 6, 7, 8}
+
+# A mask whose aspect ratio is further than this from its image's cannot cover the same picture (a mask of
+# another resolution is fine: it is scaled to its image).
+MASK_ASPECT_TOLERANCE = 0.01
 
 
 class Notices:
@@ -94,17 +98,18 @@ class ScanResult:
                 f"the yaml 'multiply' key) so that they add up to at least 1.")
 
 
-def scan(data_root: str) -> ScanResult:
+def scan(data_root: str, mask_suffix: str = DEFAULT_MASK_SUFFIX) -> ScanResult:
     """Records for every usable image of `data_root` (a folder or a manifest .json), plus what was
     skipped and why. A data_root that is neither, or a manifest that is not a JSON array, is a
-    DataError at once."""
+    DataError at once. An image's mask is `NAME<mask_suffix>.<ext>` beside it, unless a folder's
+    local.yaml or global.yaml (a manifest entry) names another suffix."""
     if os.path.isfile(data_root) and data_root.lower().endswith(".json"):
-        return _scan_manifest(data_root)
+        return _scan_manifest(data_root, mask_suffix)
     if not os.path.isdir(data_root):
         raise DataError(f"data_root '{data_root}' is neither a folder nor a manifest .json file: set "
                         f"data_root to the folder that holds the training images.")
     result = ScanResult(data_root=os.path.abspath(data_root))
-    walker = _Walker(result)
+    walker = _Walker(result, mask_suffix)
     walker.folder(result.data_root, Settings())
     _describe_all(result, walker.jobs)
     return result
@@ -117,8 +122,8 @@ PARALLEL_MIN_IMAGES = 4000
 _MAX_PROCESSES = 8
 _CHUNK = 500
 
-# One image to describe: (image path, its sidecar paths in reading order, its folder's settings).
-_Job = tuple[str, tuple[str, ...], Settings]
+# One image to describe: (image path, its sidecar paths in reading order, its folder's settings, its mask).
+_Job = tuple[str, tuple[str, ...], Settings, Optional[str]]
 
 
 def _describe_all(result: ScanResult, jobs: list[_Job]) -> None:
@@ -131,12 +136,21 @@ def _describe_all(result: ScanResult, jobs: list[_Job]) -> None:
         outcomes = [_describe_chunk(chunk) for chunk in chunks]
     for described, notices in outcomes:  # in scan order, whichever process did the work
         for path, outcome in described:
-            if isinstance(outcome, str):
-                result.skipped.add(path, outcome)
-            else:
-                result.records.append(_record(path, outcome))
+            _add(result, path, outcome)
         for message, path in notices:
             result.notices.add(message, path)
+
+
+def _add(result: ScanResult, path: str, outcome) -> None:
+    """An image's `_describe` outcome joins the result: its record, or the reason it is skipped (and the reason
+    its mask is, when the image trains without it)."""
+    if isinstance(outcome, str):
+        result.skipped.add(path, outcome)
+        return
+    *values, mask_problem = outcome
+    if mask_problem:
+        result.skipped.add(*mask_problem)
+    result.records.append(_record(path, values))
 
 
 def _describe_chunk(jobs: list[_Job]) -> tuple[list, list[tuple[str, str]]]:
@@ -148,20 +162,25 @@ def _describe_chunk(jobs: list[_Job]) -> tuple[list, list[tuple[str, str]]]:
         notices.append((message, path))
 
     described = []
-    for path, sidecars, folder_settings in jobs:
+    for path, sidecars, folder_settings, mask in jobs:
         try:
-            sources = [folder_settings] + [read_sidecar(p, notify) for p in sidecars]
+            own = [read_sidecar(p, notify) for p in sidecars]
         except SettingsError as e:
             described.append((path, f"its caption file is unusable: {e}"))
             continue
-        described.append((path, _describe(path, merge(sources), notify)))
+        for sidecar, settings in zip(sidecars, own):
+            if settings.mask_suffix is not None:
+                # Which files of a folder are masks is settled for the whole folder, before images are described.
+                notify("mask_suffix names the masks of a whole folder: set it in local.yaml or global.yaml "
+                       "(ignored here)", sidecar)
+        described.append((path, _describe(path, merge([folder_settings, *own]), notify, mask)))
     return described, notices
 
 
-def _describe(path: str, settings: Settings, notify: Notify):
-    """The reason the image at `path` cannot be used, or its record's values for `_record`:
-    plain values, since pickling ImageRecords (with their Caption and Tags) back from a worker
-    process costs more than the header read itself."""
+def _describe(path: str, settings: Settings, notify: Notify, mask: Optional[str] = None):
+    """The reason the image at `path` cannot be used, or its record's values for `_record` and, last,
+    (mask, reason) when its mask cannot be used: plain values, since pickling ImageRecords (with their
+    Caption and Tags) back from a worker process costs more than the header read itself."""
     try:
         width, height = oriented_size(path)
     except Exception as e:  # noqa: BLE001 - any failure to read a header means "skip this file"
@@ -171,7 +190,29 @@ def _describe(path: str, settings: Settings, notify: Notify):
     if not caption.text():
         notify("empty caption (no caption file, folder file or file name gives any text): trained "
                "as an unconditional sample; add a .txt caption", path)
-    return width, height, caption.main_prompt, [tuple(t) for t in caption.tags], fields
+    mask_problem = None
+    if mask is not None:
+        reason = mask_problem_reason(mask, (width, height))
+        if reason is None:
+            fields["mask_path"] = mask
+        else:
+            mask_problem = (mask, f"{reason}; {os.path.basename(path)} trains without a mask")
+    return width, height, caption.main_prompt, [tuple(t) for t in caption.tags], fields, mask_problem
+
+
+def mask_problem_reason(mask: str, image_size: tuple[int, int]) -> Optional[str]:
+    """Why the mask at `mask` cannot weight the loss of an image of `image_size` (as displayed), from its
+    header alone, or None when it can."""
+    try:
+        width, height = oriented_size(mask)
+    except Exception as e:  # noqa: BLE001 - as for images: any failure to read a header
+        return unreadable_reason(mask, e)
+    image_width, image_height = image_size
+    if abs((width / height) / (image_width / image_height) - 1) > MASK_ASPECT_TOLERANCE:
+        return (f"its size {width}x{height} is not the shape of its image's {image_width}x{image_height} "
+                f"(aspect ratios differ by more than {MASK_ASPECT_TOLERANCE:.0%}); draw the mask on the "
+                f"image as displayed, at any resolution")
+    return None
 
 
 def _record(path: str, values: tuple) -> ImageRecord:
@@ -194,8 +235,9 @@ class _Walker:
     are skipped. Symlinked folders are followed once each (a link back to an ancestor would
     otherwise loop forever). Folder files are read here; each image becomes a `_Job`."""
 
-    def __init__(self, result: ScanResult):
+    def __init__(self, result: ScanResult, mask_suffix: str):
         self.result = result
+        self.mask_suffix = mask_suffix
         self.seen_dirs: set[str] = set()
         self.jobs: list[_Job] = []
 
@@ -210,13 +252,34 @@ class _Walker:
         # global.yaml applies here and below, over the parents' (§2.4); folder files apply here only.
         inherited_here = merge([inherited, *self._folder_files(listing, GLOBAL_FILES)])
         folder_settings = merge([inherited_here, *self._folder_files(listing, LOCAL_FILES)])
-        for image in listing.images:
-            stem = os.path.splitext(os.path.basename(image))[0]
+        suffix = folder_settings.mask_suffix or self.mask_suffix
+        images, masks = self._images_and_masks(listing.images, suffix)
+        for image in images:
+            stem = _stem(image)
             sidecars = tuple(p for p in (listing.sidecars.get((stem, ext)) for ext in SIDECAR_EXTENSIONS)
                              if p)
-            self.jobs.append((image, sidecars, folder_settings))
+            self.jobs.append((image, sidecars, folder_settings, masks.pop(stem, None)))
+        for stem, mask in masks.items():
+            self.result.skipped.add(mask, f"a mask (its name ends in '{suffix}') without its image '{stem}.<ext>' "
+                                          f"beside it; add the image, or rename the file if it is an image to "
+                                          f"train (or set mask_suffix)")
         for sub in listing.subfolders:
             self.folder(sub, inherited_here)
+
+    def _images_and_masks(self, files: list[str], suffix: str) -> tuple[list[str], dict[str, str]]:
+        """The image files that are images, and {image stem: mask path} for those named `<stem><suffix>.<ext>`.
+        Of two masks of one image, the first by name is used and the other reported."""
+        images, masks = [], {}
+        for path in files:
+            stem = _stem(path)
+            if not stem.endswith(suffix):
+                images.append(path)
+            elif stem[:-len(suffix)] in masks:
+                self.result.skipped.add(path, f"a second mask of the same image; "
+                                              f"{os.path.basename(masks[stem[:-len(suffix)]])} is used")
+            else:
+                masks[stem[:-len(suffix)]] = path
+        return images, masks
 
     def _list(self, path: str) -> Optional[_Folder]:
         try:
@@ -259,6 +322,10 @@ class _Walker:
             except SettingsError as e:
                 self.result.skipped.add(path, f"{without_path(str(e), path)} (the file is ignored)")
         return out
+
+
+def _stem(path: str) -> str:
+    return os.path.splitext(os.path.basename(path))[0]
 
 
 class _TooLarge(ValueError):
@@ -378,7 +445,7 @@ def unreadable_reason(path: str, error: Exception) -> str:
 
 # ---------------------------------------------------------------- manifests
 
-def _scan_manifest(path: str) -> ScanResult:
+def _scan_manifest(path: str, mask_suffix: str) -> ScanResult:
     """§2.8: a JSON array of §2.3 entries, each naming its `image`. No folder files apply. Relative
     image paths resolve against the working directory (as EveryDream2), else the manifest's folder
     (where a hand-written manifest's paths usually point)."""
@@ -388,6 +455,7 @@ def _scan_manifest(path: str) -> ScanResult:
     except SettingsError as e:
         raise DataError(f"data_root manifest unusable: {e}") from None
     base = os.path.dirname(os.path.abspath(path))
+    masks = _MasksBeside()
     for index, entry in enumerate(entries):
         label = f"{path} (entry {index + 1})"
         try:
@@ -403,13 +471,38 @@ def _scan_manifest(path: str) -> ScanResult:
             result.skipped.add(label, f"image '{image}' not found (relative paths resolve against "
                                       f"the working directory, then the manifest's folder)")
             continue
+        mask = masks.beside(found, settings.mask_suffix or mask_suffix)
         # merged alone, for the ordering of tags by weight that merging gives every other source
-        outcome = _describe(found, merge([settings]), result.notices.add)
-        if isinstance(outcome, str):
-            result.skipped.add(found, outcome)
-        else:
-            result.records.append(_record(found, outcome))
+        _add(result, found, _describe(found, merge([settings]), result.notices.add, mask))
     return result
+
+
+class _MasksBeside:
+    """The masks beside manifest images, from one listing of each folder (not one lookup per extension and
+    image: a manifest may list 100,000 images)."""
+
+    def __init__(self) -> None:
+        self._folders: dict[str, dict[str, str]] = {}
+
+    def beside(self, image: str, suffix: str) -> Optional[str]:
+        folder = os.path.dirname(image)
+        if folder not in self._folders:
+            self._folders[folder] = self._masks_by_stem(folder)
+        return self._folders[folder].get(_stem(image) + suffix)
+
+    @staticmethod
+    def _masks_by_stem(folder: str) -> dict[str, str]:
+        """{stem: path} of the image files in `folder`; the first by name for a stem."""
+        found: dict[str, str] = {}
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            return found
+        for name in names:
+            stem, ext = os.path.splitext(name)
+            if ext.lower() in IMAGE_EXTENSIONS and not name.startswith("."):
+                found.setdefault(stem, os.path.join(folder, name))
+        return found
 
 
 def _resolve(image: str, base: str) -> Optional[str]:

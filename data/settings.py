@@ -25,7 +25,7 @@ import yaml
 
 from data.captions import caption_from_filename, decode_text, normalize_space, parse_caption_text
 from data.records import DEFAULT_BATCH_ID, DEFAULT_MAX_CAPTION_LENGTH, Caption, Tag
-from utils.options.values import close_match, encodable, is_number
+from utils.options.values import DEFAULT_MASK_SUFFIX, close_match, encodable, is_number, mask_suffix_problem
 
 # Image sidecars in reading order; a later one wins scalars and the main prompt (§2.2). `.json` is
 # read like `.yaml` (issue #4; EveryDream2 reads image-level JSON only in manifests).
@@ -42,7 +42,7 @@ GLOBAL_FILES = ("global.yaml", "global.yml")
 
 # §2.3 keys. `image` only means something in a manifest entry; elsewhere it is accepted and unused.
 SCHEMA_KEYS = ("main_prompt", "tags", "caption", "rating", "max_caption_length", "multiply",
-               "cond_dropout", "flip_p", "shuffle_tags", "batch_id", "loss_scale", "image")
+               "cond_dropout", "flip_p", "shuffle_tags", "batch_id", "loss_scale", "mask_suffix", "image")
 
 # libyaml's parser when PyYAML was built with it: ~10x faster on datasets with a yaml per image.
 _YAML_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -66,10 +66,11 @@ class Settings:
     shuffle_tags: Optional[bool] = None
     batch_id: Optional[str] = None
     loss_scale: Optional[float] = None
+    mask_suffix: Optional[str] = None
 
 
 _SCALARS = ("rating", "max_caption_length", "multiply", "cond_dropout", "flip_p", "batch_id",
-            "loss_scale")
+            "loss_scale", "mask_suffix")
 
 
 def caption_settings(caption: Caption) -> Settings:
@@ -398,6 +399,12 @@ def settings_from_mapping(data: dict, where: _Where, notify: Notify,
             values["shuffle_tags"] = value
         elif key == "batch_id":
             values["batch_id"] = _text(where, keys, value) or None
+        elif key == "mask_suffix":
+            problem = mask_suffix_problem(value) if isinstance(value, str) else \
+                f"must be text such as {DEFAULT_MASK_SUFFIX}, got {_kind(value)} {_short(value)}"
+            if problem:
+                raise where.error(keys, problem)
+            values["mask_suffix"] = value
         else:
             values[key] = _check_number(where, keys, key, _number(where, keys, value), notify)
     own = Settings(**values)

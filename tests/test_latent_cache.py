@@ -219,7 +219,7 @@ def test_header_crop_is_the_crop_the_decoder_uses(tmp_path, size, orientation):
     pixels = np.random.default_rng(1).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     Image.fromarray(pixels).save(path, quality=90, exif=exif)
     bucket = (192, 128)
-    box = training_crop(str(path), bucket, random.Random(5))
+    box = training_crop(str(path), bucket, random.Random(5)).box
     image = open_oriented_rgb(str(path), min_size=(_DRAFT_MARGIN * bucket[0], _DRAFT_MARGIN * bucket[1]))
     expected = to_tensor(image.resize(bucket, box=box).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert torch.equal(load_training_image(str(path), bucket, random.Random(5), flip=True), expected)

@@ -89,12 +89,39 @@ def min_snr_weight(noise_scheduler, timesteps: torch.Tensor, gamma: float) -> to
     return (gamma / snr).clamp(max=1.0)
 
 
+def mask_weights(loss_mask: torch.Tensor | None, latents: torch.Tensor, unmasked_weight: float) -> torch.Tensor | None:
+    """The loss weight of every latent pixel, [N, 1, h, w] on the latents' device, from a batch's `loss_mask` (its
+    images' masks at pixel resolution, uint8, 255 = learn; data/loader.py): each mask area-averaged down to the
+    latents' size, then unmasked_weight + (1 - unmasked_weight) x mask, written as 1 - (1 - unmasked_weight) x
+    (1 - mask) so that white (and every pixel with unmasked_weight 1) weighs exactly 1. None without masks."""
+    if loss_mask is None:
+        return None
+    mask = loss_mask.to(latents.device, non_blocking=True).float() / 255
+    mask = F.interpolate(mask, size=latents.shape[-2:], mode="area")
+    return 1 - (1 - unmasked_weight) * (1 - mask)
+
+
+def per_sample_mean(per_element: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Each sample's mean of `per_element` ([N, C, h, w]) over channels and pixels; with `weights` ([N, 1, h, w],
+    the same for every channel) its weighted mean sum(w x l) / sum(w). That is computed as mean(w x l) / mean(w)
+    with mean(w) = sum(w) / pixels, so that weights of exactly 1 give the plain mean bit for bit (the sum of ones
+    is exact, and so is dividing it by its count). A sample whose weights are all 0 has nothing to learn: 0."""
+    if weights is None:
+        return per_element.mean(dim=(1, 2, 3))
+    mean_weight = weights.sum(dim=(1, 2, 3)) / weights[0].numel()
+    # Clamped, not masked with `where`: a 0 weight sum comes with a 0 numerator, and 0 / tiny keeps its gradient 0.
+    return (per_element * weights).mean(dim=(1, 2, 3)) / mean_weight.clamp(min=torch.finfo(mean_weight.dtype).tiny)
+
+
 def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Tensor, loss_type: str,
-                   loss_scale: torch.Tensor, num_train_timesteps: int = 1000) -> torch.Tensor:
+                   loss_scale: torch.Tensor, num_train_timesteps: int = 1000,
+                   weights: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sample weighted loss, averaged over the batch.
 
     mse_huber goes from pure MSE at timestep 0 to pure Huber (delta 1) at the last timestep, linearly in t;
-    huber_mse is the reverse. Each sample's loss is multiplied by its loss_scale (which carries any min-SNR weight).
+    huber_mse is the reverse. Each sample's loss is its mean over channels and pixels, weighted per latent pixel by
+    `weights` (masks, see mask_weights) when given, and multiplied by its loss_scale (which carries any min-SNR
+    weight).
     """
     pred, target = pred.float(), target.float()
     if loss_type == "mse":
@@ -107,7 +134,7 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, timesteps: torch.Te
             huber_weight = 1 - huber_weight
         per_element = (1 - huber_weight) * F.mse_loss(pred, target, reduction="none") + \
             huber_weight * F.huber_loss(pred, target, reduction="none", delta=1.0)
-    per_sample = per_element.mean(dim=(1, 2, 3))
+    per_sample = per_sample_mean(per_element, weights)
     return (per_sample * loss_scale.to(per_sample.device)).mean()
 
 

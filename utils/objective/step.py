@@ -12,8 +12,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from data.latent_cache import store
 from utils.objective import flow
-from utils.objective.objectives import diffusion_loss, min_snr_weight, noised_and_target, perturb_embedding, \
-    runt_weight, sample_noise, sample_timesteps
+from utils.objective.objectives import diffusion_loss, mask_weights, min_snr_weight, noised_and_target, \
+    perturb_embedding, runt_weight, sample_noise, sample_timesteps
 
 
 @dataclass
@@ -29,12 +29,13 @@ class StepSettings:
     min_snr_gamma: float | None
     clip_skip: int
     rectified_flow: bool = False
+    masked_loss_unmasked_weight: float = 0.0
 
     @classmethod
     def from_args(cls, args) -> StepSettings:
         return cls(args.loss_type, args.zero_frequency_noise_ratio, args.timestep_start, args.timestep_end,
                    args.batch_size, args.pyramid_noise_discount, args.embedding_perturbation, args.min_snr_gamma,
-                   args.clip_skip, args.rectified_flow)
+                   args.clip_skip, args.rectified_flow, args.masked_loss_unmasked_weight)
 
 
 @dataclass(frozen=True)
@@ -159,7 +160,8 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
         weight = weight * flow.min_snr_weight(timesteps, num_train_timesteps, settings.min_snr_gamma)
     elif settings.min_snr_gamma:
         weight = weight * min_snr_weight(noise_scheduler, timesteps, settings.min_snr_gamma)
-    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps)
+    loss = diffusion_loss(pred, target, timesteps, settings.loss_type, weight, num_train_timesteps,
+                          mask_weights(batch.get("loss_mask"), latents, settings.masked_loss_unmasked_weight))
     mark("unet")
     return loss * runt_weight(batch["runt_size"], settings.batch_size * share.processes)
 

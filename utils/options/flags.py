@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from utils.options.values import DEFAULT_MASK_SUFFIX
+
 BUCKET_RESOLUTIONS = (256, 320, 384, 448, 512, 576, 640, 704, 768, 832, 896, 960, 1024, 1088, 1152, 1280, 1536)
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -53,6 +55,9 @@ FLAGS: list[Flag] = [
         ("rated_dataset_target_dropout_percent", int, 50, "With rated_dataset: the percent of images that later "
          "epochs shrink towards (see doc/DATA.md for the exact schedule).", {"min": 0, "max": 100}),
         ("validation_config", str, None, "Validation settings JSON (see doc/VALIDATION.md); unset = no validation."),
+        ("mask_suffix", str, DEFAULT_MASK_SUFFIX, "A loss mask beside image NAME.jpg is NAME<mask_suffix>.png "
+         "(any image extension): white = learn, black = ignore (doc/DATA.md, Masks). A folder's local.yaml or "
+         "global.yaml may name another."),
     ),
     *_flags(
         "Training",
@@ -113,6 +118,10 @@ FLAGS: list[Flag] = [
          "std = value / sqrt(embedding width); 0 = off.", {"min": 0}),
         ("min_snr_gamma", float, None, "Min-SNR loss weighting gamma (e.g. 5): per-image weight min(SNR, gamma)/SNR "
          "(epsilon) or min(SNR, gamma)/(SNR+1) (v-prediction); unset or 0 = off.", {"min": 0, "live": True}),
+        ("masked_loss_unmasked_weight", float, 0.0, "Loss weight of the black (masked-out) parts of images with a "
+         "loss mask, grey in between: 0 = they do not count, 1 = masks change nothing. Each image's loss is the "
+         "weighted mean over its pixels, so a white mask trains as no mask (doc/DATA.md, Masks).",
+         {"min": 0, "max": 1}),
         ("enable_zero_terminal_snr", bool, False, "Rescale betas so the last timestep has zero SNR (v-prediction "
          "models only). Samples use trailing DDIM steps and guidance rescale 0.7; saved checkpoints keep the "
          "rescaled scheduler."),

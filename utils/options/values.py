@@ -83,6 +83,21 @@ def string(where: str, key: str, value: Any) -> str:
     return value
 
 
+# A loss mask beside image NAME.jpg is NAME<suffix>.png (doc/DATA.md, Masks): OneTrainer's name is the mask_suffix
+# flag's default; a folder's local.yaml or global.yaml may name another, held to the same rule.
+DEFAULT_MASK_SUFFIX = "-masklabel"
+
+
+def mask_suffix_problem(suffix: str) -> str | None:
+    """Why `suffix` cannot end a mask's file name (before its extension), or None."""
+    if not suffix:
+        return ("must not be empty: a mask needs a name of its own, NAME<suffix>.png beside NAME.jpg (e.g. "
+                f"{DEFAULT_MASK_SUFFIX})")
+    if "/" in suffix or "\\" in suffix:
+        return f"'{suffix}' holds a path separator: a mask lies in its image's folder, named NAME<suffix>.png"
+    return None
+
+
 def strings(where: str, key: str, value: Any) -> list[str]:
     """A list of strings (e.g. `["my_plugins.Counter"]`)."""
     if not isinstance(value, list):

@@ -64,13 +64,14 @@ def read_inputs(argv: list[str] | None) -> Inputs:
     check_optimizers_run_here(optimizer_file, args.optimizer_config,
                               cuda_device(args) if torch.cuda.is_available() else "cpu")
     plugins = PluginRunner(load_plugins(args.plugins, args.sources.get("plugins", "defaults")))
-    scan = data.scan(args.data_root)
+    scan = data.scan(args.data_root, args.mask_suffix)
     scan.require_images()
     records = data.assign_buckets(scan.records, args.resolution)
     validation_cfg = validation.load_validation_config(args.validation_config) if args.validation_config else None
     validation_sets = {}
     if validation_cfg:
-        records, validation_sets = validation.split_records(records, validation_cfg, args.resolution)
+        records, validation_sets = validation.split_records(records, validation_cfg, args.resolution,
+                                                            args.mask_suffix)
     samples = sampling.SampleSchedule.from_args(args)
     for line in scan.summary_lines():
         log.warning(line)

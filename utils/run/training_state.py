@@ -53,6 +53,8 @@ def fingerprint(args, records, num_processes: int, trained: list[str]) -> dict:
     digest = hashlib.sha256()
     for record in records:  # every field: path, caption, size, bucket, repeats, batch group, per-image options
         digest.update(repr(record).encode())
+        if record.mask_path:  # not in the repr (see ImageRecord)
+            digest.update(f"mask:{record.mask_path}".encode())
     return {**{key: getattr(args, key) for key in RUN_DEFINING_KEYS}, "num_processes": num_processes,
             "trained": sorted(trained), "images": len(records), "data": digest.hexdigest()}
 

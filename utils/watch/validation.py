@@ -3,10 +3,10 @@
 A validation JSON (`validation_config`) defines the sets to evaluate: `val` (an automatic split of the
 training images, or a folder of its own), extra named folders, and `stabilize-train` (a fixed subset of the
 training images that stays in training). A pass computes, for each set, the plain MSE between the UNet's
-prediction and its target. The VAE sample, noise and timesteps come from a private generator seeded with the
-config's seed at the start of every set, so two passes over the same weights give the same number: a change
-in the curve is a change in the model, not in the draw. Training randomness is untouched (the global RNGs
-are neither read nor reseeded).
+prediction and its target, weighted by the images' masks as training weighs them (doc/DATA.md). The VAE sample,
+noise and timesteps come from a private generator seeded with the config's seed at the start of every set, so two
+passes over the same weights give the same number: a change in the curve is a change in the model, not in the draw.
+Training randomness is untouched (the global RNGs are neither read nor reseeded).
 
 Use from train.py (everything but `run` works before any model is loaded):
     vcfg = load_validation_config(path)
@@ -32,9 +32,11 @@ from tqdm.auto import tqdm
 
 import data
 from data.records import DEFAULT_BATCH_ID
+from data.settings import DEFAULT_MASK_SUFFIX
 from utils.options.config import ConfigError, read_json_object
 from utils.options.values import boolean, integer, number, proportion, unknown_key
-from utils.objective.objectives import noised_and_target, sample_noise, sample_timesteps
+from utils.objective.objectives import mask_weights, noised_and_target, per_sample_mean, sample_noise, \
+    sample_timesteps
 from utils.objective.step import StepSettings, encode_images, encode_text
 
 log = logging.getLogger(__name__)
@@ -209,8 +211,8 @@ def _seeded_pick(records: Sequence[data.ImageRecord], proportion: float,
     return ordered[:max(1, math.ceil(proportion * len(ordered)))]
 
 
-def _scan_set(where: str, key: str, folder: str, resolution: int) -> list[data.ImageRecord]:
-    result = data.scan(folder)
+def _scan_set(where: str, key: str, folder: str, resolution: int, mask_suffix: str) -> list[data.ImageRecord]:
+    result = data.scan(folder, mask_suffix)
     for line in result.summary_lines():
         log.warning("%s: %s: %s", where, key, line)
     if not result.records:
@@ -219,9 +221,11 @@ def _scan_set(where: str, key: str, folder: str, resolution: int) -> list[data.I
     return [_as_validation_item(r) for r in data.assign_buckets(result.records, resolution)]
 
 
-def split_records(records: Sequence[data.ImageRecord], cfg: ValidationConfig,
-                  resolution: int) -> tuple[list[data.ImageRecord], dict[str, list[data.ImageRecord]]]:
-    """(training records, {set name: records}) for `cfg` (§4.1). `records` are the bucketed training images.
+def split_records(records: Sequence[data.ImageRecord], cfg: ValidationConfig, resolution: int,
+                  mask_suffix: str = DEFAULT_MASK_SUFFIX
+                  ) -> tuple[list[data.ImageRecord], dict[str, list[data.ImageRecord]]]:
+    """(training records, {set name: records}) for `cfg` (§4.1). `records` are the bucketed training images;
+    folders of their own are scanned with `mask_suffix`, as data_root is.
 
     `val` images are removed from training: drawn from it (automatic), or, for a manual folder, any training
     image that is the same file. `stabilize-train` images are drawn from what remains and stay in training.
@@ -244,7 +248,7 @@ def split_records(records: Sequence[data.ImageRecord], cfg: ValidationConfig,
         sets[VAL] = [_as_validation_item(r) for r in picked]
         log.info("Validation: %d of %d images held out of training as '%s'", len(picked), len(records), VAL)
     elif cfg.has_val_set():
-        sets[VAL] = _scan_set(where, "manual_data_root", cfg.manual_data_root, resolution)
+        sets[VAL] = _scan_set(where, "manual_data_root", cfg.manual_data_root, resolution, mask_suffix)
         val_files = {os.path.realpath(r.path) for r in sets[VAL]}
         overlap = [r for r in train if os.path.realpath(r.path) in val_files]
         if len(overlap) == len(train):
@@ -261,7 +265,7 @@ def split_records(records: Sequence[data.ImageRecord], cfg: ValidationConfig,
         log.info("Validation: '%s' = %d training images (they keep training)", STABILIZE, len(sets[STABILIZE]))
     train_files = {os.path.realpath(r.path) for r in train}
     for name, folder in cfg.extra_manual_datasets.items():
-        sets[name] = _scan_set(where, f"extra_manual_datasets.{name}", folder, resolution)
+        sets[name] = _scan_set(where, f"extra_manual_datasets.{name}", folder, resolution, mask_suffix)
         shared = sum(os.path.realpath(r.path) in train_files for r in sets[name])
         if shared:
             log.warning("%s: %d image(s) of extra set '%s' are also training images: its loss shows how well "
@@ -281,7 +285,8 @@ class Validator:
     def __init__(self, cfg: ValidationConfig, sets: dict[str, list[data.ImageRecord]], training: StepSettings,
                  num_workers: int = 0, rank: int = 0, processes: int = 1):
         """`training`: the training step's settings at the start of the run. Passes use its timestep range,
-        pyramid noise and clip_skip (what the model is trained to do) and none of its loss shaping. They are
+        pyramid noise, clip_skip (what the model is trained to do) and mask weighting (what it is trained on) and
+        none of its loss shaping. They are
         kept as given, so a live settings change mid-run does not make later passes incomparable to earlier.
 
         With several training processes, process `rank` of `processes` evaluates batches rank, rank + processes,
@@ -318,8 +323,8 @@ class Validator:
 
     @torch.no_grad()
     def _set_loss(self, name: str, unet, text_encoder, vae, noise_scheduler, tokenizer, autocast) -> float:
-        """Mean over the set's images of each image's MSE; padding duplicates in a runt batch are not counted,
-        so every image weighs the same. Batch k's draws come from a generator seeded with (seed, k), so the
+        """Mean over the set's images of each image's (mask-weighted) MSE; padding duplicates in a runt batch are not
+        counted, so every image weighs the same. Batch k's draws come from a generator seeded with (seed, k), so the
         result is the same whichever process evaluates which batch."""
         plan, records = self.plans[name], self.sets[name]
         steps = range(self.rank, len(plan), self.processes)
@@ -340,7 +345,9 @@ class Validator:
                 noisy, target = noised_and_target(noise_scheduler, latents, noise, timesteps,
                                                   self.training.rectified_flow)
                 pred = unet(noisy, timesteps, hidden).sample
-            per_image = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+            per_image = per_sample_mean(F.mse_loss(pred.float(), target.float(), reduction="none"),
+                                        mask_weights(batch.get("loss_mask"), latents,
+                                                     self.training.masked_loss_unmasked_weight))
             real = batch["runt_size"] or len(per_image)
             total += per_image[:real].sum()  # kept on the device: one host sync per set, not per batch
             count += real
