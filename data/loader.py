@@ -14,6 +14,10 @@ workers call. Separate purposes keep one stream's draws from shifting another's.
 Plugins (utils/plugins, doc/PLUGINS.md): their caption transform runs on the assembled caption (tags
 shuffled), before caption dropout and tokenizing; their image transform on the cropped, resized and
 flipped PIL image, before it becomes the [-1, 1] tensor. Without plugins nothing changes.
+
+Masks (doc/DATA.md): an image's mask is cut with its image's crop box (drawn again from a generator in the
+state the image's was drawn from), resized and flipped with it; a batch with any masked image carries
+`loss_mask`, a batch without none, so it trains exactly as before masks existed.
 """
 
 from __future__ import annotations

@@ -5,8 +5,9 @@ here: decoding every image at start-up would cost minutes on a large dataset. Pi
 epoch by `data.images`, in data-loader workers.
 
 Nothing here stops for one bad file: an image that cannot be read, or whose own caption file is
-broken, is skipped; a broken folder file (local.yaml, multiply.txt, ...) is ignored as if absent.
-Both are listed in `ScanResult.skipped` with the reason, for the start-up summary.
+broken, is skipped; a broken folder file (local.yaml, multiply.txt, ...) is ignored as if absent; an
+image whose mask is unreadable or not its shape trains without it. All are listed in
+`ScanResult.skipped` with the reason, for the start-up summary.
 """
 
 from __future__ import annotations
