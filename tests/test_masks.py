@@ -358,6 +358,27 @@ def test_manifest_images_find_their_masks_beside_them(tmp_path):
                                              str(tmp_path / "imgs" / "b_m.png")]
 
 
+def test_adding_a_mask_is_a_change_of_the_data_for_resuming_and_no_mask_changes_nothing(tmp_path):
+    """A resumable checkpoint continues only the same data; records without masks fingerprint as they did before
+    masks existed, so checkpoints saved then still continue."""
+    import hashlib
+    from types import SimpleNamespace
+
+    from utils.run import training_state
+
+    root = tmp_path / "images"
+    for n in range(2):
+        save(root / f"img_{n}.png", np.zeros((64, 64, 3), np.uint8))
+    args = SimpleNamespace(batch_size=2, grad_accum=1, seed=5, resolution=64, cache_latents=False)
+    records, _ = records_of(root)
+    before = training_state.fingerprint(args, records, 1, ["unet"])
+    assert before["data"] == hashlib.sha256("".join(map(repr, records)).encode()).hexdigest()
+    save(root / "img_1-masklabel.png", left_half_white((64, 64)))
+    masked, _ = records_of(root)
+    assert training_state.differences(before, training_state.fingerprint(args, masked, 1, ["unet"])) == [
+        "the training data (images, captions or their settings) changed"]
+
+
 # ---------------------------------------------------------------- bad masks
 
 def test_bad_masks_leave_their_image_to_train_without_one(tmp_path, tokenizer, caplog):
