@@ -135,7 +135,7 @@ def test_process_losses_average_to_the_loss_of_the_global_batch(tiny, runt_size,
              "loss_scale": torch.tensor([1.0, 0.5, 2.0, 1.0]), "runt_size": runt_size}
     options = dict(loss_type="mse", zero_frequency_noise_ratio=0.1, timestep_start=0, timestep_end=1000,
                    pyramid_noise_discount=0.3, embedding_perturbation=0.5, min_snr_gamma=5.0, clip_skip=0,
-                   rectified_flow=rectified_flow)
+                   rectified_flow=rectified_flow, masked_loss_unmasked_weight=0.0)
 
     def loss_and_grads(rows: slice, batch_size: int, share: BatchShare):
         part = {key: value[rows] if torch.is_tensor(value) else value for key, value in batch.items()}
