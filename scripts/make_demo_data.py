@@ -50,7 +50,7 @@ PALETTE: dict[str, tuple[int, int, int]] = {
     "blue": (30, 60, 220),
     "green": (30, 180, 40),
     "yellow": (240, 210, 20),
-    "purple": (140, 40, 190),
+    "purple": (200, 40, 220),
 }
 SHAPES = ("circle", "square", "triangle", "cross")
 
@@ -102,7 +102,7 @@ def render_dataset(seed: int = 0, n_square: int = 8, n_landscape: int = 1, n_por
 NEW_COLOUR = "purple"  # what the demo teaches: demo/tiny-shapes never saw it (scripts/pretrain_tiny_shapes.py)
 
 
-def render_finetune_dataset(seed: int = 0, n_new: int = 6, n_known: int = 1):
+def render_finetune_dataset(seed: int = 0, n_new: int = 8, n_known: int = 2):
     """The demo's fine-tuning set (demo/purple): ``n_new`` images of each shape in NEW_COLOUR, and ``n_known`` of
     every known colour and shape, so the known concepts stay in view while the new one is learned. A list of
     (file stem, caption, PIL image), 128x128, deterministic for ``seed``."""
@@ -138,7 +138,7 @@ def main() -> None:
     p.add_argument("--n_landscape", type=int, default=1, help="192x128 images per concept")
     p.add_argument("--n_portrait", type=int, default=1, help="128x192 images per concept")
     p.add_argument("--finetune", action="store_true", help=f"the demo's fine-tuning set instead (demo/purple): "
-                   f"{NEW_COLOUR} shapes and one image of each known concept")
+                   f"8 {NEW_COLOUR} images of each shape and 2 of each known concept")
     a = p.parse_args()
     paths = make_demo_data(a.out, a.seed, a.n_square, a.n_landscape, a.n_portrait, a.finetune)
     print(f"wrote {len(paths)} images (+ .txt captions) to {a.out}")

@@ -34,8 +34,11 @@ import make_demo_data as world  # noqa: E402
 import make_tiny_model as tiny  # noqa: E402
 
 KNOWN_COLOURS = ("red", "blue", "green", "yellow")  # purple is left for the demo to teach
-IMAGES_PER_CONCEPT = 48
+IMAGES_PER_CONCEPT = 128
 VAE_BATCH, VAE_LR = 32, 1e-3
+# Offset noise hides an image's mean colour from the noisy latent, so the model must take colour from the caption
+# rather than read it from the noise it denoises (colour then follows the prompt, not the sampling seed).
+ZERO_FREQUENCY_NOISE = 0.1
 
 
 def render(colours, per_concept: int, seed: int, size: int) -> list:
@@ -104,7 +107,7 @@ def pretrain(base: Path, data: Path, work: Path, steps: int, batch: int, size: i
         "--resume_ckpt", str(base), "--data_root", str(data), "--resolution", str(size), "--batch_size", str(batch),
         "--max_epochs", str(math.ceil(steps / steps_per_epoch)), "--optimizer_config", str(optimizer),
         "--lr_decay_steps", str(steps), "--cond_dropout", "0.1", "--loss_type", "mse",
-        "--zero_frequency_noise_ratio", "0", "--cache_latents", "--sample_steps", "0",
+        "--zero_frequency_noise_ratio", str(ZERO_FREQUENCY_NOISE), "--cache_latents", "--sample_steps", "0",
         "--no-generate_pretrain_samples", "--log_step", "100", "--logdir", str(work / "logs"), "--project_name",
         "shapes", "--seed", str(seed), "--no_save_ckpt", "--no_prepend_last"])
     (run,) = (work / "logs").glob("shapes_*")
@@ -135,7 +138,8 @@ def main() -> None:
         final = pretrain(work / "base", work / "data", work, args.steps, args.batch_size, args.resolution, args.seed)
         out = Path(args.out)
         shutil.rmtree(out, ignore_errors=True)
-        shutil.copytree(final, out, ignore=shutil.ignore_patterns("*.pt", "ldm_carried.safetensors"))
+        shutil.copytree(final, out, ignore=shutil.ignore_patterns("*.pt", "ldm_carried.safetensors", "tokenizer"))
+        shutil.copytree(work / "base" / "tokenizer", out / "tokenizer")  # vocab.json + merges.txt, as demo/tiny-sd
     print(f"saved {out} in {time.time() - started:.0f} s")
 
 

@@ -6,6 +6,7 @@ TensorBoard events, the run folder, samples, and checkpoints loaded back by diff
 from __future__ import annotations
 
 import json
+import random
 import re
 import subprocess
 import sys
@@ -14,9 +15,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
-from tests.conftest import DEMO_DATA, REPO, read_scalars, short_run
+from tests.conftest import REPO, read_scalars, short_run
 
 DEMO_COMMAND = "python train.py --config cfgs/demo.json"
 
@@ -49,8 +51,8 @@ def test_demo_loss_falls(demo_run):
     epoch_losses = [v for _, v in scalars["loss/epoch"]]
     demo_cfg = json.loads((REPO / "cfgs" / "demo.json").read_text())
     assert len(epoch_losses) == demo_cfg["max_epochs"]
-    first, last = np.mean(epoch_losses[:2]), np.mean(epoch_losses[-2:])
-    assert last < 0.8 * first, epoch_losses
+    first, last = np.mean(epoch_losses[:5]), np.mean(epoch_losses[-5:])
+    assert last < 0.95 * first, epoch_losses  # a fine-tune: the base model already denoises most of the picture
 
 
 def test_demo_logs_what_users_watch(demo_run):
@@ -60,7 +62,8 @@ def test_demo_logs_what_users_watch(demo_run):
                 "performance/images per second", "performance/minutes per epoch", "optimizer/unet_grad_norm"):
         assert scalars[tag], tag
     te_lrs = [v for _, v in scalars["hyperparameter/lr text encoder"]]
-    assert max(te_lrs) == pytest.approx(5e-4, rel=0.05) and te_lrs[-1] < 0.1 * max(te_lrs)  # cosine from demo_optimizer
+    demo_lr = json.loads((REPO / "cfgs" / "demo_optimizer.json").read_text())["base"]["lr"]
+    assert max(te_lrs) == pytest.approx(demo_lr, rel=0.05) and te_lrs[-1] < 0.1 * max(te_lrs)  # cosine
     assert any(tag.startswith("sample_") for tag in scalars["_images"])
     options = json.loads((run / f"{run.name}_main.json").read_text())
     assert options["resolution"] == json.loads((REPO / "cfgs" / "demo.json").read_text())["resolution"]
@@ -101,60 +104,68 @@ def test_single_file_loads_in_diffusers_with_the_folders_weights(demo_run):
             assert torch.equal(mine[key].float(), value.half().float()), f"{part}.{key}"
 
 
-def caption_accuracy(model_path) -> float:
-    """Uses the model as a diffusion classifier: for each square demo image, the caption (of the four) under
-    which it predicts the noise best, over 8 fixed noise/timestep draws. Chance is 25%."""
-    import random
+def judged(demo_run, prompts) -> tuple[float, float]:
+    """The share of the demo's samples of `prompts` that ShapeJudge judged correct at the first and the last
+    sample event, read back from TensorBoard (3 seeds per prompt)."""
+    scalars = read_scalars(demo_run["run"])
+    firsts, lasts = zip(*((scalars[f"judge/{p}"][0][1], scalars[f"judge/{p}"][-1][1]) for p in prompts))
+    return float(np.mean(firsts)), float(np.mean(lasts))
 
-    from data import assign_buckets, scan
-    from data.images import load_training_image
+
+def demo_prompts() -> list[str]:
+    samples = json.loads((REPO / "cfgs" / "demo_samples.json").read_text())["samples"]
+    return list(dict.fromkeys(sample["prompt"] for sample in samples))
+
+
+def test_the_demo_teaches_the_new_colour_and_keeps_most_of_the_known_ones(demo_run):
+    """doc/EVALUATION.md's table, measured on this machine's kind: purple from 8% to 100%, known colours 92% -> 83%."""
+    purple = [p for p in demo_prompts() if "purple" in p]
+    known = [p for p in demo_prompts() if "purple" not in p]
+    assert len(purple) == 4 and len(known) == 4
+    purple_before, purple_after = judged(demo_run, purple)
+    known_before, known_after = judged(demo_run, known)
+    assert purple_before < 0.1 and purple_after >= 0.9, (purple_before, purple_after)
+    assert known_before >= 0.8 and known_after >= 0.8, (known_before, known_after)
+    scalars = read_scalars(demo_run["run"])
+    assert [step for step, _ in scalars["judge/overall"]] == [0, 100, 200, 300, 400]
+    table = demo_run["log"][demo_run["log"].index("ShapeJudge: samples judged correct"):]
+    assert all(prompt in table for prompt in purple + known)
+    grid = Image.open(demo_run["run"] / "before_after.jpg")
+    assert grid.height > 8 * 128 and grid.width > 2 * 128  # a row per prompt, before and after side by side
+    assert "judge/before_after" in scalars["_images"]
+
+
+def test_the_diffusion_classifier_sees_the_new_colour_after_the_demo(demo_run, tmp_path):
+    """Held-out purple shapes, drawn fresh, classified among all twenty captions of the world: the base model
+    never learned purple, the demo's model has."""
+    from scripts.make_demo_data import PALETTE, SHAPES, render_shape
     from utils.model import models
-    from utils.objective.step import encode_images, encode_text
+    from utils.watch.diffusion_classifier import evaluate
 
-    model = models.load(model_path)
-    records = [r for r in assign_buckets(scan(str(DEMO_DATA)).records, 128) if r.bucket == (128, 128)]
-    captions = sorted({r.caption.text() for r in records})
-    scheduler = model.noise_scheduler("ddpm")
-    with torch.no_grad():
-        ids = model.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                              return_tensors="pt").input_ids
-        embeddings = encode_text(model.text_encoder, ids)
-        pixels = torch.cat([load_training_image(r.path, r.bucket, random.Random(0), jitter=False)[None]
-                            for r in records])
-        latents = encode_images(model.vae, pixels)
-        generator = torch.Generator().manual_seed(0)
-        errors = torch.zeros(len(records), len(captions))
-        for _ in range(8):
-            noise = torch.randn(latents.shape, generator=generator)
-            t = torch.randint(100, 900, (len(records),), generator=generator)
-            noisy = scheduler.add_noise(latents, noise, t)
-            for j in range(len(captions)):
-                pred = model.unet(noisy, t, embeddings[j:j + 1].expand(len(records), -1, -1)).sample
-                errors[:, j] += ((pred - noise) ** 2).mean(dim=(1, 2, 3))
-    truth = torch.tensor([captions.index(r.caption.text()) for r in records])
-    return (errors.argmin(dim=1) == truth).float().mean().item()
-
-
-def test_caption_conditioning_is_learned(demo_run):
-    from tests.conftest import TINY_MODEL
-
-    before, after = caption_accuracy(TINY_MODEL), caption_accuracy(final_checkpoint(demo_run))
-    assert after >= 0.6 and after > before + 0.3, (before, after)
+    rng = random.Random(7)
+    for shape in SHAPES:
+        for i in range(2):
+            render_shape("purple", shape, (128, 128), rng).save(tmp_path / f"{shape}_{i}.png")
+            (tmp_path / f"{shape}_{i}.txt").write_text(f"a purple {shape}")
+    captions = [f"a {colour} {shape}" for colour in PALETTE for shape in SHAPES]
+    before, after = (evaluate(models.load(path), tmp_path, captions, trials=8, resolution=128)
+                     for path in (REPO / "demo" / "tiny-shapes", final_checkpoint(demo_run)))
+    assert after.accuracy >= before.accuracy + 0.25, (before.table(), after.table())
 
 
 def test_training_continues_from_a_single_file(demo_run, tmp_path):
-    """The saved .safetensors as resume_ckpt: loads, trains, and starts where the demo ended, not from scratch."""
+    """The saved .safetensors as resume_ckpt: loads, trains, and starts where the demo ended, not from the base
+    model: its first samples already draw purple."""
     import train
 
     single = demo_run["single"] / f"{final_checkpoint(demo_run).name}.safetensors"
-    demo_epochs = [v for _, v in read_scalars(demo_run["run"])["loss/epoch"]]
     status = train.main(["--config", str(REPO / "cfgs" / "demo.json"), "--resume_ckpt", str(single),
-                         "--max_epochs", "1", "--sample_steps", "0", "--logdir", str(tmp_path / "logs"),
-                         "--no_save_ckpt"])
+                         "--max_epochs", "1", "--logdir", str(tmp_path / "logs"), "--no_save_ckpt"])
     assert status == 0
     (run,) = (tmp_path / "logs").iterdir()
-    resumed = [v for _, v in read_scalars(run)["loss/epoch"]]
-    assert resumed[0] < 0.8 * demo_epochs[0]
+    scalars = read_scalars(run)
+    (step, purple), *_ = scalars["judge/colour purple"]
+    assert step == 0 and purple >= 0.5 > judged(demo_run, [p for p in demo_prompts() if "purple" in p])[0]
     assert list((run / "ckpts").glob("last-*/model_index.json"))
 
 
