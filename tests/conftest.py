@@ -136,7 +136,7 @@ def short_run(tmp_path, data_root, *extra: str) -> Path:
     logdir = tmp_path / "logs"
     status = train.main(["--resume_ckpt", str(REPO / "demo" / "tiny-sd"), "--data_root", str(data_root),
                          "--resolution", "128", "--batch_size", "2", "--optimizer_config",
-                         str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
+                         str(REPO / "cfgs" / "tiny_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
                          "--logdir", str(logdir), "--no_save_ckpt", *extra])
     assert status == 0
     return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)

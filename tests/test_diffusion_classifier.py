@@ -1,5 +1,5 @@
-"""The diffusion classifier (utils/watch/diffusion_classifier.py, scripts/evaluate.py) on the tiny model: one
-trained briefly on red and blue squares, and the untrained one, scoring freshly drawn held-out squares."""
+"""The diffusion classifier (utils/watch/diffusion_classifier.py, scripts/evaluate.py) on the tiny models: the
+demo's base model, pretrained on the shapes world, and the untrained one, scoring freshly drawn held-out squares."""
 from __future__ import annotations
 
 import dataclasses
@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 
-from scripts.make_demo_data import PALETTE
+from scripts.make_demo_data import render_shape
 from tests.conftest import REPO, TINY_MODEL
 from utils.model import models
 from utils.objective import flow
@@ -25,13 +24,13 @@ TRIALS = 16
 
 
 def draw_squares(folder: Path, count: int, seed: int) -> Path:
-    """`count` images that are each a red or a blue square (in turn), every one its own shade, captioned."""
+    """`count` pictures of the shapes world, each a red or a blue square (in turn) of its own size, place, shade and
+    background, captioned."""
     rng = random.Random(seed)
     folder.mkdir(parents=True)
     for i in range(count):
         colour = ("red", "blue")[i % 2]
-        shade = tuple(min(255, max(0, c + rng.randint(-30, 30))) for c in PALETTE[colour])
-        Image.new("RGB", (RESOLUTION, RESOLUTION), shade).save(folder / f"{colour}_{i:02d}.png")
+        render_shape(colour, "square", (RESOLUTION, RESOLUTION), rng).save(folder / f"{colour}_{i:02d}.png")
         (folder / f"{colour}_{i:02d}.txt").write_text(f"a {colour} square")
     return folder
 
@@ -42,24 +41,9 @@ def held_out(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained_model(tmp_path_factory) -> Path:
-    """The tiny model after 200 steps on 16 squares at the demo's learning rates and cosine schedule. A denoiser
-    gains little from a caption that names what the noisy image already shows, so the tiny model learns captions
-    slowly; offset noise hides each image's colour from the noisy latent, which makes the caption worth learning,
-    and a frozen text encoder with no caption dropout makes it learned soonest."""
-    import train
-
-    root = tmp_path_factory.mktemp("trained")
-    images = draw_squares(root / "images", 16, seed=0)
-    status = train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(images), "--resolution", str(RESOLUTION),
-                         "--batch_size", "4", "--max_epochs", "50", "--optimizer_config",
-                         str(REPO / "cfgs" / "demo_optimizer.json"), "--lr_scheduler", "cosine", "--lr_warmup_steps",
-                         "10", "--lr_decay_steps", "200", "--zero_frequency_noise_ratio", "0.5", "--cond_dropout", "0",
-                         "--disable_textenc_training", "--seed", "1", "--sample_steps", "0", "--log_step", "50",
-                         "--logdir", str(root / "logs"), "--no_save_ckpt"])
-    assert status == 0
-    (checkpoint,) = (root / "logs").glob("*/ckpts/last-*")
-    return checkpoint
+def trained_model() -> Path:
+    """demo/tiny-shapes: the tiny model pretrained on the shapes world, red and blue squares among them."""
+    return REPO / "demo" / "tiny-shapes"
 
 
 def test_a_model_trained_on_the_captions_tells_them_apart_and_the_untrained_one_does_not(trained_model, held_out):

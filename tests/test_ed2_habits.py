@@ -91,7 +91,7 @@ def test_every_option_name_in_the_ed2_docs_is_accepted_on_the_command_line_and_i
     value = ED2_DOC_OPTIONS[name]
     if name in ("config", "resume_ckpt", "data_root", "optimizer_config"):  # paths that must exist
         value = {"config": str(write_json(tmp_path / "train.json", {"max_epochs": 7})),
-                 "optimizer_config": str(REPO / "cfgs" / "demo_optimizer.json")}.get(name) or paths[name]
+                 "optimizer_config": str(REPO / "cfgs" / "tiny_optimizer.json")}.get(name) or paths[name]
         argv, json_value = [f"--{name}", value], value
     elif value is None:  # a switch
         argv, json_value = [f"--{name}"], True

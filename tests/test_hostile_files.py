@@ -294,7 +294,7 @@ def test_train_stops_with_exit_code_2_and_writes_nothing(tmp_path, capfd, small_
     resume, says = hostile_resume_ckpt(kind, tmp_path, tiny_single_file)
     logdir, single = tmp_path / "logs", tmp_path / "single"
     status = train.main(["--resume_ckpt", str(resume), "--data_root", str(small_dataset), "--resolution", "128",
-                         "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json"), "--logdir", str(logdir),
+                         "--optimizer_config", str(REPO / "cfgs" / "tiny_optimizer.json"), "--logdir", str(logdir),
                          "--save_ckpt_dir", str(single)])
     out, err = capfd.readouterr()
     assert status == 2

@@ -3,7 +3,7 @@ train.py; its batch schedules and console output are checked as a user would rea
 
 The command is the one a user would run:
     python train.py --resume_ckpt demo/tiny-sd --data_root <dataset> --resolution 128 --batch_size 2
-        --max_epochs 2 --optimizer_config cfgs/demo_optimizer.json --sample_steps 0 --write_schedule --logdir <dir>
+        --max_epochs 2 --optimizer_config cfgs/tiny_optimizer.json --sample_steps 0 --write_schedule --logdir <dir>
 plus --flip_p 1 (so the folder and sidecar values that override it show), --cond_dropout 0 (so only the
 per-image value drops captions) and --keep_tags 1.
 """
@@ -106,7 +106,7 @@ def run(tmp_path_factory):
     with contextlib.redirect_stdout(console):
         status = train.main(["--resume_ckpt", str(REPO / "demo" / "tiny-sd"), "--data_root", str(root),
                              "--resolution", "128", "--batch_size", "2", "--max_epochs", "2",
-                             "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps",
+                             "--optimizer_config", str(REPO / "cfgs" / "tiny_optimizer.json"), "--sample_steps",
                              "0", "--write_schedule", "--logdir", str(tmp / "logs"), "--no_save_ckpt",
                              "--flip_p", "1", "--cond_dropout", "0", "--keep_tags", "1"])
     (run_dir,) = (tmp / "logs").iterdir()

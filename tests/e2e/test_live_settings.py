@@ -81,7 +81,7 @@ def test_an_edit_during_a_run_applies_from_the_next_epoch(tmp_path, small_datase
     logdir = tmp_path / "logs"
     cfg = write_json(tmp_path / "train.json", {
         "resume_ckpt": str(TINY_MODEL), "data_root": str(small_dataset), "resolution": 128, "batch_size": 1,
-        "optimizer_config": str(REPO / "cfgs" / "demo_optimizer.json"), "sample_steps": 0, "logdir": str(logdir),
+        "optimizer_config": str(REPO / "cfgs" / "tiny_optimizer.json"), "sample_steps": 0, "logdir": str(logdir),
         "max_epochs": 3, "load_settings_every_epoch": True, "write_schedule": True, "save_every_n_epochs": 10,
         "save_full_precision": False, "no_save_ckpt": True, "run_name": "live"})
     edited = threading.Event()

@@ -80,7 +80,7 @@ def train_from(tmp_path: Path, original: Path, data_root: Path) -> Path:
     try:
         status = train.main(["--resume_ckpt", str(original), "--data_root", str(data_root), "--resolution", "64",
                              "--batch_size", "4", "--max_epochs", "1", "--optimizer_config",
-                             str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0",
+                             str(REPO / "cfgs" / "tiny_optimizer.json"), "--sample_steps", "0",
                              "--no-generate_pretrain_samples", "--save_full_precision", "--save_optimizer",
                              "--logdir", str(tmp_path / "logs")])
     finally:

@@ -241,7 +241,7 @@ def test_processes_exchange_gradients_once_per_optimizer_update(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script),
                              str(REPO), str(TINY_MODEL), str(REPO / "demo" / "data"),
-                             str(REPO / "cfgs" / "demo_optimizer.json")], env=env, capture_output=True, text=True,
+                             str(REPO / "cfgs" / "tiny_optimizer.json")], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (counts,) = re.findall(r"EXCHANGES (\[.*\])", result.stdout)

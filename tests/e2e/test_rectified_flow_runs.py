@@ -23,7 +23,7 @@ def train_run(logdir: Path, data_root: Path, model: Path, *extra: str) -> Path:
     import train
 
     status = train.main(["--resume_ckpt", str(model), "--data_root", str(data_root), "--resolution", str(SQUARE_SIZE),
-                         "--batch_size", "4", "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json"),
+                         "--batch_size", "4", "--optimizer_config", str(REPO / "cfgs" / "tiny_optimizer.json"),
                          "--lr_scheduler", "constant", "--cond_dropout", "0", "--disable_textenc_training",
                          "--sample_steps", "0", "--log_step", "1", "--logdir", str(logdir), *extra])
     assert status == 0

@@ -86,7 +86,7 @@ from tests.conftest import REPO, write_json  # noqa: E402
 RUN_ARGS = ["--resolution", "128", "--batch_size", "2", "--grad_accum", "2", "--max_epochs", "2", "--log_step", "1",
             "--sample_steps", "0", "--no_save_ckpt", "--save_optimizer", "--flip_p", "0.5", "--cond_dropout", "0.3",
             "--ema_decay_rate", "0.8", "--ema_update_interval", "1", "--lr_scheduler", "cosine", "--seed", "11",
-            "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json")]
+            "--optimizer_config", str(REPO / "cfgs" / "tiny_optimizer.json")]
 
 
 def run_args(data_root: Path, logdir: Path, validation_cfg: Path, *extra: str) -> list[str]:

@@ -17,7 +17,7 @@ def run_with_samples(tmp_path: Path, data_root: Path, *extra: str) -> Path:
 
     logdir = tmp_path / "logs"
     status = train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(data_root), "--resolution", "64",
-                         "--batch_size", "2", "--optimizer_config", str(REPO / "cfgs" / "demo_optimizer.json"),
+                         "--batch_size", "2", "--optimizer_config", str(REPO / "cfgs" / "tiny_optimizer.json"),
                          "--log_step", "1", "--logdir", str(logdir), "--no_save_ckpt", *extra])
     assert status == 0
     return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)

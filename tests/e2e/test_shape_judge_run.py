@@ -19,7 +19,7 @@ def test_the_judge_scores_every_sample_event_and_shows_before_and_after(tmp_path
                    [{"prompt": "a photo of a dog", "seed": 1}]})  # not of the shapes world: not judged
     assert train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(small_dataset), "--resolution", "64",
                        "--batch_size", "2", "--max_epochs", "1", "--optimizer_config",
-                       str(REPO / "cfgs" / "demo_optimizer.json"), "--logdir", str(tmp_path / "logs"),
+                       str(REPO / "cfgs" / "tiny_optimizer.json"), "--logdir", str(tmp_path / "logs"),
                        "--no_save_ckpt", "--sample_prompts", str(samples), "--sample_steps", "2",
                        "--plugins", "utils.plugins.shape_judge.ShapeJudge"]) == 0
     (run,) = (tmp_path / "logs").iterdir()

@@ -213,7 +213,7 @@ def run_train(tmp_path: Path, model: Path, *extra: str) -> int:
 
     return train.main(["--resume_ckpt", str(model), "--data_root", str(tmp_path / "images"), "--resolution", "128",
                        "--batch_size", "2", "--max_epochs", "1", "--optimizer_config",
-                       str(REPO / "cfgs" / "demo_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
+                       str(REPO / "cfgs" / "tiny_optimizer.json"), "--sample_steps", "0", "--log_step", "1",
                        "--logdir", str(tmp_path / "logs"), "--save_ckpt_dir", str(tmp_path / "single"), *extra])
 
 

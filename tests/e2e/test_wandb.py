@@ -17,7 +17,7 @@ def train(tmp_path, data_root, *flags: str) -> int:
 
     return train.main(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(data_root), "--resolution", "64",
                        "--batch_size", "2", "--max_epochs", "1", "--optimizer_config",
-                       str(REPO / "cfgs" / "demo_optimizer.json"), "--logdir", str(tmp_path / "logs"),
+                       str(REPO / "cfgs" / "tiny_optimizer.json"), "--logdir", str(tmp_path / "logs"),
                        "--no_save_ckpt", "--wandb", *flags])
 
 
@@ -31,7 +31,7 @@ def test_the_wandb_run_has_tensorboards_scalars_samples_and_the_config(tmp_path,
     wandb = read_wandb(run)
     assert (wandb["run"].project, wandb["run"].display_name, wandb["exit_code"]) == ("wb", "first try", 0)
     assert wandb["config"]["main_cfg"]["batch_size"] == 2 and wandb["config"]["main_cfg"]["run_name"] == "first try"
-    assert wandb["config"]["optimizer_cfg"] == json.loads((REPO / "cfgs" / "demo_optimizer.json").read_text())
+    assert wandb["config"]["optimizer_cfg"] == json.loads((REPO / "cfgs" / "tiny_optimizer.json").read_text())
 
     scalars = read_scalars(run)  # TensorBoard is still written, and W&B has the same values at the same steps
     for tag in ("loss/log_step", "loss/epoch", "hyperparameter/lr unet", "optimizer/unet_grad_norm"):
