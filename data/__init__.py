@@ -17,7 +17,7 @@ from data.batching import (Batch, PlanSummary, RatedDataset, build_epoch_batches
                            epoch_plan_summary)
 from data.buckets import (assign_buckets, buckets_for, is_undersized, nearest_bucket,
                           report_undersized)
-from data.loader import EpochBatches, EpochLoader, SampleOptions, make_epoch_loader, write_schedule
+from data.loader import EpochBatches, EpochLoader, SampleOptions, make_epoch_loader, token_ids, write_schedule
 from data.records import Caption, DataError, ImageRecord, SkippedFiles, Tag
 from data.scan import ScanResult, scan
 
@@ -25,5 +25,5 @@ __all__ = [
     "Batch", "Caption", "DataError", "EpochBatches", "EpochLoader", "ImageRecord", "PlanSummary",
     "RatedDataset", "SampleOptions", "ScanResult", "SkippedFiles", "Tag", "assign_buckets",
     "build_epoch_batches", "buckets_for", "epoch_items", "epoch_plan_summary", "is_undersized",
-    "make_epoch_loader", "nearest_bucket", "report_undersized", "scan", "write_schedule",
+    "make_epoch_loader", "nearest_bucket", "report_undersized", "scan", "token_ids", "write_schedule",
 ]

@@ -167,9 +167,7 @@ class EpochBatches(Dataset):
         if skipped:
             slots = self._fill_failed(step, batch, slots, skipped)
         captions = [s["caption"] for s in slots]
-        input_ids = self.tokenizer(
-            captions, padding="max_length", truncation=True,
-            max_length=self.tokenizer.model_max_length, return_tensors="pt").input_ids
+        input_ids = token_ids(self.tokenizer, captions)
         images = {"pixel_values": torch.stack([s["pixels"] for s in slots])} if self.latent_cache is None \
             else collate_slots(slots)
         return {
@@ -203,6 +201,12 @@ class EpochBatches(Dataset):
                 raise DataError(f"no image of bucket {w}x{h} can be decoded (e.g. {skipped[0][0]}: "
                                 f"{skipped[0][1]}); fix or remove those files")
         return [s if s is not None else good[n % len(good)] for n, s in enumerate(slots)]
+
+
+def token_ids(tokenizer, texts: Sequence[str]) -> torch.Tensor:
+    """The text encoder's input for `texts`, as training feeds it: padded and cut to the tokenizer's length."""
+    return tokenizer(list(texts), padding="max_length", truncation=True, max_length=tokenizer.model_max_length,
+                     return_tensors="pt").input_ids
 
 
 def loss_masks(slots: list[dict], bucket) -> dict:

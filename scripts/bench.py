@@ -253,6 +253,7 @@ def flops_per_image(model, run_args, resolution: int, device: str) -> dict[str, 
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
+    from data import token_ids
     from utils.objective.step import StepSettings, compute_loss
 
     model = copy.deepcopy(model)
@@ -261,8 +262,7 @@ def flops_per_image(model, run_args, resolution: int, device: str) -> dict[str, 
     side = resolution // 2 ** (len(model.vae.config.block_out_channels) - 1)
     batch = {"latent_params": torch.randn(1, 2 * model.vae.config.latent_channels, side, side, device=device),
              "latent_misses": {"slots": torch.zeros(0, dtype=torch.long), "entries": []},
-             "input_ids": model.tokenizer(["a photo of a cat"], padding="max_length", return_tensors="pt",
-                                          max_length=model.tokenizer.model_max_length).input_ids,
+             "input_ids": token_ids(model.tokenizer, ["a photo of a cat"]),
              "loss_scale": torch.ones(1), "runt_size": 0}
     settings = StepSettings.from_args(run_args)
     settings.batch_size = 1

@@ -267,8 +267,8 @@ def _validate(args: SimpleNamespace) -> None:
         raise ConfigError(f"{_where(args, 'data_root')}: data_root '{args.data_root}' is neither a folder nor a "
                           "manifest .json file. Point it at the folder that holds your training images and caption "
                           "files (see doc/DATA.md).")
-    if mask_suffix_problem(args.mask_suffix):
-        raise ConfigError(f"{_where(args, 'mask_suffix')}: mask_suffix {mask_suffix_problem(args.mask_suffix)}.")
+    if problem := mask_suffix_problem(args.mask_suffix):
+        raise ConfigError(f"{_where(args, 'mask_suffix')}: mask_suffix {problem}.")
     if args.resolution % 64:
         raise ConfigError(f"{_where(args, 'resolution')}: resolution {args.resolution} is not a multiple of 64. "
                           f"Use one of {', '.join(map(str, BUCKET_RESOLUTIONS))}.")

@@ -72,10 +72,7 @@ def place(model, device) -> torch.device:
 
 def embed_captions(model, captions: Sequence[str], clip_skip: int) -> torch.Tensor:
     """The UNet's conditioning for each caption, tokenized as the training loader does."""
-    tokenizer = model.tokenizer
-    input_ids = tokenizer(list(captions), padding="max_length", truncation=True,
-                          max_length=tokenizer.model_max_length, return_tensors="pt").input_ids
-    return encode_text(model.text_encoder, input_ids, clip_skip)
+    return encode_text(model.text_encoder, data.token_ids(model.tokenizer, captions), clip_skip)
 
 
 def image_losses(unet, noise_scheduler, rectified_flow: bool, latent: torch.Tensor, hidden: torch.Tensor,

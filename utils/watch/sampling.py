@@ -33,6 +33,7 @@ from compel import Compel
 from PIL import Image, ImageDraw, ImageFont
 
 from data.buckets import buckets_for
+from data.loader import token_ids
 from utils.objective import flow
 from utils.options.config import ConfigError, read_json_object
 from utils.options.values import boolean, did_you_mean, integer, is_number, string, unknown_key
@@ -440,11 +441,6 @@ def _label(tile: Image.Image, text: str) -> Image.Image:
     return tile
 
 
-def _token_ids(tokenizer, texts: list[str]) -> torch.Tensor:
-    return tokenizer(texts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                     return_tensors="pt").input_ids
-
-
 class _ClipSkipTextEncoder:
     """The text encoder as Compel calls it, answering with `encode_text`'s conditioning (clip_skip included) as the
     `last_hidden_state` Compel reads: a prompt without weights is then conditioned exactly as training conditions a
@@ -481,7 +477,7 @@ class SamplePromptEncoder:
         self.compel = Compel(tokenizer=tokenizer, text_encoder=_ClipSkipTextEncoder(text_encoder, clip_skip))
 
     def _caption(self, caption: str) -> torch.Tensor:
-        return encode_text(self.text_encoder, _token_ids(self.tokenizer, [caption]), self.clip_skip)
+        return encode_text(self.text_encoder, token_ids(self.tokenizer, [caption]), self.clip_skip)
 
     def encode(self, requests: list[SampleRequest]) -> tuple[torch.Tensor, torch.Tensor]:
         prompts = [self._caption(r.prompt) if r.random_caption else self.compel(compel_syntax(r.prompt))
