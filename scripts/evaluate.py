@@ -40,9 +40,11 @@ def fail(message: str) -> int:
 def main(argv=None) -> int:
     args = parse_args(argv)
     if not os.path.exists(args.model):
-        return fail(f"--model {args.model}: no such file or folder")
+        return fail(f"--model {args.model}: no such file or folder; give a diffusers model folder or a "
+                    ".safetensors / .ckpt file")
     if not os.path.exists(args.data_root):
-        return fail(f"--data_root {args.data_root}: no such folder")
+        return fail(f"--data_root {args.data_root}: no such folder; give the folder of held-out images, each with "
+                    "its caption in a .txt file of the same name")
     if min(args.trials, args.batch_size, args.resolution) < 1:
         return fail("--trials, --batch_size and --resolution must be at least 1")
     # Imported after the checks above: torch and diffusers take seconds to import.

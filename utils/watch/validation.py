@@ -286,8 +286,8 @@ class Validator:
                  num_workers: int = 0, rank: int = 0, processes: int = 1):
         """`training`: the training step's settings at the start of the run. Passes use its timestep range,
         pyramid noise, clip_skip (what the model is trained to do) and mask weighting (what it is trained on) and
-        none of its loss shaping. They are
-        kept as given, so a live settings change mid-run does not make later passes incomparable to earlier.
+        none of its loss shaping. They are kept as given, so a live settings change mid-run does not make later
+        passes incomparable to earlier.
 
         With several training processes, process `rank` of `processes` evaluates batches rank, rank + processes,
         ... of each set and the sums are combined across processes; every process must then call `run`."""
