@@ -278,6 +278,9 @@ def test_a_cuda_build_the_driver_cannot_run_says_so():
     message = unusable_gpu(NvidiaGpu(("A100",), "11.4"), False, "2.5.1+cu124", "12.4")
     assert "PyTorch 2.5.1+cu124 (built for CUDA 12.4) cannot use it" in message
     assert "driver supports CUDA up to 11.4, older than torch's CUDA 12.4: update the driver" in message
+    assert "no current torch build runs on it" in message and "--index-url" not in message
+    newer = unusable_gpu(NvidiaGpu(("A",), "12.6"), False, "2.14.1+cu130", "13.0")
+    assert "older than torch's CUDA 13.0: update the driver, or install" in newer and "whl/cu126`" in newer
     assert "torch.cuda.init()" in unusable_gpu(NvidiaGpu(("A100",), "12.4"), False, "2.5.1+cu124", "12.4")
 
 

@@ -122,8 +122,12 @@ def unusable_gpu(gpu: NvidiaGpu | None, cuda_available: bool, torch_version: str
                 + (f" (the driver supports CUDA up to {gpu.driver_cuda})" if gpu.driver_cuda else "")
                 + "; other systems and CUDA versions: https://pytorch.org/get-started/locally/.")
     older = gpu.driver_cuda and _version(gpu.driver_cuda) < _version(torch_cuda)
+    build_it_runs = older and _version(gpu.driver_cuda) >= CUDA_WHEELS[0]
     reason = (f"the NVIDIA driver supports CUDA up to {gpu.driver_cuda}, older than torch's CUDA {torch_cuda}: update "
-              "the driver, or install the torch build for your CUDA version (https://pytorch.org/get-started/locally/)"
+              "the driver" + (", or install the torch build for your driver: `python -m pip install "
+                              "--force-reinstall torch --index-url "
+                              f"https://download.pytorch.org/whl/{_cuda_wheel(gpu.driver_cuda)}`" if build_it_runs
+                              else " (no current torch build runs on it)")
               if older else "`python -c \"import torch; torch.cuda.init()\"` says why (often a driver older than "
               "torch's CUDA, or CUDA_VISIBLE_DEVICES)")
     return (f"This machine has an NVIDIA GPU{which}, but PyTorch {torch_version} (built for CUDA {torch_cuda}) cannot "
