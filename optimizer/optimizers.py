@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -26,6 +27,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from optimizer.adacoor import AdaCoor
 from optimizer.freezing import check_freezing_config
+from optimizer.per_parameter import BucketedOptimizer
 from utils.options.config import ConfigError, read_json_object
 from utils.options.flags import LR_SCHEDULERS
 from utils.options.values import boolean, check_section, did_you_mean, is_number, is_whole, unknown_key
@@ -328,18 +330,71 @@ def make_lr_schedule(optimizer: torch.optim.Optimizer, settings: OptimizerSettin
     return LambdaLR(optimizer, lambda step: shape(min(step, end)))
 
 
-class TrainingOptimizers:
-    """The optimizers and LR schedules of the trained models, stepped together with one grad scaler."""
+# Optimizers whose update of a weight depends on that weight alone: they can step one parameter at a time
+# (fused_backward, bf16_weights). Prodigy, D-Adaptation and AdaCoor adapt one step size from all parameters together.
+ELEMENT_WISE = ("adamw", "adamw8bit", "lion", "lion8bit")
+# The same update with 8-bit states: what the 8-bit-states means of a memory plan switches to (doc/MEMORY.md).
+EIGHT_BIT = {"adamw": "adamw8bit", "lion": "lion8bit"}
 
-    def __init__(self, models: dict[str, torch.nn.Module], settings: dict[str, OptimizerSettings]):
+
+ROUNDING_KEY = "stochastic_rounding"  # the rounding stream's state, saved with the optimizers' states
+
+
+class NonFiniteFusedUpdate(Exception):
+    """With fused_backward a gradient was not finite, and its parameter was already updated in the backward pass."""
+
+    def __init__(self):
+        super().__init__("the gradients were not finite (inf or NaN), and with fused_backward each parameter is "
+                         "updated inside the backward pass as its gradient arrives, so this update could not be "
+                         "skipped. The weights are damaged; nothing was saved from them. Resume from the last "
+                         "checkpoint with a lower learning rate, or turn fused_backward off (then non-finite updates "
+                         "are skipped, see max_skipped_updates).")
+
+
+def check_steps_per_parameter(optimizer_name: str, model: str = "UNet") -> None:
+    """ConfigError unless the optimizer can be stepped one parameter at a time."""
+    if optimizer_name not in ELEMENT_WISE:
+        raise ConfigError(f"fused_backward and bf16_weights update one weight tensor at a time, and the {model}'s "
+                          f"optimizer '{optimizer_name}' computes its step size from all of them together. Use one "
+                          f"of {', '.join(ELEMENT_WISE)}, or turn fused_backward and bf16_weights off.")
+
+
+class TrainingOptimizers:
+    """The optimizers and LR schedules of the trained models, stepped together with one grad scaler.
+
+    `fused_backward`: each parameter is updated inside the backward pass of an update step as soon as its gradient is
+    complete (optimizer.per_parameter), and `clip_and_step` only reports. bf16 parameters (the bf16_weights means)
+    are always stepped one at a time, rounded stochastically with `rounding`."""
+
+    def __init__(self, models: dict[str, torch.nn.Module], settings: dict[str, OptimizerSettings],
+                 fused_backward: bool = False, rounding: torch.Generator | None = None):
         self.models = models
         self.settings = settings
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
         self.schedules: dict[str, LambdaLR] = {}
+        self.fused_backward = fused_backward
+        self.rounding = rounding
+        self.updating = False  # set by the training step around the backward pass of an update step
         for name, model in models.items():
             params = [p for p in model.parameters() if p.requires_grad]
-            self.optimizers[name] = make_optimizer(params, settings[name])
-            self.schedules[name] = make_lr_schedule(self.optimizers[name], settings[name])
+            if fused_backward or any(p.dtype == torch.bfloat16 for p in params):
+                check_steps_per_parameter(settings[name].optimizer, name)
+                optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
+                                              settings[name].lr, rounding)
+            else:
+                optimizer = make_optimizer(params, settings[name])
+            self.optimizers[name] = optimizer
+            self.schedules[name] = make_lr_schedule(optimizer, settings[name])
+            if fused_backward:
+                # Weak references: a hook that held the optimizer would keep the whole model alive through its
+                # parameters' hooks (a cycle through C++ that Python's collector cannot see).
+                step = weakref.WeakMethod(self._step_in_backward)
+                for p in params:
+                    p.register_post_accumulate_grad_hook(lambda p, name=name, step=step: step() and step()(name, p))
+
+    def _step_in_backward(self, name: str, p: torch.Tensor) -> None:
+        if self.updating:
+            self.optimizers[name].ready(p)
 
     def current_lrs(self) -> dict[str, float]:
         """The rate each model steps with: the scheduled lr, times d for the D-adapting optimizers."""
@@ -355,7 +410,17 @@ class TrainingOptimizers:
 
         Returns the gradient norms and whether the update was made: gradients that are not finite (an fp16
         overflow, a diverging run) are dropped and no optimizer steps, as GradScaler does for fp16. Telling costs
-        one host sync per update (GradScaler pays the same)."""
+        one host sync per update (GradScaler pays the same). With fused_backward the update was made during the
+        backward pass; a non-finite gradient there stops the run (NonFiniteFusedUpdate)."""
+        if self.fused_backward:
+            norms = {}
+            for name, optimizer in self.optimizers.items():
+                optimizer.flush()  # the last, partly filled bucket of the backward pass
+                norms[name] = optimizer.squared_norm.sqrt()
+                optimizer.squared_norm = torch.zeros_like(optimizer.squared_norm)
+            if not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):
+                raise NonFiniteFusedUpdate()
+            return norms, True
         norms = {}
         for name, optimizer in self.optimizers.items():
             if scaler is not None:
@@ -381,10 +446,15 @@ class TrainingOptimizers:
             schedule.step()
 
     def state_dicts(self) -> dict[str, dict]:
-        return {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+        states = {name: optimizer.state_dict() for name, optimizer in self.optimizers.items()}
+        if self.rounding is not None:
+            states[ROUNDING_KEY] = {"generator": self.rounding.get_state()}
+        return states
 
     def load_state_dicts(self, states: dict[str, dict]) -> None:
         """Raises ValueError for a state that does not fit its optimizer."""
+        if self.rounding is not None and ROUNDING_KEY in states:
+            self.rounding.set_state(states[ROUNDING_KEY]["generator"])
         for name, state in states.items():
             if name in self.optimizers:
                 _check_state_fits(self.optimizers[name], state)

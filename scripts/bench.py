@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import resource
+import shutil
 import statistics
 import sys
 import time
@@ -173,6 +174,7 @@ class Recipe:
     optimizer: str | None = None     # replaces the optimizer of optimizer.json (UNet and text encoder)
     precision: str | None = None     # "fp16": fp16 autocast and a grad scaler instead of make_accelerator's choice
     ddp: tuple[tuple[str, object], ...] | None = None  # DistributedDataParallel's settings instead of train.py's
+    planned: bool = False            # the memory plan picks the means for the card (vram auto or --vram-cap)
 
 
 RECIPES = {
@@ -180,8 +182,11 @@ RECIPES = {
                         "gradient checkpointing, AdamW8bit, batch 8",
                         ("--batch_size", "8", "--no-cache_latents", "--gradient_checkpointing", "--no-channels_last",
                          "--no-compile", "--attn_type", "sdp"), optimizer="adamw8bit", precision="fp16"),
+    "auto": Recipe("cfgs/train.json as shipped, with the memory plan for the card (or --vram-cap): at the largest "
+                   "batch up to --batch (default 8) that the plan fits", planned=True),
     "default": Recipe("cfgs/train.json as shipped"),
-    "lowvram": Recipe("cfgs/lowvram.json as shipped", config="cfgs/lowvram.json"),
+    "lowvram": Recipe("cfgs/lowvram.json as shipped (its memory means set, the plan adds VAE slicing)",
+                      config="cfgs/lowvram.json", planned=True),
     "fastest": Recipe("default + compile, fused AdamW, batch 16", ("--compile", "--batch_size", "16"),
                       optimizer="adamw"),
     "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
@@ -190,7 +195,18 @@ RECIPES = {
     "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
-    "compiled": Recipe("default + compile", ("--compile",)),
+    "compiled": Recipe("default + compile (its repeated blocks, compile_scope blocks)", ("--compile",)),
+    "compiled_model": Recipe("default + compile of the whole UNet (compile_scope model)",
+                             ("--compile", "--compile_scope", "model")),
+    "fastest_model": Recipe("fastest, compiling the whole UNet (compile_scope model)",
+                            ("--compile", "--compile_scope", "model", "--batch_size", "16"), optimizer="adamw"),
+    # The memory means one at a time (doc/MEMORY.md), against default.
+    "default_fused": Recipe("default + fused_backward (the optimizer step inside the backward pass)",
+                            ("--fused_backward",)),
+    "default_bf16": Recipe("default + bf16_weights (bf16 weights, stochastic rounding)", ("--bf16_weights",)),
+    "default_lean": Recipe("default with every memory means: fused_backward, AdamW8bit, gradient checkpointing, "
+                           "bf16_weights", ("--fused_backward", "--bf16_weights", "--gradient_checkpointing"),
+                           optimizer="adamw8bit"),
     # Several processes only: train.py's DistributedDataParallel settings against others.
     "default_ddp_stock": Recipe("default, with DistributedDataParallel's own defaults", ddp=()),
     "default_ddp_bucket100": Recipe("default, DDP all-reduce buckets of 100 MB instead of 25",
@@ -325,17 +341,21 @@ def _optimizer_variant(base: Path, optimizer: str, out: Path) -> Path:
     return path
 
 
-def recipe_args(recipe: Recipe, dataset: Path, resolution: int, cache: Path, extra: list[str]):
+def recipe_args(recipe: Recipe, dataset: Path, resolution: int, cache: Path, extra: list[str],
+                vram_cap: float | None = None):
     """The recipe's options, parsed and checked by train.py's own option code."""
     from utils.options import config
 
     argv = ["--config", str(REPO / recipe.config), "--data_root", str(dataset), "--resolution", str(resolution),
             # The bench builds the model itself; any existing model satisfies the option check.
             "--resume_ckpt", str(REPO / "demo" / "tiny-sd"),
-            "--logdir", str(cache / "logs"), "--latent_cache_dir", str(cache / "latent_cache"), *recipe.flags, *extra]
+            "--logdir", str(cache / "logs"), "--latent_cache_dir", str(cache / "latent_cache"),
+            "--vram", "off" if not recipe.planned else "auto" if vram_cap is None else str(vram_cap), *recipe.flags,
+            *extra]
     run_args = config.load(argv)
     optimizer_config = Path(run_args.optimizer_config)
     run_args.optimizer_config = str(optimizer_config if optimizer_config.is_absolute() else REPO / optimizer_config)
+    run_args.sample_prompts = str(REPO / run_args.sample_prompts)
     if recipe.optimizer:
         run_args.optimizer_config = str(_optimizer_variant(Path(run_args.optimizer_config), recipe.optimizer, cache))
     return run_args
@@ -348,14 +368,50 @@ def _reset_accelerate() -> None:
     GradientState._reset_state()
 
 
-def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> dict:
+def plan_recipe(recipe: Recipe, run_args, size, records, device: str, largest_batch: int):
+    """(memory plan, workload, estimate) for the recipe's options; a planned recipe takes the largest batch up to
+    `largest_batch` and its config's batch that its plan fits (run_args.batch_size is set to it). Recipes with vram off get the estimate
+    of their own means."""
+    import torch
+
+    from utils.options.config import ConfigError
+    from utils.run import memory
+    from utils.watch.sampling import SampleSettings
+
+    def work():
+        return memory.workload(run_args, read_optimizer_settings(run_args), records,
+                               SampleSettings.defaults_from(run_args), run_args.batch_size)
+
+    if not recipe.planned or device != "cuda":
+        means = memory.Means(**{name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN})
+        return None, work(), memory.estimate(size, means, work())
+    largest_batch = min(largest_batch, run_args.batch_size)
+    for batch in sorted({b for b in (largest_batch, 8, 4, 2, 1) if b <= largest_batch}, reverse=True):
+        run_args.batch_size = batch
+        try:
+            plan = memory.plan_run(run_args, size, work(), torch.device("cuda"))
+            return plan, work(), plan.estimate
+        except ConfigError as e:
+            problem = e
+    raise problem
+
+
+def read_optimizer_settings(run_args) -> dict:
+    from optimizer.optimizers import read_optimizer_file
+
+    return read_optimizer_file(run_args.optimizer_config)
+
+
+def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, estimate=None) -> dict:
     """Sets the model up as train.py does, fills the latent cache or warms up, then times `opts.steps` steps of
-    the next epoch."""
+    the next epoch; then a sample pass and a validation-like pass (no gradients), for the whole run's peak memory."""
     import torch
 
     from data.latent_cache import LatentCache
-    from optimizer.optimizers import TrainingOptimizers, read_optimizer_file, resolve_settings
-    from utils.objective.step import StepSettings, training_step
+    from optimizer.optimizers import resolve_settings
+    from utils.objective.objectives import predict
+    from utils.objective.step import StepSettings, encode_images, encode_text, training_step
+    from utils.run.build import make_optimizers
     from utils.run.epoch_data import EpochData
     from utils.run.setup import DDP_OPTIONS, dataloader_workers, make_accelerator, prepare_models
 
@@ -373,6 +429,19 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
         else:
             notes.append(f"{recipe.precision} needs a GPU: ran in {accelerator.mixed_precision}")
     torch.manual_seed(run_args.seed)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    peaks = {}
+
+    def peak(phase: str) -> None:
+        """The phase's peak allocated memory (reserved memory stays at its high-water mark, so only the whole run's
+        peak reserved is meaningful)."""
+        if device == "cuda":
+            _sync(device)
+            peaks[phase] = torch.cuda.max_memory_allocated() / 2 ** 30
+            peaks["reserved"] = max(peaks.get("reserved", 0.0), torch.cuda.max_memory_reserved() / 2 ** 30)
+            torch.cuda.reset_peak_memory_stats()
+
     model = copy.deepcopy(master)
     trained = prepare_models(model, run_args, accelerator)
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
@@ -385,8 +454,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
         return epoch_data.loader(epoch_data.plan(epoch, run_args.grad_accum), epoch)
 
     steps_per_epoch = len(records) // global_batch
-    settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch, processes)
-    optimizers = TrainingOptimizers(trained, settings)
+    settings = resolve_settings(read_optimizer_settings(run_args), run_args, steps_per_epoch, processes)
+    optimizers = make_optimizers(trained, settings, run_args, accelerator)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
     noise_scheduler = model.noise_scheduler(run_args.train_sampler)
@@ -396,8 +465,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
         return training_step(model, noise_scheduler, batch, step_settings, accelerator, optimizers, window=1,
                              update=True, clip_grad_norm=run_args.clip_grad_norm, mark=mark)[0]
 
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    peak("model set-up")
     # Warm-up: a whole epoch while the latent cache still lacks images (filling it, timed), else a few steps.
     # Every process must take the same number of steps: they look at the cache only once all of them got here.
     accelerator.wait_for_everyone()
@@ -413,6 +481,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     _sync(device)
     warmup_s = time.perf_counter() - started
     del loader
+    peak("latent cache filling" if fills_cache else "warm-up steps")
 
     loader = epoch_loader(1)
     steps = min(max(opts.steps, math.ceil(opts.min_images / batch_size)), len(loader) - SKIPPED_STEPS)
@@ -434,9 +503,23 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     _sync(device)
     wall = time.perf_counter() - started
     del batches, loader
+    peak("training steps")
+    if opts.samples and accelerator.is_main_process:
+        _sample_pass(model, accelerator, run_args, batch["captions"], opts)
+        peak("samples")
+    with torch.no_grad(), accelerator.autocast():  # what a validation pass computes: pixels encoded, a prediction
+        width, height = records[0].bucket
+        latents = encode_images(model.vae, torch.rand(batch_size, 3, height, width, device=accelerator.device) * 2 - 1)
+        hidden = encode_text(model.text_encoder, batch["input_ids"], run_args.clip_skip)
+        predict(model.unet, latents, torch.full((batch_size,), 500, device=accelerator.device), hidden)
+        del latents, hidden
+    peak("validation")
     result = {
         "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
         "precision": accelerator.mixed_precision,
+        "means": {name: bool(getattr(run_args, name)) for name in
+                  ("gradient_checkpointing", "fused_backward", "bf16_weights", "eight_bit_states")},
+        "optimizers": {name: s.optimizer for name, s in settings.items() if name in trained},
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,
         "first_step_s": first_step_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
@@ -445,11 +528,36 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts) -> 
     if fills_cache and warmup_steps > 1:  # the first step's one-off set-up costs are reported on their own
         result["cache_build_images_per_s"] = (warmup_steps - 1) * global_batch / (warmup_s - first_step_s)
     if device == "cuda":
-        peaks = accelerator.gather(torch.tensor([[torch.cuda.max_memory_reserved(), torch.cuda.max_memory_allocated()]],
-                                                device=accelerator.device)).cpu() / 2 ** 30
-        result["peak_reserved_gib"], result["peak_allocated_gib"] = (float(v) for v in peaks.max(dim=0).values)
-        result["peak_reserved_gib_per_process"] = [round(float(v), 2) for v in peaks[:, 0]]
+        whole = torch.tensor([[peaks.pop("reserved")]], device=accelerator.device)
+        per_process = accelerator.gather(whole).cpu()[:, 0]
+        result["peak_reserved_gib"] = float(per_process.max())
+        result["peak_reserved_gib_per_process"] = [round(float(v), 2) for v in per_process]
+        result["peak_allocated_gib_by_phase"] = {phase: round(v, 3) for phase, v in peaks.items()}
+    if estimate is not None:
+        result["estimate_gib"] = estimate.peak / 2 ** 30
+        result["estimate_moment"] = estimate.moment
+        result["estimate_parts_gib"] = {name: round(b / 2 ** 30, 3) for name, b in estimate.parts.items()}
     return result
+
+
+def _sample_pass(model, accelerator, run_args, captions, opts) -> None:
+    """One sample event as train.py renders it (the sample file's prompts, cfgs and sizes), with few steps: memory
+    does not depend on their number."""
+    import dataclasses
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    from utils.watch.sampling import SampleSchedule, generate_samples
+
+    schedule = SampleSchedule.from_args(run_args)
+    event = schedule.prepare(0, captions)
+    event = dataclasses.replace(event, settings=dataclasses.replace(event.settings,
+                                                                    num_inference_steps=opts.sample_steps))
+    out = Path(opts.cache) / "samples"
+    with SummaryWriter(str(out / "tb")) as writer:
+        generate_samples(model, accelerator.unwrap_model(model.unet), accelerator.unwrap_model(model.text_encoder),
+                         event, step=0, out_dir=out, tb_writer=writer, autocast=accelerator.autocast,
+                         clip_skip=run_args.clip_skip)
 
 
 def _free(device: str) -> None:
@@ -483,10 +591,31 @@ def train_table(results: dict) -> list[str]:
     return lines
 
 
+def memory_table(results: dict) -> list[str]:
+    """Each recipe's means, its measured peak by phase and the memory plan's estimate of the whole run's peak."""
+    lines = ["| recipe | batch | means on | optimizer (UNet) | images/s | peak allocated GiB: cache filling / steps / "
+             "samples / validation | peak reserved GiB | estimate GiB | estimate error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | {r.get('batch_size', '')} | {r['error']} |" + " |" * 6)
+            continue
+        means = ", ".join(m for m, on in r["means"].items() if on) or "none"
+        phases = r.get("peak_allocated_gib_by_phase", {})
+        by_phase = " / ".join(f"{phases[p]:.2f}" if p in phases else "-"
+                              for p in ("latent cache filling", "training steps", "samples", "validation"))
+        measured, estimated = r.get("peak_reserved_gib"), r.get("estimate_gib")
+        error = f"{100 * (estimated / measured - 1):+.1f}%" if measured and estimated else "-"
+        lines.append(f"| {name} | {r['batch_size']} | {means} | {r['optimizers'].get('unet', '-')} | "
+                     f"{r['images_per_s']:.1f} | {by_phase} | {measured or 0:.2f} | {estimated or 0:.2f} | {error} |")
+    return lines
+
+
 def cmd_train(args) -> dict:
     import torch
 
     import data
+    from utils.run import memory
 
     from accelerate import PartialState
 
@@ -518,26 +647,49 @@ def cmd_train(args) -> dict:
     report(f"{out['model']} at {resolution} px on {out['gpu']}; {rate_what}: {rate / 1e12:.1f} TFLOP/s; UNet + text "
           f"encoder forward+backward: {flops['total'] / 1e12:.3f} TFLOP per image (UNet {flops['unet'] / 1e12:.3f}, "
           f"text encoder {flops['text_encoder'] / 1e12:.3f})", flush=True)
-    for name in args.recipes:
+    size = memory.ModelSize.from_configs({"unet": dict(master.unet.config), "vae": dict(master.vae.config),
+                                          "text_encoder": master.text_encoder.config.to_dict()})
+    runs = [(name, cap) for cap in (args.vram_cap or [None]) for name in args.recipes]
+    for name, cap in runs:
         recipe = RECIPES[name]
-        report(f"{name}: {recipe.about} ...", flush=True)
-        run_args = recipe_args(recipe, dataset, resolution, cache, args.extra)
-        started = time.perf_counter()
-        try:
-            result = run_recipe(recipe, master, records, run_args, device, args)
-            result["mfu"] = flops["total"] * result["images_per_s"] / (rate * result["processes"])
-        except torch.cuda.OutOfMemoryError as e:
-            result = {"batch_size": run_args.batch_size, "error": "out of memory", "detail": str(e)[:300]}
-        except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. compile on an unusual setup) is a result
-            traceback.print_exc()
-            result = {"batch_size": run_args.batch_size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
-        _free(device)
+        if device == "cuda":
+            total = torch.cuda.get_device_properties(0).total_memory
+            torch.cuda.set_per_process_memory_fraction(min(1.0, (cap or math.inf) * 2 ** 30 / total))
+        report(f"{name}{f' under {cap:g} GiB' if cap else ''}: {recipe.about} ...", flush=True)
+        run_args = recipe_args(recipe, dataset, resolution, cache, args.extra, cap)
+        started, tried = time.perf_counter(), []
+        while True:
+            # Each recipe fills a latent cache of its own: the first epoch's peak is part of every run's.
+            run_args.latent_cache_dir = str(cache / f"latent_cache_{name}")
+            shutil.rmtree(run_args.latent_cache_dir, ignore_errors=True)
+            try:
+                plan, work, estimate = plan_recipe(recipe, run_args, size, records, device, args.batch)
+                result = run_recipe(recipe, master, records, run_args, device, args, estimate)
+                result["mfu"] = flops["total"] * result["images_per_s"] / (rate * result["processes"])
+                if plan:
+                    result["plan"] = plan.lines()
+            except torch.cuda.OutOfMemoryError as e:
+                result = {"batch_size": run_args.batch_size, "error": "out of memory", "detail": str(e)[:300]}
+            except Exception as e:  # noqa: BLE001 - one recipe failing (e.g. compile on an unusual setup) is a result
+                traceback.print_exc()
+                result = {"batch_size": run_args.batch_size, "error": f"{type(e).__name__}: {str(e)[:200]}"}
+            _free(device)
+            shutil.rmtree(run_args.latent_cache_dir, ignore_errors=True)
+            if result.get("error") != "out of memory" or not args.fit_batch or run_args.batch_size == 1:
+                break
+            tried.append(run_args.batch_size)  # --fit-batch: the same recipe at half the batch
+            run_args.batch_size //= 2
+        if tried:
+            result["out_of_memory_at_batch"] = tried
         result["recipe_s"] = time.perf_counter() - started
-        out["recipes"][name] = result
+        if cap:
+            result["vram_cap_gib"] = cap
+        out["recipes"][f"{name}@{cap:g}GiB" if cap else name] = result
         report(f"{name}: {json.dumps(result)}", flush=True)
         if args.json and is_main:  # so far, in case the run is cut short; main() writes the whole report at the end
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     report("\n".join(train_table(out["recipes"])), flush=True)
+    report("\n".join(memory_table(out["recipes"])), flush=True)
     if processes.num_processes > 1:
         processes.destroy_process_group()
     return out if is_main else None
@@ -562,6 +714,15 @@ def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                    help="train.py flags added to every recipe (e.g. --extra --batch_size 2), last")
     p.add_argument("--cache", default="/tmp/sdtrainer-bench", help="generated datasets and the latent cache")
+    p.add_argument("--vram-cap", type=float, nargs="+", help="GiB: cap this process's GPU memory "
+                   "(torch.cuda.set_per_process_memory_fraction) to stand in for a smaller card; planned recipes "
+                   "(auto) plan for it. Several caps: every recipe under each, in turn")
+    p.add_argument("--batch", type=int, default=8, help="the largest batch a planned recipe (auto) tries")
+    p.add_argument("--fit-batch", action="store_true", help="a recipe that runs out of memory is run again at half "
+                   "the batch, down to 1 (the reference's best batch under a --vram-cap)")
+    p.add_argument("--no-samples", dest="samples", action="store_false",
+                   help="skip the sample pass after the timed steps (on by default: its memory is part of a run's)")
+    p.add_argument("--sample-steps", type=int, default=4, help="sampler steps of the sample pass")
 
 
 # name -> (help, add its arguments, run it and return the results)

@@ -300,6 +300,24 @@ def _model_index(scheduler_class: str) -> dict:
             "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False}
 
 
+def read_configs(path: str | Path) -> dict[str, dict]:
+    """The unet, text_encoder and vae configs of a model folder or single file, without loading its weights (the
+    memory plan sizes the run from them)."""
+    path = Path(path)
+    with tempfile.TemporaryDirectory() as scratch:
+        if path.is_dir():
+            folder = path
+        else:
+            metadata, shapes = _read_file_header(path)
+            folder, _ = _config_folder_for(path, metadata, shapes, Path(scratch) / "config")
+        try:
+            return {part: json.loads((folder / part / "config.json").read_text(encoding="utf-8"))
+                    for part in ("unet", "text_encoder", "vae")}
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"{folder}: cannot read the model's configs ({type(e).__name__}: {str(e)[:200]}). "
+                                 "Copy the whole model folder again.") from None
+
+
 def _load_single_file(path: Path) -> StableDiffusion:
     metadata, shapes = _read_file_header(path)
     with tempfile.TemporaryDirectory() as scratch:
@@ -422,7 +440,8 @@ def sampling_marks(scheduler_config) -> list[str]:
 def load_optimizer_states(folder: Path) -> dict[str, dict]:
     """Optimizer state saved with `save_optimizer` in a diffusers folder, if any."""
     states = {}
-    for name, file in (("unet", "optimizer_unet.pt"), ("text_encoder", "optimizer_te.pt")):
+    for name, file in (("unet", "optimizer_unet.pt"), ("text_encoder", "optimizer_te.pt"),
+                       ("stochastic_rounding", "optimizer_stochastic_rounding.pt")):  # bf16_weights' random stream
         path = Path(folder) / file
         if not path.is_file():
             continue
@@ -433,7 +452,8 @@ def load_optimizer_states(folder: Path) -> dict[str, dict]:
             log.warning("%s: cannot read the saved optimizer state (%s); starting with a fresh optimizer.", path,
                         _unreadable_reason(e))
             continue
-        if not (isinstance(state, dict) and {"state", "param_groups"} <= state.keys()):
+        expected = {"generator"} if name == "stochastic_rounding" else {"state", "param_groups"}
+        if not (isinstance(state, dict) and expected <= state.keys()):
             log.warning("%s: not a saved optimizer state; starting with a fresh optimizer.", path)
             continue
         states[name] = state

@@ -27,6 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
+from utils.objective.objectives import predict
 from utils.options.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -156,7 +157,7 @@ def sample(unet, prompt_embeds: torch.Tensor, noise: torch.Tensor, steps: int, s
     for t in scheduler.timesteps:
         # In float32: under half-precision autocast the step would round x to the UNet's output type, and a
         # 1/steps-sized step is near half precision's resolution (bfloat16 resolves 1/256 at 1).
-        v = unet(scheduler.scale_model_input(x, t), t, encoder_hidden_states=prompt_embeds).sample.float()
+        v = predict(unet, scheduler.scale_model_input(x, t), t, prompt_embeds)
         if velocities is not None:
             velocities.append(v)
         x = scheduler.step(v, t, x).prev_sample

@@ -13,7 +13,7 @@ from diffusers.utils.torch_utils import randn_tensor
 from data.latent_cache import store
 from utils.objective import flow
 from utils.objective.objectives import diffusion_loss, mask_weights, min_snr_weight, noised_and_target, \
-    perturb_embedding, runt_weight, sample_noise, sample_timesteps
+    perturb_embedding, predict, runt_weight, sample_noise, sample_timesteps
 
 
 @dataclass
@@ -154,7 +154,7 @@ def compute_loss(unet, text_encoder, vae, noise_scheduler, batch: dict, settings
                                             settings.timestep_end, latents.device))
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
     noisy_latents, target = noised_and_target(noise_scheduler, latents, noise, timesteps, settings.rectified_flow)
-    pred = unet(noisy_latents, timesteps, encoder_hidden_states).sample
+    pred = predict(unet, noisy_latents, timesteps, encoder_hidden_states)
     weight = batch["loss_scale"].to(latents.device, non_blocking=True)
     if settings.min_snr_gamma and settings.rectified_flow:
         weight = weight * flow.min_snr_weight(timesteps, num_train_timesteps, settings.min_snr_gamma)
@@ -184,7 +184,11 @@ def training_step(model, noise_scheduler, batch: dict, settings: StepSettings, a
         with accelerator.autocast():
             loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, settings, mark,
                                 share=share)
-        accelerator.backward(loss / window)
+        optimizers.updating = update  # with fused_backward the update happens inside this backward pass
+        try:
+            accelerator.backward(loss / window)
+        finally:
+            optimizers.updating = False
     mark("backward")
     grad_norms, updated = optimizers.clip_and_step(accelerator.scaler, clip_grad_norm) if update else ({}, True)
     optimizers.step_schedules()

@@ -12,6 +12,7 @@ import argparse
 import importlib.util
 import json
 import logging
+import math
 import os
 import random
 import re
@@ -49,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
         if flag.type is bool:
             parser.add_argument(*names, dest=flag.name, action=argparse.BooleanOptionalAction, help=help_text)
         elif flag.type is object:
-            parser.add_argument(*names, dest=flag.name, type=json.loads, metavar="JSON", help=help_text)
+            parser.add_argument(*names, dest=flag.name, type=_json_or_text, metavar="VALUE", help=help_text)
         elif flag.type is list:
             parser.add_argument(*names, dest=flag.name, nargs="+", metavar="NAME", help=help_text)
         else:
@@ -60,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
         legacy.add_argument(f"--{key.name}", dest=_LEGACY_DEST + key.name, action=argparse.BooleanOptionalAction,
                             help=key.note.replace("%", "%%"))
     return parser
+
+
+def _json_or_text(text: str) -> Any:
+    """A free-form option's command-line value: JSON (a number, list, object), else the text itself."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 _LEGACY_DEST = "legacy:"  # argparse destination prefix of the EveryDream2 switches, kept apart from the options
@@ -247,10 +256,34 @@ def _where(args: SimpleNamespace, key: str) -> str:
     return args.sources.get(key, "defaults")
 
 
+def _vram_setting(value: Any, where: str) -> str | float:
+    """"auto", "off" or a number of GiB > 0 (JSON may give the number as a string)."""
+    if isinstance(value, str) and value.strip().lower() in ("auto", "off"):
+        return value.strip().lower()
+    try:
+        gib = float(value)
+    except (TypeError, ValueError):
+        gib = math.nan
+    if isinstance(value, bool) or not math.isfinite(gib) or gib <= 0:
+        raise ConfigError(f"{where}: key 'vram' is {json.dumps(value)}; give \"auto\" (the GPU's free memory), a "
+                          "number of GiB such as 8, or \"off\".")
+    return gib
+
+
 def _validate(args: SimpleNamespace) -> None:
     if args.wandb and importlib.util.find_spec("wandb") is None:
         raise ConfigError(f"{_where(args, 'wandb')}: wandb is on but the wandb package is not installed. Install it "
                           f"(`pip install wandb`, then `wandb login`) or turn wandb off.")
+    args.vram = _vram_setting(args.vram, _where(args, "vram"))
+    if args.fused_backward and args.clip_grad_norm:
+        raise ConfigError(f"{_where(args, 'fused_backward')}: fused_backward updates each weight as its gradient "
+                          "arrives, before the whole gradient's norm is known, so clip_grad_norm "
+                          f"({args.clip_grad_norm:g}, {_where(args, 'clip_grad_norm')}) cannot be applied. Turn one "
+                          "of them off.")
+    for key in ("fused_backward", "bf16_weights"):
+        if getattr(args, key) and args.mixed_precision == "fp16":
+            raise ConfigError(f"{_where(args, key)}: {key} does not work with fp16 mixed precision (its grad scaler "
+                              "must see every gradient before any update). Use mixed_precision bf16 or auto.")
     for key in ("resume_ckpt", "data_root"):
         if getattr(args, key) in (None, ""):
             raise ConfigError(f"'{key}' is required: set it in your --config JSON or pass --{key}.")
@@ -296,6 +329,7 @@ def _validate(args: SimpleNamespace) -> None:
 def _derive(args: SimpleNamespace) -> None:
     """Fills the values that depend on others, as EveryDream2 users expect (REFERENCE.md §1.1 step 5)."""
     args.amp = not args.disable_amp and args.mixed_precision != "no"
+    args.eight_bit_states = False  # a memory plan may switch adamw / lion to their 8-bit forms (doc/MEMORY.md)
     if args.seed == -1:
         args.seed = random.randint(0, 2**30)
         args.notes.append(f"seed -1: using random seed {args.seed}")

@@ -75,7 +75,8 @@ FLAGS: list[Flag] = [
         ("disable_unet_training", bool, False, "Freeze the UNet."),
         ("disable_amp", bool, False, "Train in full fp32 (no mixed precision) on a GPU; the same as "
          "mixed_precision no."),
-        ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass."),
+        ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass "
+         "(the memory plan turns it on when needed unless set, doc/MEMORY.md)."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
         ("max_skipped_updates", int, 25, "Stop the run (saving the last finite weights) after this many optimizer "
@@ -99,8 +100,24 @@ FLAGS: list[Flag] = [
         ("latent_cache_dir", str, None, "Folder of the latent cache, shared by runs; unset = <logdir>/latent_cache."),
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
-        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up of about 3 minutes at the "
-         "first step (measured on an H100), and shorter ones at each new bucket shape, sample or validation."),
+        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up at the first step, and shorter "
+         "ones at each new bucket shape, sample or validation. Compiled kernels are kept in a cache on disk "
+         "(TORCHINDUCTOR_CACHE_DIR, default ~/.cache/sdtrainer/torchinductor), so later runs start in seconds "
+         "(doc/PERFORMANCE.md)."),
+        ("compile_scope", str, "model", "With compile: blocks = compile the UNet's repeated blocks (ResNet and "
+         "transformer blocks) one kind at a time, a shorter first warm-up; model = the whole UNet as one graph.",
+         {"choices": ("blocks", "model")}),
+        ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
+         "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
+         "memory options as given). The plan turns on the fastest memory means that fit the batch size: "
+         "fused_backward, 8-bit optimizer states, gradient_checkpointing, bf16_weights. A means set in the config "
+         "or on the command line stays as set. It never changes batch size, learning rate or what is trained."),
+        ("fused_backward", bool, False, "Update each weight inside the backward pass as soon as its gradient is "
+         "ready, so the whole model's gradients never exist at once (saves 4 bytes per trained parameter). Needs "
+         "an element-wise optimizer (adamw, adamw8bit, lion, lion8bit), no clip_grad_norm and one process."),
+        ("bf16_weights", bool, False, "Keep the trained weights in bf16 and round each update stochastically (saves "
+         "2 bytes per trained parameter, and the bf16 copies autocast makes). Needs an element-wise optimizer and "
+         "bf16 or no mixed precision. Saved checkpoints are written as before."),
     ),
     *_flags(
         "Objective and noise",

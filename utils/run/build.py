@@ -13,12 +13,13 @@ import torch
 import data
 from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
-from optimizer.optimizers import TrainingOptimizers, check_optimizers_run_here, read_optimizer_file, resolve_settings
+from optimizer.optimizers import EIGHT_BIT, TrainingOptimizers, check_optimizers_run_here, read_optimizer_file, \
+    resolve_settings
 from utils.objective import flow
 from utils.options import config
 from utils.options.config import ConfigError
 from utils.plugins import PluginRunner, load_plugins
-from utils.run import training_state
+from utils.run import memory, training_state
 from utils.run.checkpoint import EMA_SUFFIX, find_last_for
 from utils.run.setup import cuda_device, dataloader_workers, find_nvidia_gpu, freeze_clip_skipped_layers, \
     make_accelerator, prepare_models, unusable_gpu
@@ -44,6 +45,7 @@ class Inputs:
     validation_sets: dict
     samples: sampling.SampleSchedule
     plugins: PluginRunner
+    memory_plan: memory.MemoryPlan | None = None
 
 
 def read_inputs(argv: list[str] | None) -> Inputs:
@@ -75,8 +77,28 @@ def read_inputs(argv: list[str] | None) -> Inputs:
     samples = sampling.SampleSchedule.from_args(args)
     for line in scan.summary_lines():
         log.warning(line)
+    device = cuda_device(args) if torch.cuda.is_available() else torch.device("cpu")
+    validation_batch = (validation_cfg.batch_size or args.batch_size) if validation_cfg else 0
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    memory.check_means(args, optimizer_file, processes)
+    plan = None
+    if args.vram != "off" and device.type == "cuda":
+        plan = memory.plan_run(args, memory.model_size(resume), memory.workload(
+            args, optimizer_file, records, samples.settings, validation_batch), device, processes)
+    for line in plan.lines() if plan else []:
+        log.info(line)
+    if plan and args.eight_bit_states:
+        check_optimizers_run_here(_eight_bit(optimizer_file), f"{args.optimizer_config} (as the memory plan's "
+                                  "8-bit states switch it)", device)
     return Inputs(args, resume, saved_state, ema_resume, optimizer_file, scan, records, validation_cfg,
-                  validation_sets, samples, plugins)
+                  validation_sets, samples, plugins, plan)
+
+
+def _eight_bit(optimizer_file: dict) -> dict:
+    """optimizer.json's choices with the 8-bit form of each optimizer that has one."""
+    names = memory.optimizer_names(optimizer_file)
+    return {"base": {"optimizer": EIGHT_BIT.get(names["unet"], names["unet"])},
+            "text_encoder_overrides": {"optimizer": EIGHT_BIT.get(names["text_encoder"], names["text_encoder"])}}
 
 
 def _check_gpu_usable(args) -> None:
@@ -128,9 +150,9 @@ def build_trainer(inputs: Inputs):
     first_plan = epoch_data.plan(0, args.grad_accum)
     steps_per_epoch = len(first_plan)
     settings = resolve_settings(inputs.optimizer_file, args, steps_per_epoch, accelerator.num_processes)
+    opts = make_optimizers(trained, settings, args, accelerator)
     if run:
         run.write_json("opt", {name: vars(s) for name, s in settings.items() if name in trained})
-    opts = TrainingOptimizers(trained, settings)
     ema_model = None
     if ema.enabled(args) and accelerator.is_main_process:
         ema_model = ema.EMA(trained, ema.resolve_decay(args, steps_per_epoch), args.ema_update_interval,
@@ -155,6 +177,19 @@ def build_trainer(inputs: Inputs):
                  saved_state.epoch, saved_state.step_in_epoch, saved_state.global_step)
     _describe(args, accelerator, epoch_data, first_plan, settings, trained, text_encoder_training, run)
     return trainer
+
+
+def make_optimizers(trained: dict, settings: dict, args, accelerator) -> TrainingOptimizers:
+    """The optimizers with the memory means the options (or the memory plan) chose: 8-bit states, fused backward,
+    and for bf16_weights a stochastic-rounding stream of its own, seeded from the run's seed."""
+    from optimizer.per_parameter import STOCHASTIC_ROUNDING_SEED_OFFSET
+
+    if args.eight_bit_states:
+        for s in settings.values():
+            s.optimizer = EIGHT_BIT.get(s.optimizer, s.optimizer)
+    rounding = torch.Generator(accelerator.device).manual_seed(args.seed + STOCHASTIC_ROUNDING_SEED_OFFSET) \
+        if args.bf16_weights else None
+    return TrainingOptimizers(trained, settings, args.fused_backward, rounding)
 
 
 def _model_errors() -> tuple:
@@ -245,7 +280,7 @@ def _parts(inputs, model, noise_scheduler, accelerator, opts, run, ema_model, tr
     parts = [LiveSettings(args, accelerator, text_encoder_layers, "text_encoder" in trained)]
     if ema_model is not None:
         parts.append(ema.EMAUpdates(ema_model))
-    parts.append(Metrics(args, accelerator, opts, run))
+    parts.append(Metrics(args, accelerator, opts, run, inputs.memory_plan))
     if inputs.validation_cfg:
         validator = validation.Validator(inputs.validation_cfg, inputs.validation_sets, StepSettings.from_args(args),
                                          epoch_data.workers, accelerator.process_index, accelerator.num_processes)

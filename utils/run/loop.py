@@ -31,6 +31,7 @@ from typing import Iterable
 import torch
 from tqdm.auto import tqdm
 
+from optimizer.optimizers import NonFiniteFusedUpdate
 from utils.objective.step import StepSettings, training_step
 from utils.run import training_state
 from utils.run.interrupts import StopSignals, TrainingDiverged
@@ -93,6 +94,9 @@ class Trainer:
                 self.exit_code = EXIT_KEYBOARD
             except TrainingDiverged as error:
                 self.emit("training_error", error=error)
+                self.exit_code = EXIT_DIVERGED
+            except NonFiniteFusedUpdate as error:  # the weights are damaged: nothing is saved from them
+                log.error("error: training stopped at step %d: %s", self.global_step + 1, error)
                 self.exit_code = EXIT_DIVERGED
             except Exception as error:
                 self.emit("training_error", error=error)

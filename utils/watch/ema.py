@@ -121,7 +121,8 @@ def sampled_models(args: SimpleNamespace) -> list[str]:
 
 
 class EMA:
-    """The moving average of the trained models' parameters, on `device`, in the parameters' own dtype."""
+    """The moving average of the trained models' parameters, on `device`, in the parameters' own dtype (fp32 for
+    bf16 ones)."""
 
     def __init__(self, trained: dict[str, torch.nn.Module], decay: float, every: int, device: torch.device,
                  start: dict[str, dict[str, torch.Tensor]] | None = None):
@@ -135,7 +136,9 @@ class EMA:
                 for key, param in module.named_parameters():
                     source = start[name][key] if start else param.detach()
                     self.live.append(param)
-                    self.averaged.append(source.to(device, param.dtype, non_blocking=True, copy=True))
+                    # bf16_weights: the average stays fp32, where updates of (1 - decay) x difference still count
+                    dtype = torch.float32 if param.dtype == torch.bfloat16 else param.dtype
+                    self.averaged.append(source.to(device, dtype, non_blocking=True, copy=True))
         # The tensors' own devices, which carry the index ("cuda:0") a device argument may leave out.
         self.device = self.averaged[0].device
         self.live_device = self.live[0].device
@@ -152,7 +155,7 @@ class EMA:
         if self.optimizer_updates % self.every:
             return False
         for live, averaged in self._chunks():
-            live_here = [p.detach().to(self.device, non_blocking=True) for p in live]
+            live_here = [p.detach().to(self.device, a.dtype, non_blocking=True) for p, a in zip(live, averaged)]
             self._wait_for_copies()
             # lerp(ema, live, 1 - decay) = decay * ema + (1 - decay) * live, in one pass over memory.
             torch._foreach_lerp_(averaged, live_here, 1.0 - self.decay)

@@ -2,17 +2,20 @@
 updates, grad scale, GPU memory and gradient norms (tags as EveryDream2's where it has them; doc/TRAINING.md)."""
 from __future__ import annotations
 
+import logging
 import time
 
 import torch
+
+log = logging.getLogger("train")
 
 
 class Metrics:
     """Logs from the trainer's counters and each step's output; the first process writes. Every process takes
     part in the loss averages, which are exchanged between processes."""
 
-    def __init__(self, args, accelerator, opts, run):
-        self.args, self.accelerator, self.opts = args, accelerator, opts
+    def __init__(self, args, accelerator, opts, run, memory_plan=None):
+        self.args, self.accelerator, self.opts, self.memory_plan = args, accelerator, opts, memory_plan
         self.tb = run.tb if run else None
         self.loss_since_log = torch.zeros((), device=accelerator.device)
         self.steps_since_log = self.images_since_log = 0
@@ -47,6 +50,7 @@ class Metrics:
             self.tb.add_scalar("hyperparameter/grad scale", self.accelerator.scaler.get_scale(), step)
         if torch.cuda.is_available():
             self.tb.add_scalar("performance/vram", torch.cuda.max_memory_allocated() / 2**20, step)
+            self.tb.add_scalar("performance/vram peak reserved GiB", torch.cuda.max_memory_reserved() / 2**30, step)
         for name, norm in grad_norms.items():
             self.tb.add_scalar(f"optimizer/{'te' if name == 'text_encoder' else name}_grad_norm", norm.item(), step)
         if bar is not None:
@@ -58,6 +62,16 @@ class Metrics:
             self.tb.add_scalar("loss/epoch", trainer.epoch_losses[-1], trainer.global_step)
             self.tb.add_scalar("performance/minutes per epoch", (time.perf_counter() - self.epoch_start_time) / 60,
                                trainer.global_step)
+
+    def training_end(self, trainer) -> None:
+        """The whole run's measured peak beside the memory plan's estimate (doc/MEMORY.md)."""
+        if self.memory_plan is None or self.tb is None:
+            return
+        peak, estimated = torch.cuda.max_memory_reserved() / 2**30, self.memory_plan.estimate.peak / 2**30
+        self.tb.add_scalar("performance/vram plan estimate GiB", estimated, trainer.global_step)
+        self.tb.add_scalar("performance/vram peak reserved GiB", peak, trainer.global_step)
+        log.info("Memory: peak %.2f GiB reserved in this process; the plan estimated %.2f GiB (%+.0f%%).", peak,
+                   estimated, 100 * (estimated / peak - 1) if peak else 0)
 
     def state_dict(self) -> dict:
         return {"loss_since_log_sum": float(self.accelerator.reduce(self.loss_since_log, "mean")),

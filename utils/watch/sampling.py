@@ -16,6 +16,7 @@ checking the sample file at startup stays instant.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import itertools
 import json
@@ -538,6 +539,8 @@ def generate_samples(model, unet, text_encoder, event: SampleEvent, *, step: int
     unet.eval()
     text_encoder.eval()
     device = unet.device
+    if unet.dtype != model.vae.dtype and device.type == "cpu":  # bf16_weights on the CPU, where there is no AMP
+        autocast = functools.partial(torch.autocast, "cpu", dtype=unet.dtype)
     prompt_encoder = SamplePromptEncoder(model.tokenizer, text_encoder, clip_skip)
     strips: list[list] = [[] for _ in requests]
     try:

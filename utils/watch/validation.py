@@ -35,7 +35,7 @@ from data.records import DEFAULT_BATCH_ID
 from data.settings import DEFAULT_MASK_SUFFIX
 from utils.options.config import ConfigError, read_json_object
 from utils.options.values import boolean, integer, number, proportion, unknown_key
-from utils.objective.objectives import mask_weights, noised_and_target, per_sample_mean, sample_noise, \
+from utils.objective.objectives import mask_weights, noised_and_target, per_sample_mean, predict, sample_noise, \
     sample_timesteps
 from utils.objective.step import StepSettings, encode_images, encode_text
 
@@ -344,7 +344,7 @@ class Validator:
                                              self.training.timestep_end, latents.device, generator=generator)
                 noisy, target = noised_and_target(noise_scheduler, latents, noise, timesteps,
                                                   self.training.rectified_flow)
-                pred = unet(noisy, timesteps, hidden).sample
+                pred = predict(unet, noisy, timesteps, hidden)
             per_image = per_sample_mean(F.mse_loss(pred.float(), target.float(), reduction="none"),
                                         mask_weights(batch.get("loss_mask"), latents,
                                                      self.training.masked_loss_unmasked_weight))

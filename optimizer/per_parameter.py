@@ -1,0 +1,111 @@
+"""Stepping parameters a bucket at a time: the memory means of doc/MEMORY.md that a whole-model optimizer step cannot
+give.
+
+- Fused backward: parameters are updated inside the backward pass as soon as their gradients are complete, a bucket
+  of about BUCKET_ELEMENTS at a time, and the gradients are freed at once, so the whole model's gradients never
+  exist together (PyTorch's `register_post_accumulate_grad_hook`, as in its "optimizer step in the backward pass"
+  recipe, with buckets so that the optimizer's multi-tensor kernels still update many tensors per launch).
+- bf16 weights with stochastic rounding: the trained weights are stored in bf16 (half the memory of fp32). Each
+  update is computed in fp32 on a temporary copy of one bucket and rounded back to bf16 stochastically (up or
+  down with the probability of the remainder), so updates far smaller than bf16's spacing still move the weights
+  on average instead of being rounded away (Zamirai et al. 2020, "Revisiting BFloat16 Training"; as OneTrainer does).
+
+`BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
+parameters: a stand-in holds its parameter's data (or, for bf16, an fp32 copy) only while its bucket steps. Its
+`state_dict` is the inner optimizer's, the layout of one optimizer over all the parameters, so a run saved with
+these means resumes without them and the other way round.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+STOCHASTIC_ROUNDING_SEED_OFFSET = 0x5EED  # the rounding stream is seeded from the run's seed, apart from the rest
+# Parameters' elements updated together: few enough that a bucket's gradients and fp32 copies stay small next to
+# the model (160 MiB for bf16 weights), many enough that a bucket is a few kernel launches for dozens of tensors.
+BUCKET_ELEMENTS = 1 << 24
+
+
+def round_stochastically_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
+    """target (bf16) <- source (fp32), each value rounded to one of its two nearest bf16 neighbours with probability
+    proportional to closeness: bf16 is the upper half of fp32's bits, so adding a uniform random number to the
+    lower 16 bits before cutting them off rounds up exactly when the dropped part exceeds the random draw."""
+    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
+    bits = source.contiguous().view(torch.int32) + noise
+    target.copy_(bits.bitwise_and_(-65536).view(torch.float32))
+
+
+class BucketedOptimizer(torch.optim.Optimizer):
+    """Steps the parameters handed to `ready(p)` a bucket at a time (`flush()` steps what is left). The outer object
+    has one param group, so LR schedules drive it as any optimizer; its lr reaches the inner one at each bucket.
+    bf16 parameters are updated through fp32 copies and `round_stochastically_` with `rounding`."""
+
+    def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
+                 rounding: torch.Generator | None = None):
+        params = [p for p in params if p.requires_grad]
+        super().__init__(params, {"lr": lr})
+        self.rounding = rounding
+        self.params = params
+        self.stand_ins = {p: torch.nn.Parameter(torch.empty(0, device=p.device)) for p in params}
+        self.inner = make_inner(list(self.stand_ins.values()))
+        self.pending: list[torch.Tensor] = []
+        self.pending_elements = 0
+        self.squared_norm = torch.zeros((), device=params[0].device)  # of the gradients stepped since the last read
+
+    @torch.no_grad()
+    def ready(self, p: torch.Tensor) -> None:
+        """`p`'s gradient is complete: step it with its bucket once the bucket is full."""
+        self.pending.append(p)
+        self.pending_elements += p.numel()
+        if self.pending_elements >= BUCKET_ELEMENTS:
+            self.flush()
+
+    @torch.no_grad()
+    def flush(self) -> None:
+        """Steps the pending parameters and frees their gradients."""
+        if not self.pending:
+            return
+        grads = [p.grad for p in self.pending]
+        self.squared_norm += torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum()
+        for p in self.pending:
+            stand_in = self.stand_ins[p]
+            rounded = p.dtype == torch.bfloat16
+            stand_in.data = p.detach().float() if rounded else p.detach()
+            stand_in.grad = p.grad.float() if rounded else p.grad
+        for group in self.inner.param_groups:
+            group["lr"] = self.param_groups[0]["lr"]
+        self.inner.step()
+        for p in self.pending:
+            stand_in = self.stand_ins[p]
+            if p.dtype == torch.bfloat16:
+                round_stochastically_(p, stand_in.data, self.rounding)
+            stand_in.grad = None
+            stand_in.data = torch.empty(0, device=p.device)
+            p.grad = None
+        self.pending, self.pending_elements = [], 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for p in self.params:
+            if p.grad is not None:
+                self.ready(p)
+        self.flush()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def state_dict(self) -> dict:
+        """The inner optimizer's: states by parameter index, one param group; the schedule's lr is the outer one."""
+        saved = self.inner.state_dict()
+        outer = {k: v for k, v in self.param_groups[0].items() if k != "params"}
+        return {"state": saved["state"], "param_groups": [{**saved["param_groups"][0], **outer}]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict["param_groups"]
+        if len(groups) != 1 or len(groups[0]["params"]) != len(self.params):
+            raise ValueError(f"it holds {sum(len(g['params']) for g in groups)} parameters in {len(groups)} group(s), "
+                             f"this model trains {len(self.params)}")
+        self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
+        self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32

@@ -1,0 +1,255 @@
+"""Memory means and the memory plan: stochastic rounding, per-parameter stepping, the estimate's formula and the
+plan's choice (doc/MEMORY.md)."""
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from optimizer.optimizers import NonFiniteFusedUpdate, OptimizerSettings, TrainingOptimizers
+from optimizer.per_parameter import round_stochastically_
+from tests.conftest import TINY_MODEL
+from utils.options.config import ConfigError
+from utils.run import memory
+
+GiB = 2 ** 30
+
+
+def test_stochastic_rounding_picks_a_neighbour_with_the_remainders_probability():
+    source = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1.0 to the next bf16 (1 + 2^-7)
+    target = torch.empty(source.shape, dtype=torch.bfloat16)
+    round_stochastically_(target, source, torch.Generator().manual_seed(0))
+    values = set(target.float().unique().tolist())
+    assert values == {1.0, 1.0 + 2 ** -7}
+    share_up = (target.float() > 1.0).float().mean().item()
+    assert share_up == pytest.approx(0.25, abs=0.005)
+    assert target.float().mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2 ** -14)  # unbiased
+    negative = torch.empty(source.shape, dtype=torch.bfloat16)
+    round_stochastically_(negative, -source, torch.Generator().manual_seed(0))
+    assert torch.equal(negative, -target)  # the magnitude is rounded: symmetric around zero
+    again = torch.empty(source.shape, dtype=torch.bfloat16)
+    round_stochastically_(again, source, torch.Generator().manual_seed(0))
+    assert torch.equal(again, target)
+    exact = torch.tensor([0.5, -3.0, 1024.0])
+    out = torch.empty(3, dtype=torch.bfloat16)
+    round_stochastically_(out, exact, torch.Generator().manual_seed(1))
+    assert torch.equal(out.float(), exact)  # representable values never move
+
+
+def settings(name: str, lr: float = 1e-2) -> dict[str, OptimizerSettings]:
+    return {"unet": OptimizerSettings(name, lr, "constant", 0, 10, (0.9, 0.999), 1e-8, 0.01)}
+
+
+def tiny_unet():
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel.from_pretrained(TINY_MODEL, subfolder="unet")
+
+
+def unet_loss(unet, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    channels, cross = unet.config.in_channels, unet.config.cross_attention_dim
+    sample = torch.randn(2, channels, 16, 16, generator=g)
+    text = torch.randn(2, 7, cross, generator=g).to(next(unet.parameters()).dtype)
+    pred = unet(sample.to(text.dtype), torch.tensor([10, 500]), text).sample.float()
+    return (pred - sample).square().mean()
+
+
+def train_steps(unet, optimizers: TrainingOptimizers, steps: int = 2) -> list[dict]:
+    norms = []
+    for step in range(steps):
+        optimizers.updating = True
+        unet_loss(unet, step).backward()
+        optimizers.updating = False
+        norms.append(optimizers.clip_and_step(None, None)[0])
+    return norms
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion"])
+def test_the_optimizer_step_fused_into_the_backward_pass_gives_the_same_weights(name):
+    """Each parameter stepped by its own optimizer as its gradient arrives: bit for bit the weights and the logged
+    gradient norm of one optimizer stepping all parameters after the backward pass (CPU, fp32)."""
+    unet = tiny_unet()
+    fused_unet = copy.deepcopy(unet)
+    plain = TrainingOptimizers({"unet": unet}, settings(name))
+    fused = TrainingOptimizers({"unet": fused_unet}, settings(name), fused_backward=True)
+    plain_norms, fused_norms = train_steps(unet, plain), train_steps(fused_unet, fused)
+    for a, b in zip(unet.parameters(), fused_unet.parameters()):
+        assert torch.equal(a, b)
+    for a, b in zip(plain_norms, fused_norms):
+        assert torch.allclose(a["unet"], b["unet"], rtol=1e-5)
+    assert all(p.grad is None for p in fused_unet.parameters())  # freed as they were used
+    # The saved state has the layout of one optimizer: a run resumes with or without the means.
+    state = fused.state_dicts()["unet"]
+    assert state["state"].keys() == plain.state_dicts()["unet"]["state"].keys()
+    again = TrainingOptimizers({"unet": copy.deepcopy(fused_unet)}, settings(name))
+    again.load_state_dicts({"unet": state})
+    loaded = again.state_dicts()["unet"]["state"][0]
+    for key, value in plain.state_dicts()["unet"]["state"][0].items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(loaded[key], value), key
+
+
+def test_grad_accum_with_fused_backward_steps_once_per_window_on_the_summed_gradient():
+    unet = tiny_unet()
+    fused_unet = copy.deepcopy(unet)
+    plain = TrainingOptimizers({"unet": unet}, settings("adamw"))
+    fused = TrainingOptimizers({"unet": fused_unet}, settings("adamw"), fused_backward=True)
+    for model, opts in ((unet, plain), (fused_unet, fused)):
+        unet_loss(model, 0).backward()  # the window's first step: no update
+        opts.updating = True
+        unet_loss(model, 1).backward()
+        opts.updating = False
+        opts.clip_and_step(None, None)
+    assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), fused_unet.parameters()))
+
+
+def test_bf16_weights_accumulate_updates_smaller_than_their_spacing():
+    """lr 1e-4 moves a weight of 1.0 by about 1e-4 a step, far below bf16's spacing there (2^-7 = 0.0078): rounding
+    to nearest would never move it; stochastic rounding moves it by the sum of the updates on average."""
+    weight = torch.nn.Parameter(torch.ones(4096, dtype=torch.bfloat16))
+    opts = TrainingOptimizers({"unet": torch.nn.ParameterList([weight])}, settings("adamw", lr=1e-4),
+                              rounding=torch.Generator().manual_seed(0))
+    for _ in range(100):
+        weight.grad = torch.ones_like(weight)
+        opts.clip_and_step(None, None)
+    assert weight.dtype == torch.bfloat16
+    moved = 1.0 - weight.float().mean().item()  # AdamW moves by about lr per step against the gradient, plus decay
+    assert moved == pytest.approx(100 * 1e-4 * (1 + 0.01), rel=0.1)
+    rounded = torch.ones(4096, dtype=torch.bfloat16)
+    rounded -= 1e-4  # what rounding to nearest does with one such step
+    assert torch.equal(rounded, torch.ones(4096, dtype=torch.bfloat16))
+    # The state dict carries the rounding stream, so a resumed run rounds as the uninterrupted one would.
+    assert "stochastic_rounding" in opts.state_dicts()
+
+
+def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
+    unet = tiny_unet()
+    opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
+    opts.updating = True
+    (unet_loss(unet, 0) * float("inf")).backward()
+    with pytest.raises(NonFiniteFusedUpdate, match="could not be skipped"):
+        opts.clip_and_step(None, None)
+
+
+@pytest.mark.parametrize("name", ["prodigy", "dadapt_adam"])
+def test_optimizers_with_a_global_step_size_refuse_per_parameter_steps(name):
+    with pytest.raises(ConfigError, match=f"'{name}' computes its step size from all of them together"):
+        TrainingOptimizers({"unet": torch.nn.Linear(2, 2)}, settings(name), fused_backward=True)
+
+
+SD15 = memory.ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_channels=320, vae_scale=8)
+
+
+def work(**changes) -> memory.Workload:
+    base = dict(batch_size=8, pixels=512 * 512, trained=("unet", "text_encoder"),
+                optimizers={"unet": "adamw", "text_encoder": "adamw"}, mixed_precision=True, cache_latents=True,
+                ema_on_gpu=False, sample_batch=4, validation_batch=0, vae_slicing=True)
+    return memory.Workload(**{**base, **changes})
+
+
+def test_model_size_is_counted_from_the_configs_without_weights():
+    from utils.model import shipped
+
+    folder = shipped.config_dir("sd15")
+    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("unet", "text_encoder", "vae")}
+    assert memory.ModelSize.from_configs(configs) == SD15
+    tiny = memory.model_size(TINY_MODEL)
+    from utils.model.models import load
+    model = load(TINY_MODEL)
+    assert tiny.unet == sum(p.numel() for p in model.unet.parameters())
+    assert tiny.text_encoder == sum(p.numel() for p in model.text_encoder.parameters())
+
+
+def test_the_estimate_adds_bytes_per_parameter_of_each_means():
+    a = memory.ACTIVATIONS
+    n = SD15.unet + SD15.text_encoder
+    per_image = 64 * 64 * 320  # latent pixels x the UNet's first channels, at 512 px
+    plain = memory.estimate(SD15, memory.Means(), work())
+    parts = plain.parts
+    assert parts["trained weights"] == 4 * n and parts["optimizer states"] == 8 * n and parts["VAE"] == 2 * SD15.vae
+    assert plain.moment == "backward pass"  # it starts with every activation and autocast's bf16 weight copies
+    assert parts["activations and autocast weight copies"] == 8 * per_image * a.training + 2 * n
+    assert plain.peak == sum(parts.values())
+    lean = memory.estimate(SD15, memory.Means(True, True, True, True), work(sample_batch=0))
+    assert lean.parts["trained weights"] == 2 * n and lean.parts["optimizer states"] == 2 * n
+    assert lean.parts["recomputed block"] == 8 * per_image * a.recompute
+    assert lean.parts["kept block inputs or gradients"] == max(8 * per_image * a.boundaries,
+                                                               memory.BUCKET_ELEMENTS * 10)
+    checkpointed = memory.estimate(SD15, memory.Means(gradient_checkpointing=True), work(batch_size=1)).parts
+    assert checkpointed["kept block inputs or gradients"] == 4 * n  # the gradients outgrow one image's block inputs
+    frozen_te = memory.estimate(SD15, memory.Means(), work(trained=("unet",))).parts
+    assert frozen_te["frozen weights"] == 2 * SD15.text_encoder and frozen_te["optimizer states"] == 8 * SD15.unet
+    assert memory.estimate(SD15, memory.Means(), work(ema_on_gpu=True)).parts["EMA"] == 4 * n
+    accumulating = memory.estimate(SD15, memory.Means(), work(grad_accum=2)).parts
+    assert accumulating["gradients of the window"] == 4 * n
+
+
+def test_the_vae_moments_encode_and_decode_one_image_at_a_time_under_a_plan():
+    a = memory.ACTIVATIONS
+    lean = memory.Means(True, True, True, True)
+    one = memory.estimate(SD15, lean, work(batch_size=1, sample_batch=4, cache_latents=True))
+    assert one.moment == "samples"
+    assert one.parts["VAE decoding"] == 512 * 512 * a.vae_decode
+    whole_batch = memory.estimate(SD15, lean, work(batch_size=1, sample_batch=4, vae_slicing=False))
+    assert whole_batch.parts["VAE decoding"] == 4 * 512 * 512 * a.vae_decode
+    no_cache = memory.estimate(SD15, lean, work(batch_size=8, sample_batch=0, cache_latents=False, vae_slicing=False))
+    assert no_cache.moment == "VAE encoding" and no_cache.parts["VAE encoding"] == 8 * 512 * 512 * a.vae_encode
+
+
+def plan_args(**options):
+    sources = {key: "train.json" for key in options}
+    defaults = dict(grad_accum=1, clip_grad_norm=None, mixed_precision="auto", fused_backward=False,
+                    gradient_checkpointing=False, bf16_weights=False)
+    return SimpleNamespace(**{**defaults, **options}, sources=sources)
+
+
+def cost(means: memory.Means) -> float:
+    return math.prod(memory.SLOWDOWN[name] for name in memory.SLOWDOWN if getattr(means, name))
+
+
+ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=4)]
+
+
+@pytest.mark.parametrize("card_gib", [80, 24, 16, 12, 8])
+def test_the_plan_takes_the_fastest_means_that_fit(card_gib):
+    plan = memory.choose(SD15, work(batch_size=2), card_gib * GiB, plan_args())
+    assert plan.estimate.peak <= plan.budget < card_gib * GiB
+    assert plan.budget == card_gib * GiB - max(memory.SAFETY_MARGIN * card_gib * GiB, memory.MIN_MARGIN_GIB * GiB)
+    faster = [m for m in ALL_MEANS if cost(m) < cost(plan.means)]
+    assert all(memory.estimate(SD15, m, work(batch_size=2)).peak > plan.budget for m in faster)
+    if card_gib == 80:
+        assert plan.means == memory.Means()
+
+
+def test_the_plan_keeps_the_means_the_user_set_and_what_the_options_rule_out():
+    kept_off = memory.choose(SD15, work(), 16 * GiB, plan_args(gradient_checkpointing=False))
+    assert not kept_off.means.gradient_checkpointing and kept_off.fixed == ("gradient_checkpointing",)
+    kept_on = memory.choose(SD15, work(), 80 * GiB, plan_args(bf16_weights=True))
+    assert kept_on.means == memory.Means(bf16_weights=True)
+    for options in (dict(clip_grad_norm=1.0), dict(grad_accum=2)):
+        assert not memory.choose(SD15, work(), 12 * GiB, plan_args(**options)).means.fused_backward
+    assert not memory.choose(SD15, work(), 12 * GiB, plan_args(), processes=2).means.fused_backward
+    eight_bit = work(optimizers={"unet": "adamw8bit", "text_encoder": "adamw8bit"})
+    plan = memory.choose(SD15, eight_bit, 12 * GiB, plan_args())
+    assert not plan.means.eight_bit_states and plan.optimizers == {"unet": "adamw8bit", "text_encoder": "adamw8bit"}
+    switched = memory.choose(SD15, work(), 12 * GiB, plan_args())
+    assert switched.means.eight_bit_states and switched.optimizers["unet"] == "adamw8bit"
+    assert "eight_bit_states on" in switched.lines()[0] and "optimizers unet adamw8bit" in switched.lines()[0]
+
+
+def test_a_run_that_cannot_fit_says_which_batch_would():
+    with pytest.raises(ConfigError) as error:
+        memory.choose(SD15, work(batch_size=32), 6 * GiB, plan_args())
+    message = str(error.value)
+    assert "vram: 6.0 GiB cannot hold this run" in message and "batch_size" in message
+    fitting = int(message.split("Lower batch_size to ")[1].split(",")[0])
+    lean = memory.Means(True, True, True, True)
+    assert memory.estimate(SD15, lean, work(batch_size=fitting)).peak <= 6 * GiB
+    assert memory.estimate(SD15, lean, work(batch_size=fitting + 1)).peak > memory.choose(
+        SD15, work(batch_size=fitting), 6 * GiB, plan_args()).budget

@@ -1,0 +1,293 @@
+"""The memory plan (doc/MEMORY.md): before the model is loaded, pick the fastest combination of memory means that fits
+the GPU for the batch the user asked for, and estimate the run's peak.
+
+The estimate adds what the parts of a run hold, from the model's parameter counts (read from its configs, on the
+meta device) and the bytes each means keeps per parameter, plus activation memory per latent pixel measured on an
+H200 for the SD UNets (ACTIVATIONS; doc/PERFORMANCE.md has the runs). The peak is the largest of three moments:
+a training step (the latent cache filling or not), a sample pass and a validation pass.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+from dataclasses import dataclass, fields, replace
+
+from optimizer.per_parameter import BUCKET_ELEMENTS
+from utils.options.config import ConfigError
+
+log = logging.getLogger("train")
+
+GiB = 2 ** 30
+# Room kept free on top of the estimate: CUDA's own kernels and libraries outside PyTorch's allocator, and the
+# estimate's error (measured within 10%, doc/PERFORMANCE.md).
+SAFETY_MARGIN = 0.08
+MIN_MARGIN_GIB = 0.5
+
+
+@dataclass(frozen=True)
+class Activations:
+    """Bytes per latent pixel of one image, per channel of the UNet's first block (bf16 autocast), and per image
+    pixel for the VAE; fitted to the SD1.5 runs on an H200 in doc/PERFORMANCE.md ("The memory plan's estimate")."""
+    training: float          # what the forward keeps for the backward pass, no gradient checkpointing
+    boundaries: float        # gradient checkpointing: the block inputs kept for the backward pass
+    recompute: float         # gradient checkpointing: one block recomputed in the backward pass
+    inference: float         # a forward without gradients (samples, validation)
+    vae_encode: float        # per image pixel while the VAE encodes
+    vae_decode: float        # per image pixel while the VAE decodes a sample
+    fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
+
+
+ACTIVATIONS = Activations(training=954.0, boundaries=311.0, recompute=110.0, inference=40.0, vae_encode=2990.0,
+                          vae_decode=2170.0, fixed_gib=0.6)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Parameter counts and the shapes the activations scale with."""
+    unet: int
+    text_encoder: int
+    vae: int
+    unet_channels: int          # the UNet's first block width (320 for SD 1.x / 2.x)
+    vae_scale: int              # pixels per latent pixel along a side (8)
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, dict]) -> ModelSize:
+        """Counts parameters by building the models on the meta device: no memory, no weights read."""
+        import torch
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextConfig, CLIPTextModel
+
+        with torch.device("meta"):
+            unet = UNet2DConditionModel.from_config(configs["unet"])
+            vae = AutoencoderKL.from_config(configs["vae"])
+            text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
+        count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        return cls(count(unet), count(text_encoder), count(vae), unet.config.block_out_channels[0],
+                   2 ** (len(vae.config.block_out_channels) - 1))
+
+
+@dataclass(frozen=True)
+class Means:
+    """The memory means a plan turns on (doc/MEMORY.md); each trades speed, or bf16_weights precision, for memory."""
+    fused_backward: bool = False
+    eight_bit_states: bool = False
+    gradient_checkpointing: bool = False
+    bf16_weights: bool = False
+
+    def describe(self) -> str:
+        return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
+
+
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md); the plan takes the
+# fitting combination with the smallest product.
+SLOWDOWN = {"fused_backward": 1.1, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65, "bf16_weights": 1.2}
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the run asks of the GPU, from the options, before anything is loaded."""
+    batch_size: int
+    pixels: int                       # pixels of the largest bucket (about resolution squared)
+    trained: tuple[str, ...]          # "unet", "text_encoder"
+    optimizers: dict                  # trained part -> optimizer name
+    mixed_precision: bool             # bf16/fp16 autocast (frozen parts and the VAE in half precision)
+    cache_latents: bool
+    ema_on_gpu: bool
+    sample_batch: int                 # prompts rendered together (0: no samples)
+    validation_batch: int             # 0: no validation
+    grad_accum: int = 1
+    vae_slicing: bool = True          # the VAE encodes and decodes one image at a time (on under a plan)
+
+
+STATE_BYTES = {"adamw": 8, "lion": 4, "adamw8bit": 2, "lion8bit": 1}  # optimizer state bytes per parameter
+
+
+@dataclass(frozen=True)
+class Estimate:
+    parts: dict        # name -> bytes, of the moment that peaks
+    moment: str        # "training step", "latent cache filling", "samples" or "validation"
+
+    @property
+    def peak(self) -> float:
+        return sum(self.parts.values())
+
+
+def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
+    """The run's peak reserved GPU memory with these means, and what it is made of: what stays all run (weights,
+    optimizer states) plus the largest of the moments that come and go one after another: the backward pass, the
+    VAE encoding images (latent cache filling, or every step without the cache), samples, validation."""
+    a = ACTIVATIONS
+    trained = {"unet": size.unet, "text_encoder": size.text_encoder}
+    n_trained = sum(trained[name] for name in work.trained)
+    n_frozen = sum(n for name, n in trained.items() if name not in work.trained)
+    half = 2 if work.mixed_precision else 4
+    weight_bytes = 2 if means.bf16_weights else 4
+    states = sum(trained[name] * STATE_BYTES[_optimizer(work.optimizers[name], means)] for name in work.trained)
+    static = {"trained weights": n_trained * weight_bytes, "frozen weights": n_frozen * half,
+              "VAE": size.vae * half, "optimizer states": states,
+              "EMA": n_trained * weight_bytes if work.ema_on_gpu else 0, "CUDA workspaces": a.fixed_gib * GiB}
+    per_image = work.pixels / size.vae_scale ** 2 * size.unet_channels  # latent pixels x channels
+    # fused_backward: at most a bucket of gradients exists at a time (and while it steps, fp32 copies of its
+    # weights and gradients).
+    gradients = min(n_trained, BUCKET_ELEMENTS) * 10 if means.fused_backward else n_trained * weight_bytes
+    # Gradients of earlier steps of a grad_accum window stay through the next steps.
+    carried = n_trained * weight_bytes if work.grad_accum > 1 else 0
+    if means.gradient_checkpointing:
+        # The kept block inputs shrink while the gradients grow: the larger of the two, plus one recomputed block.
+        backward = {"recomputed block": work.batch_size * per_image * a.recompute,
+                    "kept block inputs or gradients": max(work.batch_size * per_image * a.boundaries, gradients)}
+    else:
+        # Under autocast fp32 weights are cast to bf16 for the forward, and the copies are kept for the backward;
+        # the backward pass peaks at its start, before the gradients add up.
+        casts = n_trained * 2 if work.mixed_precision and not means.bf16_weights else 0
+        backward = {"activations and autocast weight copies": max(work.batch_size * per_image * a.training + casts,
+                                                                  gradients)}
+    if carried:
+        backward["gradients of the window"] = carried
+    encoding = {"VAE encoding": work.pixels * a.vae_encode * (1 if work.vae_slicing else work.batch_size),
+                "gradients of the window": carried}
+    moments = {"backward pass": backward,
+               "latent cache filling" if work.cache_latents else "VAE encoding": encoding}
+    if work.sample_batch:  # gradients are freed by then; cfg doubles the batch
+        moments["samples"] = {"sampling": 2 * work.sample_batch * per_image * a.inference,
+                              "VAE decoding": work.pixels * a.vae_decode * (
+                                  1 if work.vae_slicing else work.sample_batch)}
+    if work.validation_batch:
+        moments["validation"] = {"validation": work.validation_batch * per_image * a.inference,
+                                 "VAE encoding": work.pixels * a.vae_encode * (
+                                     1 if work.vae_slicing else work.validation_batch)}
+    moment = max(moments, key=lambda m: sum(moments[m].values()))
+    return Estimate({**static, **moments[moment]}, moment)
+
+
+def _optimizer(name: str, means: Means) -> str:
+    from optimizer.optimizers import EIGHT_BIT
+
+    return EIGHT_BIT.get(name, name) if means.eight_bit_states else name
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    means: Means
+    estimate: Estimate
+    budget: float      # bytes the plan had to fit in (after the safety margin)
+    card: float        # bytes of the GPU (or the vram option)
+    fixed: tuple[str, ...]  # means the user set, which the plan kept
+
+    optimizers: dict   # trained part -> optimizer name, after the 8-bit switch
+
+    def lines(self) -> list[str]:
+        e = self.estimate
+        parts = ", ".join(f"{name} {b / GiB:.2f}" for name, b in e.parts.items() if b)
+        optimizers = ", ".join(f"{part} {name}" for part, name in self.optimizers.items())
+        return [f"Memory plan for {self.card / GiB:.1f} GiB (fits in {self.budget / GiB:.1f} GiB after the margin): "
+                f"{self.means.describe()}; optimizers {optimizers}"
+                + (f" (set by you: {', '.join(self.fixed)})" if self.fixed else ""),
+                f"Memory plan: estimated peak {e.peak / GiB:.2f} GiB reserved, at {e.moment} ({parts} GiB)"]
+
+
+def check_means(args, optimizer_file: dict, processes: int) -> None:
+    """ConfigError for a means turned on in the options that cannot work with the rest of them."""
+    from optimizer.optimizers import check_steps_per_parameter
+
+    names = optimizer_names(optimizer_file)
+    trained = [part for part, frozen in (("unet", args.disable_unet_training),
+                                         ("text_encoder", args.disable_textenc_training)) if not frozen]
+    for key in ("fused_backward", "bf16_weights"):
+        if getattr(args, key):
+            for part in trained:
+                check_steps_per_parameter(names[part], part)
+    if args.fused_backward and processes > 1:
+        raise ConfigError(f"{args.sources.get('fused_backward', 'defaults')}: fused_backward trains on one process "
+                          f"only (the processes must average each gradient before it is used); this run has "
+                          f"{processes}. Turn it off for multi-GPU runs.")
+
+
+def _usable(work: Workload, args, processes: int) -> dict[str, bool]:
+    """Which means a plan may turn on here: each where it saves memory and works with the options."""
+    from optimizer.optimizers import EIGHT_BIT, ELEMENT_WISE
+
+    names = set(work.optimizers[name] for name in work.trained)
+    element_wise = names <= set(ELEMENT_WISE) and args.mixed_precision != "fp16"
+    return {"fused_backward": element_wise and args.grad_accum == 1 and not args.clip_grad_norm and processes == 1,
+            "eight_bit_states": bool(names & set(EIGHT_BIT)),
+            "gradient_checkpointing": True,
+            "bf16_weights": element_wise}
+
+
+def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: int = 1) -> MemoryPlan:
+    """The fastest fitting means for `card_bytes` of GPU memory; a means set in the options stays as set. Raises
+    ConfigError (with the largest batch that fits) when even the leanest plan does not fit."""
+    budget = card_bytes - max(SAFETY_MARGIN * card_bytes, MIN_MARGIN_GIB * GiB)
+    fixed = {name: getattr(args, name) for name in SLOWDOWN if args.sources.get(name, "defaults") != "defaults"}
+    usable = _usable(work, args, processes)
+    free = [name for name in SLOWDOWN if name not in fixed and usable[name]]
+    candidates = []
+    for chosen in itertools.chain.from_iterable(itertools.combinations(free, k) for k in range(len(free) + 1)):
+        means = Means(**{name: name in chosen or bool(fixed.get(name)) for name in SLOWDOWN})
+        cost = math.prod(SLOWDOWN[name] for name in SLOWDOWN if getattr(means, name))
+        candidates.append((cost, means))
+    candidates.sort(key=lambda c: c[0])
+    for _, means in candidates:
+        e = estimate(size, means, work)
+        if e.peak <= budget:
+            return MemoryPlan(means, e, budget, card_bytes, tuple(fixed),
+                              {part: _optimizer(work.optimizers[part], means) for part in work.trained})
+    leanest = Means(**{name: name in free or bool(fixed.get(name)) for name in SLOWDOWN})  # no means adds memory
+    e = estimate(size, leanest, work)
+    fits = [b for b in range(work.batch_size - 1, 0, -1) if estimate(size, leanest, replace(work, batch_size=b)).peak
+            <= budget]
+    advice = f"Lower batch_size to {fits[0]}, the largest that fits" if fits else \
+        "Not even batch_size 1 fits: lower the resolution or freeze the text encoder (disable_textenc_training)"
+    raise ConfigError(f"vram: {card_bytes / GiB:.1f} GiB cannot hold this run: even with {leanest.describe()} the "
+                      f"estimated peak is {e.peak / GiB:.1f} GiB (at {e.moment}), over the {budget / GiB:.1f} GiB "
+                      f"usable. {advice}; or give vram a larger number if the GPU has more free memory than was "
+                      "measured.")
+
+
+def optimizer_names(optimizer_file: dict) -> dict[str, str]:
+    """The UNet's and the text encoder's optimizer as optimizer.json chooses them (before a plan's 8-bit switch)."""
+    from optimizer.optimizers import DEFAULT_SETTINGS
+
+    base = ((optimizer_file.get("base") or {}).get("optimizer") or DEFAULT_SETTINGS["optimizer"]).lower()
+    te = ((optimizer_file.get("text_encoder_overrides") or {}).get("optimizer") or base).lower()
+    return {"unet": base, "text_encoder": te}
+
+
+def workload(args, optimizer_file: dict, records, sample_settings, validation_batch: int) -> Workload:
+    """What the options ask of the GPU."""
+    sampling = sample_settings.every_n_steps > 0
+    return Workload(batch_size=args.batch_size, pixels=max(r.bucket[0] * r.bucket[1] for r in records),
+                    trained=tuple(name for name, frozen in (("unet", args.disable_unet_training),
+                                                            ("text_encoder", args.disable_textenc_training))
+                                  if not frozen),
+                    optimizers=optimizer_names(optimizer_file),
+                    mixed_precision=args.mixed_precision != "no" and not args.disable_amp,
+                    cache_latents=args.cache_latents,
+                    ema_on_gpu=args.ema_device == "cuda" and bool(args.ema_decay_rate or args.ema_strength_target),
+                    sample_batch=sample_settings.batch_size if sampling else 0, validation_batch=validation_batch,
+                    grad_accum=args.grad_accum, vae_slicing=args.vram != "off")
+
+
+def plan_run(args, size: ModelSize | None, work: Workload, device, processes: int = 1) -> MemoryPlan | None:
+    """The plan for this run on `device` (None on the CPU or with vram off), applied to `args`: the chosen means are
+    set as options, for prepare_models and the optimizers to read. `size`: None to read it from resume_ckpt."""
+    import torch
+
+    if args.vram == "off" or device.type != "cuda":
+        return None
+    card = args.vram * GiB if args.vram != "auto" else torch.cuda.mem_get_info(device)[0]
+    plan = choose(size, work, card, args, processes)
+    for name in ("fused_backward", "gradient_checkpointing", "bf16_weights", "eight_bit_states"):
+        setattr(args, name, getattr(plan.means, name))
+    return plan
+
+
+def model_size(path) -> ModelSize:
+    from utils.model import models
+
+    try:
+        return ModelSize.from_configs(models.read_configs(path))
+    except models.ModelLoadError as e:
+        raise ConfigError(str(e)) from None
