@@ -164,9 +164,12 @@ def _load_folder(path: Path) -> StableDiffusion:
                              "whole model folder again, or give a single .safetensors/.ckpt file.")
     try:
         with torch.serialization.safe_globals(CKPT_STAND_INS):  # .bin weights are pickles too
-            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True)
-            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True)
-            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True)
+            # In fp32 whatever the files hold (a bf16_weights run saves bf16): the run's options set the dtypes.
+            unet = UNet2DConditionModel.from_pretrained(path, subfolder="unet", local_files_only=True,
+                                                        torch_dtype=torch.float32)
+            vae = AutoencoderKL.from_pretrained(path, subfolder="vae", local_files_only=True, torch_dtype=torch.float32)
+            text_encoder = CLIPTextModel.from_pretrained(path, subfolder="text_encoder", local_files_only=True,
+                                                         dtype=torch.float32)
         scheduler_file = path / "scheduler" / "scheduler_config.json"
         scheduler = _scheduler_class(json.loads(scheduler_file.read_text(encoding="utf-8")), str(scheduler_file)) \
             .from_pretrained(path, subfolder="scheduler")
