@@ -195,11 +195,7 @@ RECIPES = {
     "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
-    "compiled": Recipe("default + compile (its repeated blocks, compile_scope blocks)", ("--compile",)),
-    "compiled_model": Recipe("default + compile of the whole UNet (compile_scope model)",
-                             ("--compile", "--compile_scope", "model")),
-    "fastest_model": Recipe("fastest, compiling the whole UNet (compile_scope model)",
-                            ("--compile", "--compile_scope", "model", "--batch_size", "16"), optimizer="adamw"),
+    "compiled": Recipe("default + compile", ("--compile",)),
     # The memory means one at a time (doc/MEMORY.md), against default.
     "default_fused": Recipe("default + fused_backward (the optimizer step inside the backward pass)",
                             ("--fused_backward",)),

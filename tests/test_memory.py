@@ -3,6 +3,7 @@ plan's choice (doc/MEMORY.md)."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import math
@@ -198,8 +199,12 @@ def test_the_vae_moments_encode_and_decode_one_image_at_a_time_under_a_plan():
     assert one.parts["VAE decoding"] == 512 * 512 * a.vae_decode
     whole_batch = memory.estimate(SD15, lean, work(batch_size=1, sample_batch=4, vae_slicing=False))
     assert whole_batch.parts["VAE decoding"] == 4 * 512 * 512 * a.vae_decode
-    no_cache = memory.estimate(SD15, lean, work(batch_size=8, sample_batch=0, cache_latents=False, vae_slicing=False))
+    narrow_unet = dataclasses.replace(SD15, unet_channels=32)  # activations small next to the VAE's
+    no_cache = memory.estimate(narrow_unet, lean, work(batch_size=8, sample_batch=0, cache_latents=False,
+                                                       vae_slicing=False))
     assert no_cache.moment == "VAE encoding" and no_cache.parts["VAE encoding"] == 8 * 512 * 512 * a.vae_encode
+    filling = memory.estimate(narrow_unet, lean, work(batch_size=8, sample_batch=0))
+    assert filling.moment == "latent cache filling" and filling.parts["VAE encoding"] == 512 * 512 * a.vae_encode
 
 
 def plan_args(**options):

@@ -104,9 +104,6 @@ FLAGS: list[Flag] = [
          "ones at each new bucket shape, sample or validation. Compiled kernels are kept in a cache on disk "
          "(TORCHINDUCTOR_CACHE_DIR, default ~/.cache/sdtrainer/torchinductor), so later runs start in seconds "
          "(doc/PERFORMANCE.md)."),
-        ("compile_scope", str, "model", "With compile: blocks = compile the UNet's repeated blocks (ResNet and "
-         "transformer blocks) one kind at a time, a shorter first warm-up; model = the whole UNet as one graph.",
-         {"choices": ("blocks", "model")}),
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
          "memory options as given). The plan turns on the fastest memory means that fit the batch size: "
@@ -238,8 +235,9 @@ LEGACY_KEYS: dict[str, LegacyKey] = {key.name: key for key in (
                             "disable_amp or mixed_precision 'no' for full fp32"),
     LegacyKey("useadam8bit", "ignored: choose the optimizer in optimizer_config's file (`\"optimizer\": "
               "\"adamw8bit\"`, also the default when that file does not exist; doc/OPTIMIZERS.md)"),
-    LegacyKey("lowvram", "ignored: start from cfgs/lowvram.json instead (`--config cfgs/lowvram.json`: gradient "
-              "checkpointing, batch 1, cached latents; SD1.5 at 512 within 10 GiB)"),
+    LegacyKey("lowvram", "ignored: the memory plan (vram, default auto) fits the run to the GPU; "
+              "cfgs/lowvram.json turns every memory means on at batch 1 (`--config cfgs/lowvram.json`; SD1.5 at 512 "
+              "in about 5 GiB, doc/MEMORY.md)"),
     LegacyKey("disable_xformers", "ignored: choose the attention kernel with attn_type (the default, sdp, does not "
               "use xformers)"),
     LegacyKey("ed1_mode", "ignored: SD1 attention settings are detected from the model"),

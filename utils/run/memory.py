@@ -38,7 +38,7 @@ class Activations:
     fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
 
 
-ACTIVATIONS = Activations(training=954.0, boundaries=311.0, recompute=110.0, inference=40.0, vae_encode=2990.0,
+ACTIVATIONS = Activations(training=954.0, boundaries=311.0, recompute=110.0, inference=40.0, vae_encode=1960.0,
                           vae_decode=2170.0, fixed_gib=0.6)
 
 

@@ -180,29 +180,17 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
     if args.compile:
-        compile_unet(model.unet, args.compile_scope)
+        compile_unet(model.unet)
     return trained
 
 
-# The UNet's repeated blocks: the same code at a few shapes, so a few compilations serve all of them.
-REPEATED_BLOCKS = ("ResnetBlock2D", "Transformer2DModel")
-# Distinct shapes per block kind in the SD UNets (channels x size, down and up paths) and their bucket shapes; above
-# torch's default of 8 a block would silently run uncompiled.
-RECOMPILE_LIMIT = 64
-
-
-def compile_unet(unet, scope: str) -> None:
-    """torch.compile in place (the module, its state_dict keys and checkpoints stay as they are): the whole UNet,
-    or each of its repeated blocks. Compiled kernels go to a cache on disk that later runs reuse."""
+def compile_unet(unet) -> None:
+    """torch.compile in place (the module, its state_dict keys and checkpoints stay as they are). Compiled kernels
+    go to a cache on disk that later runs reuse (TORCHINDUCTOR_CACHE_DIR, if not set: ~/.cache/sdtrainer/
+    torchinductor, which outlives a reboot, unlike torch's own default under /tmp)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdtrainer" / "torchinductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    if scope == "model":
-        unet.compile()
-        return
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
-    for module in unet.modules():
-        if type(module).__name__ in REPEATED_BLOCKS:
-            module.compile()
+    unet.compile()
 
 
 def freeze_clip_skipped_layers(text_encoder, clip_skip: int) -> None:
