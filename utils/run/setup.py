@@ -166,8 +166,8 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
         else:
             module.train().to(accelerator.device, dtype=torch.bfloat16 if args.bf16_weights else None)
             trained[name] = module
-    if args.vram != "off":  # a memory plan: the VAE encodes and decodes one image at a time (same results)
-        model.vae.enable_slicing()
+    if args.vram != "off" and accelerator.device.type == "cuda":  # a memory plan: the VAE encodes and decodes one
+        model.vae.enable_slicing()                                 # image at a time (no spike of the whole batch)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
         if "text_encoder" in trained:
