@@ -568,43 +568,56 @@ def _free(device: str) -> None:
 PHASES = ("vae", "text_encoder", "unet", "backward", "optimizer", "idle")
 
 
-def train_table(results: dict) -> list[str]:
-    reference = results.get("reference", {}).get("images_per_s")
-    lines = ["| recipe | batch | images/s | x reference | MFU | step ms | data wait | VAE | TE fwd | UNet fwd+loss | "
-             "backward (UNet+TE) | optimizer | GPU idle | peak reserved GiB | first step s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+def _table(header: list[str], results: dict, row) -> list[str]:
+    """A markdown table of `header`'s columns: one row per recipe from `row(name, result)`, or its error."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, r in results.items():
         if "error" in r:
-            lines.append(f"| {name} | {r.get('batch_size', '')} | {r['error']} |" + " |" * 12)
-            continue
+            lines.append(f"| {name} | {r.get('batch_size', '')} | {r['error']} |" + " |" * (len(header) - 3))
+        else:
+            lines.append(row(name, r))
+    return lines
+
+
+def _reference_rate(results: dict, name: str) -> float | None:
+    """images/s of the reference recipe run under the same --vram-cap as `name` ("auto@8GiB": "reference@8GiB")."""
+    cap = name.partition("@")[2]
+    return results.get(f"reference@{cap}" if cap else "reference", {}).get("images_per_s")
+
+
+def train_table(results: dict) -> list[str]:
+    header = ["recipe", "batch", "images/s", "x reference", "MFU", "step ms", "data wait", "VAE", "TE fwd",
+              "UNet fwd+loss", "backward (UNet+TE)", "optimizer", "GPU idle", "peak reserved GiB", "first step s"]
+
+    def row(name: str, r: dict) -> str:
+        reference = _reference_rate(results, name)
         ratio = f"{r['images_per_s'] / reference:.2f}" if reference else "-"
         phases = " | ".join(f"{r['phases_ms'].get(p, 0):.1f}" for p in PHASES)
         reserved = " / ".join(f"{v:.2f}" for v in r.get("peak_reserved_gib_per_process", [])) or "-"
         batch = f"{r['processes']} x {r['batch_size']}" if r["processes"] > 1 else r["batch_size"]
-        lines.append(f"| {name} | {batch} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
-                     f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | "
-                     f"{r['first_step_s']:.1f} |")
-    return lines
+        return (f"| {name} | {batch} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
+                f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | {r['first_step_s']:.1f} |")
+
+    return _table(header, results, row)
 
 
 def memory_table(results: dict) -> list[str]:
     """Each recipe's means, its measured peak by phase and the memory plan's estimate of the whole run's peak."""
-    lines = ["| recipe | batch | means on | optimizer (UNet) | images/s | peak allocated GiB: cache filling / steps / "
-             "samples / validation | peak reserved GiB | estimate GiB | estimate error |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for name, r in results.items():
-        if "error" in r:
-            lines.append(f"| {name} | {r.get('batch_size', '')} | {r['error']} |" + " |" * 6)
-            continue
+    header = ["recipe", "batch", "means on", "optimizer (UNet)", "images/s",
+              "peak allocated GiB: cache filling / steps / samples / validation", "peak reserved GiB", "estimate GiB",
+              "estimate error"]
+
+    def row(name: str, r: dict) -> str:
         means = ", ".join(m for m, on in r["means"].items() if on) or "none"
         phases = r.get("peak_allocated_gib_by_phase", {})
         by_phase = " / ".join(f"{phases[p]:.2f}" if p in phases else "-"
                               for p in ("latent cache filling", "training steps", "samples", "validation"))
         measured, estimated = r.get("peak_reserved_gib"), r.get("estimate_gib")
         error = f"{100 * (estimated / measured - 1):+.1f}%" if measured and estimated else "-"
-        lines.append(f"| {name} | {r['batch_size']} | {means} | {r['optimizers'].get('unet', '-')} | "
-                     f"{r['images_per_s']:.1f} | {by_phase} | {measured or 0:.2f} | {estimated or 0:.2f} | {error} |")
-    return lines
+        return (f"| {name} | {r['batch_size']} | {means} | {r['optimizers'].get('unet', '-')} | "
+                f"{r['images_per_s']:.1f} | {by_phase} | {measured or 0:.2f} | {estimated or 0:.2f} | {error} |")
+
+    return _table(header, results, row)
 
 
 def cmd_train(args) -> dict:

@@ -116,18 +116,25 @@ def newest_run(logdir: Path) -> Path:
     return max(logdir.iterdir(), key=lambda p: p.stat().st_mtime)
 
 
+def resume_data(root: Path) -> tuple[Path, Path]:
+    """(data folder, validation config) of RUN_ARGS's runs: 10 captioned squares in two buckets, 2 kept apart for
+    validation."""
+    from PIL import Image
+
+    data_root = root / "images"
+    data_root.mkdir()
+    for i in range(10):
+        Image.new("RGB", (64, 64) if i < 7 else (96, 64), (20 * i, 200 - 15 * i, 90)).save(data_root / f"{i}.png")
+        (data_root / f"{i}.txt").write_text(f"a square of colour {i}, plain")
+    return data_root, write_json(root / "validation.json", {"val_split_mode": "automatic", "auto_split_proportion": 0.2,
+                                                             "every_n_epochs": 0.5, "seed": 3})
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """The uninterrupted run, saving a resumable checkpoint after every step (ckpt_every_n_minutes ~ 0)."""
     root = tmp_path_factory.mktemp("resume")
-    data_root = root / "images"
-    data_root.mkdir()
-    from PIL import Image
-    for i in range(10):
-        Image.new("RGB", (64, 64) if i < 7 else (96, 64), (20 * i, 200 - 15 * i, 90)).save(data_root / f"{i}.png")
-        (data_root / f"{i}.txt").write_text(f"a square of colour {i}, plain")
-    validation_cfg = write_json(root / "validation.json", {"val_split_mode": "automatic", "auto_split_proportion": 0.2,
-                                                            "every_n_epochs": 0.5, "seed": 3})
+    data_root, validation_cfg = resume_data(root)
     logdir = root / "logs"
     assert train(run_args(data_root, logdir, validation_cfg, "--ckpt_every_n_minutes", "1e-9")) == 0
     run = newest_run(logdir)
@@ -172,6 +179,17 @@ def test_a_run_resumed_from_any_step_ends_on_the_same_weights_bit_for_bit(refere
     for tag in ("loss/log_step", "loss/epoch", "loss/val", "hyperparameter/lr unet"):
         assert all(before[tag][s] == value for s, value in after[tag].items()), tag
         assert {s for s in before[tag] if s > step} <= set(after[tag]), tag
+
+
+def test_fused_backward_trains_the_same_weights_and_ema(reference, tmp_path):
+    """On the CPU in fp32 each bucket's AdamW step inside the backward pass is the same arithmetic as one AdamW over
+    all parameters after it, grad_accum windows included (the hooks update at a window's last step only)."""
+    logdir = tmp_path / "logs"
+    assert train(run_args(reference["data_root"], logdir, reference["validation_cfg"], "--fused_backward")) == 0
+    fused = newest_run(logdir) / "ckpts" / "last-myproj-ep02-gs00010"
+    assert_same_weights(fused, reference["final"])
+    assert_same_weights(fused.with_name(fused.name + "_ema"), reference["final"].with_name(
+        reference["final"].name + "_ema"))
 
 
 def test_a_changed_dataset_or_batch_size_starts_a_new_run_from_the_weights(reference, tmp_path, capsys):
