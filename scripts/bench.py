@@ -405,7 +405,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
 
     from data.latent_cache import LatentCache
     from optimizer.optimizers import resolve_settings
-    from utils.objective.objectives import predict
+    from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
     from utils.run.build import make_optimizers
     from utils.run.epoch_data import EpochData

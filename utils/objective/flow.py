@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from utils.objective.objectives import predict
+from utils.objective.prediction import predict
 from utils.options.config import ConfigError
 
 log = logging.getLogger(__name__)

@@ -56,15 +56,6 @@ def sample_timesteps(batch: int, start: int, end: int, device, generator=None) -
     return torch.randint(start, end, (batch,), device=device, generator=generator)
 
 
-def predict(unet, noisy_latents: torch.Tensor, timesteps: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
-    """The UNet's prediction in fp32. With bf16_weights the inputs are cast to the weights' dtype first: what autocast
-    does on a GPU, and what the CPU (without autocast) needs."""
-    weights_dtype = next(unet.parameters()).dtype
-    if weights_dtype != torch.float32:
-        noisy_latents, hidden = noisy_latents.to(weights_dtype), hidden.to(weights_dtype)
-    return unet(noisy_latents, timesteps, hidden).sample.float()
-
-
 def noised_and_target(noise_scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                       rectified_flow: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """The one objective: (the UNet's input, what it should predict) for clean `latents` at `timesteps`. Training,

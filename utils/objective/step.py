@@ -13,7 +13,8 @@ from diffusers.utils.torch_utils import randn_tensor
 from data.latent_cache import store
 from utils.objective import flow
 from utils.objective.objectives import diffusion_loss, mask_weights, min_snr_weight, noised_and_target, \
-    perturb_embedding, predict, runt_weight, sample_noise, sample_timesteps
+    perturb_embedding, runt_weight, sample_noise, sample_timesteps
+from utils.objective.prediction import predict
 
 
 @dataclass

@@ -262,7 +262,7 @@ def _vram_setting(value: Any, where: str) -> str | float:
         return value.strip().lower()
     try:
         gib = float(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         gib = math.nan
     if isinstance(value, bool) or not math.isfinite(gib) or gib <= 0:
         raise ConfigError(f"{where}: key 'vram' is {json.dumps(value)}; give \"auto\" (the GPU's free memory), a "

@@ -35,8 +35,9 @@ from data.records import DEFAULT_BATCH_ID
 from data.settings import DEFAULT_MASK_SUFFIX
 from utils.options.config import ConfigError, read_json_object
 from utils.options.values import boolean, integer, number, proportion, unknown_key
-from utils.objective.objectives import mask_weights, noised_and_target, per_sample_mean, predict, sample_noise, \
+from utils.objective.objectives import mask_weights, noised_and_target, per_sample_mean, sample_noise, \
     sample_timesteps
+from utils.objective.prediction import predict
 from utils.objective.step import StepSettings, encode_images, encode_text
 
 log = logging.getLogger(__name__)
