@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -30,6 +32,84 @@ def forget_modules_from_temporary_folders(tmp_path_factory):
         places = [getattr(spec, "origin", None), *(getattr(spec, "submodule_search_locations", None) or [])]
         if any(str(place).startswith(root) for place in places if place):
             del sys.modules[name]
+
+
+DEMO_COMMAND = "python train.py --config cfgs/demo.json"  # the README's demo command
+DEMO_TIMEOUT = 900  # seconds
+
+
+class BackgroundDemo:
+    """The README's demo command in a process of its own, with --logdir / --save_ckpt_dir pointed at `out`. It
+    trains single-threaded: on a 2-core machine it then has one core and the tests the other (two processes of
+    two threads each would keep stopping to wait for each other's preempted threads)."""
+
+    def __init__(self, out: Path):
+        self.out = out
+        command = DEMO_COMMAND.replace("python", sys.executable, 1).split() + \
+            ["--logdir", str(out / "logs"), "--save_ckpt_dir", str(out / "single")]
+        self.stdout, self.stderr = open(out / "stdout.txt", "wb"), open(out / "stderr.txt", "wb")
+        self.started = time.monotonic()
+        self.process = subprocess.Popen(command, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                                        stdout=self.stdout, stderr=self.stderr)
+
+    def running(self) -> bool:
+        return self.process.poll() is None
+
+    def result(self) -> dict:
+        """Waits for the demo (DEMO_TIMEOUT seconds from its start in all) and returns its run folder, its
+        single-file folder and its console output."""
+        try:
+            self.process.wait(timeout=max(1.0, DEMO_TIMEOUT - (time.monotonic() - self.started)))
+        except subprocess.TimeoutExpired:
+            self.stop()
+            pytest.fail(f"the demo did not finish within {DEMO_TIMEOUT} s")
+        self.stop()
+        stdout, stderr = ((self.out / name).read_text(encoding="utf-8", errors="replace")
+                          for name in ("stdout.txt", "stderr.txt"))
+        assert self.process.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        (run_dir,) = (self.out / "logs").iterdir()
+        return {"run": run_dir, "single": self.out / "single", "log": stdout + stderr}
+
+    def stop(self) -> None:
+        if self.running():
+            self.process.kill()
+            self.process.wait()
+        self.stdout.close()
+        self.stderr.close()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def demo_in_background(request, tmp_path_factory):
+    """When the session has tests of the demo's outputs (tests/e2e/test_train.py's `demo_run`), the demo starts
+    before the first test, and trains while the other tests run; `demo_run` waits for it. None otherwise."""
+    if not any("demo_run" in item.fixturenames for item in request.session.items):
+        yield None
+        return
+    demo = BackgroundDemo(tmp_path_factory.mktemp("demo"))
+    yield demo
+    demo.stop()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread_while_the_demo_trains(demo_in_background):
+    """While the demo trains on one core, the tests (and the processes they start) use one thread, on the other
+    core; once it is done, the thread count they were started with. Set per module, so that the runs of a module,
+    which its tests may compare bit for bit, all train with one thread count."""
+    import torch
+
+    if demo_in_background is None:
+        yield
+        return
+    threads, variable = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
+    if demo_in_background.running():
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+    yield
+    torch.set_num_threads(threads)
+    if variable is None:
+        os.environ.pop("OMP_NUM_THREADS", None)
+    else:
+        os.environ["OMP_NUM_THREADS"] = variable
 
 
 @pytest.fixture
