@@ -365,37 +365,32 @@ def _reset_accelerate() -> None:
 
 
 def plan_recipe(recipe: Recipe, run_args, size, records, device: str, largest_batch: int):
-    """(memory plan, workload, estimate) for the recipe's options; a planned recipe takes the largest batch up to
-    `largest_batch` and its config's batch that its plan fits (run_args.batch_size is set to it). Recipes with vram off get the estimate
-    of their own means."""
+    """(memory plan or None, estimate) for the recipe's options. A planned recipe on a GPU takes the largest batch
+    up to `largest_batch` and its config's batch that its plan fits (run_args.batch_size is set to it); the others
+    get the estimate of their own means."""
     import torch
 
+    from optimizer.optimizers import read_optimizer_file
     from utils.options.config import ConfigError
     from utils.run import memory
     from utils.watch.sampling import SampleSettings
 
     def work():
-        return memory.workload(run_args, read_optimizer_settings(run_args), records,
+        return memory.workload(run_args, read_optimizer_file(run_args.optimizer_config), records,
                                SampleSettings.defaults_from(run_args), run_args.batch_size)
 
     if not recipe.planned or device != "cuda":
         means = memory.Means(**{name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN})
-        return None, work(), memory.estimate(size, means, work())
+        return None, memory.estimate(size, means, work())
     largest_batch = min(largest_batch, run_args.batch_size)
     for batch in sorted({b for b in (largest_batch, 8, 4, 2, 1) if b <= largest_batch}, reverse=True):
         run_args.batch_size = batch
         try:
             plan = memory.plan_run(run_args, size, work(), torch.device("cuda"))
-            return plan, work(), plan.estimate
+            return plan, plan.estimate
         except ConfigError as e:
             problem = e
     raise problem
-
-
-def read_optimizer_settings(run_args) -> dict:
-    from optimizer.optimizers import read_optimizer_file
-
-    return read_optimizer_file(run_args.optimizer_config)
 
 
 def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, estimate=None) -> dict:
@@ -404,7 +399,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     import torch
 
     from data.latent_cache import LatentCache
-    from optimizer.optimizers import resolve_settings
+    from optimizer.optimizers import read_optimizer_file, resolve_settings
     from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
     from utils.run.build import make_optimizers
@@ -450,7 +445,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
         return epoch_data.loader(epoch_data.plan(epoch, run_args.grad_accum), epoch)
 
     steps_per_epoch = len(records) // global_batch
-    settings = resolve_settings(read_optimizer_settings(run_args), run_args, steps_per_epoch, processes)
+    settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch, processes)
     optimizers = make_optimizers(trained, settings, run_args, accelerator)
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
@@ -672,7 +667,7 @@ def cmd_train(args) -> dict:
             run_args.latent_cache_dir = str(cache / f"latent_cache_{name}")
             shutil.rmtree(run_args.latent_cache_dir, ignore_errors=True)
             try:
-                plan, work, estimate = plan_recipe(recipe, run_args, size, records, device, args.batch)
+                plan, estimate = plan_recipe(recipe, run_args, size, records, device, args.batch)
                 result = run_recipe(recipe, master, records, run_args, device, args, estimate)
                 result["mfu"] = flops["total"] * result["images_per_s"] / (rate * result["processes"])
                 if plan:

@@ -9,14 +9,12 @@ a training step (the latent cache filling or not), a sample pass and a validatio
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 from dataclasses import dataclass, fields, replace
 
+from optimizer.optimizers import DEFAULT_SETTINGS, EIGHT_BIT, ELEMENT_WISE, check_steps_per_parameter
 from optimizer.per_parameter import BUCKET_ELEMENTS
 from utils.options.config import ConfigError
-
-log = logging.getLogger("train")
 
 GiB = 2 ** 30
 # Room kept free on top of the estimate: CUDA's own kernels and libraries outside PyTorch's allocator, and the
@@ -162,8 +160,6 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
 
 
 def _optimizer(name: str, means: Means) -> str:
-    from optimizer.optimizers import EIGHT_BIT
-
     return EIGHT_BIT.get(name, name) if means.eight_bit_states else name
 
 
@@ -189,8 +185,6 @@ class MemoryPlan:
 
 def check_means(args, optimizer_file: dict, processes: int) -> None:
     """ConfigError for a means turned on in the options that cannot work with the rest of them."""
-    from optimizer.optimizers import check_steps_per_parameter
-
     names = optimizer_names(optimizer_file)
     trained = [part for part, frozen in (("unet", args.disable_unet_training),
                                          ("text_encoder", args.disable_textenc_training)) if not frozen]
@@ -206,8 +200,6 @@ def check_means(args, optimizer_file: dict, processes: int) -> None:
 
 def _usable(work: Workload, args, processes: int) -> dict[str, bool]:
     """Which means a plan may turn on here: each where it saves memory and works with the options."""
-    from optimizer.optimizers import EIGHT_BIT, ELEMENT_WISE
-
     names = set(work.optimizers[name] for name in work.trained)
     element_wise = names <= set(ELEMENT_WISE) and args.mixed_precision != "fp16"
     return {"fused_backward": element_wise and args.grad_accum == 1 and not args.clip_grad_norm and processes == 1,
@@ -248,8 +240,6 @@ def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: 
 
 def optimizer_names(optimizer_file: dict) -> dict[str, str]:
     """The UNet's and the text encoder's optimizer as optimizer.json chooses them (before a plan's 8-bit switch)."""
-    from optimizer.optimizers import DEFAULT_SETTINGS
-
     base = ((optimizer_file.get("base") or {}).get("optimizer") or DEFAULT_SETTINGS["optimizer"]).lower()
     te = ((optimizer_file.get("text_encoder_overrides") or {}).get("optimizer") or base).lower()
     return {"unet": base, "text_encoder": te}
@@ -270,13 +260,11 @@ def workload(args, optimizer_file: dict, records, sample_settings, validation_ba
                     grad_accum=args.grad_accum, vae_slicing=args.vram != "off")
 
 
-def plan_run(args, size: ModelSize | None, work: Workload, device, processes: int = 1) -> MemoryPlan | None:
-    """The plan for this run on `device` (None on the CPU or with vram off), applied to `args`: the chosen means are
-    set as options, for prepare_models and the optimizers to read. `size`: None to read it from resume_ckpt."""
+def plan_run(args, size: ModelSize, work: Workload, device, processes: int = 1) -> MemoryPlan:
+    """The plan for this run on the GPU `device`, applied to `args`: the chosen means are set as options, for
+    prepare_models and the optimizers to read."""
     import torch
 
-    if args.vram == "off" or device.type != "cuda":
-        return None
     card = args.vram * GiB if args.vram != "auto" else torch.cuda.mem_get_info(device)[0]
     plan = choose(size, work, card, args, processes)
     for name in ("fused_backward", "gradient_checkpointing", "bf16_weights", "eight_bit_states"):
