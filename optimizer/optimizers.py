@@ -351,10 +351,11 @@ class NonFiniteFusedUpdate(Exception):
                          "are skipped, see max_skipped_updates).")
 
 
-def check_steps_per_parameter(optimizer_name: str, model: str = "UNet") -> None:
-    """ConfigError unless the optimizer can be stepped one parameter at a time."""
+def check_steps_per_parameter(optimizer_name: str, model: str = "UNet", where: str = "") -> None:
+    """ConfigError unless the optimizer can be stepped one parameter at a time; `where`: the optimizer file."""
     if optimizer_name not in ELEMENT_WISE:
-        raise ConfigError(f"fused_backward and bf16_weights update one weight tensor at a time, and the {model}'s "
+        raise ConfigError(f"{where + ': ' if where else ''}fused_backward and bf16_weights update one weight tensor "
+                          f"at a time, and the {model}'s "
                           f"optimizer '{optimizer_name}' computes its step size from all of them together. Use one "
                           f"of {', '.join(ELEMENT_WISE)}, or turn fused_backward and bf16_weights off.")
 

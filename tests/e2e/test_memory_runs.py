@@ -84,5 +84,7 @@ def test_an_optimizer_with_a_global_step_size_is_refused_for_per_parameter_steps
     logdir = tmp_path / "logs"
     assert train(run_args(runs["data_root"], logdir, runs["validation_cfg"], "--bf16_weights",
                           "--optimizer_config", str(optimizer))) == 2
-    assert "optimizer 'prodigy' computes its step size from all of them together" in "".join(capsys.readouterr())
+    console = "".join(capsys.readouterr())
+    assert f"{optimizer}: fused_backward and bf16_weights update one weight tensor at a time" in console
+    assert "optimizer 'prodigy' computes its step size from all of them together" in console
     assert not logdir.exists() or not list(logdir.iterdir())

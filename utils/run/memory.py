@@ -191,7 +191,7 @@ def check_means(args, optimizer_file: dict, processes: int) -> None:
     for key in ("fused_backward", "bf16_weights"):
         if getattr(args, key):
             for part in trained:
-                check_steps_per_parameter(names[part], part)
+                check_steps_per_parameter(names[part], part, args.optimizer_config)
     if args.fused_backward and processes > 1:
         raise ConfigError(f"{args.sources.get('fused_backward', 'defaults')}: fused_backward trains on one process "
                           f"only (the processes must average each gradient before it is used); this run has "
