@@ -27,13 +27,14 @@ STOCHASTIC_ROUNDING_SEED_OFFSET = 0x5EED  # the rounding stream is seeded from t
 BUCKET_ELEMENTS = 1 << 24
 
 
-def round_stochastically_(target: torch.Tensor, source: torch.Tensor, generator: torch.Generator) -> None:
-    """target (bf16) <- source (fp32), each value rounded to one of its two nearest bf16 neighbours with probability
-    proportional to closeness: bf16 is the upper half of fp32's bits, so adding a uniform random number to the
-    lower 16 bits before cutting them off rounds up exactly when the dropped part exceeds the random draw."""
-    noise = torch.randint(0, 1 << 16, source.shape, dtype=torch.int32, device=source.device, generator=generator)
-    bits = source.contiguous().view(torch.int32) + noise
-    target.copy_(bits.bitwise_and_(-65536).view(torch.float32))
+def round_stochastically_(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Rounds fp32 `values` in place to one of their two nearest bf16 neighbours each, with probability proportional
+    to closeness (the results are bf16 values: a copy into bf16 keeps them exactly). bf16 is the upper half of
+    fp32's bits, so adding a uniform random number to the lower 16 bits before cutting them off rounds up exactly
+    when the dropped part exceeds the random draw."""
+    noise = torch.randint(0, 1 << 16, values.shape, dtype=torch.int32, device=values.device, generator=generator)
+    values.view(torch.int32).add_(noise).bitwise_and_(-65536)
+    return values
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
@@ -63,27 +64,38 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def flush(self) -> None:
-        """Steps the pending parameters and frees their gradients."""
+        """Steps the pending parameters and frees their gradients. bf16 parameters step through fp32 copies of the
+        whole bucket, made and rounded back with a few kernels (not a few per parameter)."""
         if not self.pending:
             return
-        grads = [p.grad for p in self.pending]
-        self.squared_norm += torch.stack(torch._foreach_norm(grads, dtype=torch.float32)).square().sum()
-        for p in self.pending:
-            stand_in = self.stand_ins[p]
-            rounded = p.dtype == torch.bfloat16
-            stand_in.data = p.detach().float() if rounded else p.detach()
-            stand_in.grad = p.grad.float() if rounded else p.grad
-        for group in self.inner.param_groups:
-            group["lr"] = self.param_groups[0]["lr"]
-        self.inner.step()
-        for p in self.pending:
-            stand_in = self.stand_ins[p]
-            if p.dtype == torch.bfloat16:
-                round_stochastically_(p, stand_in.data, self.rounding)
-            stand_in.grad = None
-            stand_in.data = torch.empty(0, device=p.device)
+        pending, self.pending, self.pending_elements = self.pending, [], 0
+        self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
+                                         ).square().sum()
+        rounded = [p for p in pending if p.dtype == torch.bfloat16]
+        if rounded:
+            sizes = [p.numel() for p in rounded]
+            weights = torch.cat([p.detach().reshape(-1) for p in rounded]).float()
+            grads = torch.cat([p.grad.reshape(-1) for p in rounded]).float()
+            for p, weight, grad in zip(rounded, weights.split(sizes), grads.split(sizes)):
+                self.stand_ins[p].data, self.stand_ins[p].grad = weight.view_as(p), grad.view_as(p)
+        for p in pending:
+            if p.dtype != torch.bfloat16:
+                self.stand_ins[p].data, self.stand_ins[p].grad = p.detach(), p.grad
+        group = self.inner.param_groups[0]
+        everything, group["params"] = group["params"], [self.stand_ins[p] for p in pending]
+        group["lr"] = self.param_groups[0]["lr"]
+        try:  # over the bucket only: the optimizer's own loop over every parameter costs more than a small bucket
+            self.inner.step()
+        finally:
+            group["params"] = everything
+        for p in pending:
+            self.stand_ins[p].grad = None
+            self.stand_ins[p].data = torch.empty(0, device=p.device)
             p.grad = None
-        self.pending, self.pending_elements = [], 0
+        if rounded:
+            del grads
+            bf16 = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
+            torch._foreach_copy_(rounded, [w.view_as(p) for p, w in zip(rounded, bf16.split(sizes))])
 
     @torch.no_grad()
     def step(self, closure=None):

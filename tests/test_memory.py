@@ -22,24 +22,23 @@ GiB = 2 ** 30
 
 
 def test_stochastic_rounding_picks_a_neighbour_with_the_remainders_probability():
+    def rounded(values: torch.Tensor, seed: int) -> torch.Tensor:
+        return round_stochastically_(values.clone(), torch.Generator().manual_seed(seed)).to(torch.bfloat16)
+
     source = torch.full((200_000,), 1.0 + 2 ** -9)  # a quarter of the way from 1.0 to the next bf16 (1 + 2^-7)
-    target = torch.empty(source.shape, dtype=torch.bfloat16)
-    round_stochastically_(target, source, torch.Generator().manual_seed(0))
+    target = rounded(source, 0)
     values = set(target.float().unique().tolist())
     assert values == {1.0, 1.0 + 2 ** -7}
     share_up = (target.float() > 1.0).float().mean().item()
     assert share_up == pytest.approx(0.25, abs=0.005)
     assert target.float().mean().item() == pytest.approx(1.0 + 2 ** -9, abs=2 ** -14)  # unbiased
-    negative = torch.empty(source.shape, dtype=torch.bfloat16)
-    round_stochastically_(negative, -source, torch.Generator().manual_seed(0))
-    assert torch.equal(negative, -target)  # the magnitude is rounded: symmetric around zero
-    again = torch.empty(source.shape, dtype=torch.bfloat16)
-    round_stochastically_(again, source, torch.Generator().manual_seed(0))
-    assert torch.equal(again, target)
+    assert torch.equal(rounded(-source, 0), -target)  # the magnitude is rounded: symmetric around zero
+    assert torch.equal(rounded(source, 0), target)
     exact = torch.tensor([0.5, -3.0, 1024.0])
-    out = torch.empty(3, dtype=torch.bfloat16)
-    round_stochastically_(out, exact, torch.Generator().manual_seed(1))
-    assert torch.equal(out.float(), exact)  # representable values never move
+    assert torch.equal(rounded(exact, 1).float(), exact)  # representable values never move
+    in_place = source.clone()
+    round_stochastically_(in_place, torch.Generator().manual_seed(0))
+    assert torch.equal(in_place.to(torch.bfloat16), target) and torch.equal(in_place, target.float())
 
 
 def settings(name: str, lr: float = 1e-2) -> dict[str, OptimizerSettings]:
