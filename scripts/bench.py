@@ -175,6 +175,7 @@ class Recipe:
     precision: str | None = None     # "fp16": fp16 autocast and a grad scaler instead of make_accelerator's choice
     ddp: tuple[tuple[str, object], ...] | None = None  # DistributedDataParallel's settings instead of train.py's
     planned: bool = False            # the memory plan picks the means for the card (vram auto or --vram-cap)
+    compile_blocks: bool = False     # regional compile: diffusers' compile_repeated_blocks (transformer blocks)
 
 
 RECIPES = {
@@ -196,6 +197,8 @@ RECIPES = {
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
     "compiled": Recipe("default + compile", ("--compile",)),
+    "compiled_blocks": Recipe("default + the UNet's transformer blocks compiled (diffusers' "
+                              "compile_repeated_blocks), not the whole UNet", compile_blocks=True),
     # The memory means one at a time (doc/MEMORY.md), against default.
     "default_fused": Recipe("default + fused_backward (the optimizer step inside the backward pass)",
                             ("--fused_backward",)),
@@ -435,6 +438,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
 
     model = copy.deepcopy(master)
     trained = prepare_models(model, run_args, accelerator)
+    if recipe.compile_blocks:
+        model.unet.compile_repeated_blocks()
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
     # As train.py: each step's global batch is planned as one and every process trains its share of it.
     epoch_data = EpochData(records, None, model.tokenizer, run_args, accelerator, dataloader_workers(accelerator),
@@ -495,8 +500,11 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     wall = time.perf_counter() - started
     del batches, loader
     peak("training steps")
+    sample_pass_s = None
     if opts.samples and accelerator.is_main_process:
+        started = time.perf_counter()
         _sample_pass(model, accelerator, run_args, batch["captions"], opts)
+        sample_pass_s = time.perf_counter() - started
         peak("samples")
     with torch.no_grad(), accelerator.autocast():  # what a validation pass computes: pixels encoded, a prediction
         width, height = records[0].bucket
@@ -514,6 +522,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,
         "first_step_s": first_step_s, "warmup_steps": warmup_steps, "warmup_s": warmup_s,
+        "sample_pass_s": sample_pass_s,
         "last_loss": float(loss), "notes": notes,
     }
     if fills_cache and warmup_steps > 1:  # the first step's one-off set-up costs are reported on their own
@@ -582,7 +591,8 @@ def _reference_rate(results: dict, name: str) -> float | None:
 
 def train_table(results: dict) -> list[str]:
     header = ["recipe", "batch", "images/s", "x reference", "MFU", "step ms", "data wait", "VAE", "TE fwd",
-              "UNet fwd+loss", "backward (UNet+TE)", "optimizer", "GPU idle", "peak reserved GiB", "first step s"]
+              "UNet fwd+loss", "backward (UNet+TE)", "optimizer", "GPU idle", "peak reserved GiB", "first step s",
+              "sample pass s"]
 
     def row(name: str, r: dict) -> str:
         reference = _reference_rate(results, name)
@@ -591,7 +601,8 @@ def train_table(results: dict) -> list[str]:
         reserved = " / ".join(f"{v:.2f}" for v in r.get("peak_reserved_gib_per_process", [])) or "-"
         batch = f"{r['processes']} x {r['batch_size']}" if r["processes"] > 1 else r["batch_size"]
         return (f"| {name} | {batch} | {r['images_per_s']:.1f} | {ratio} | {100 * r['mfu']:.1f}% | "
-                f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | {r['first_step_s']:.1f} |")
+                f"{r['step_ms']:.1f} | {r['data_wait_ms']:.1f} | {phases} | {reserved} | {r['first_step_s']:.1f} | "
+                f"{r['sample_pass_s'] or 0:.1f} |")
 
     return _table(header, results, row)
 

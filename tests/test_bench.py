@@ -45,6 +45,7 @@ def test_bench_train_prints_its_tables_and_consistent_numbers(tmp_path):
         recipes["default"]["estimate_parts_gib"]["trained weights"] / 2, abs=1e-3)  # bf16 against fp32
     for name, r in recipes.items():
         assert r["images_per_s"] == pytest.approx(r["batch_size"] * 1000 / r["step_ms"], rel=1e-6), name
+        assert r["sample_pass_s"] > 0, name
         assert r["mfu"] == pytest.approx(flops["total"] * r["images_per_s"] / report["matmul_flops_per_s"]), name
         phases = r["phases_ms"]
         assert set(phases) == {"idle", "vae", "text_encoder", "unet", "backward", "optimizer"}, name

@@ -298,8 +298,9 @@ def two_runs(tmp_path_factory):
               "--validation_config", str(validation), "--sample_prompts", str(prompts), *RUN_ARGS]
     import train
 
-    assert train.main([*common, "--batch_size", "4", "--logdir", str(root / "one")]) == 0
-    output = finish(torchrun([*common, "--batch_size", "2", "--logdir", str(root / "two"), "--wandb"]))
+    two_processes = torchrun([*common, "--batch_size", "2", "--logdir", str(root / "two"), "--wandb"])
+    assert train.main([*common, "--batch_size", "4", "--logdir", str(root / "one")]) == 0  # meanwhile
+    output = finish(two_processes)
     (one,), (two,) = (root / "one").iterdir(), (root / "two").iterdir()
     return dict(root=root, common=common, one=one, two=two, output=output)
 

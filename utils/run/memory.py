@@ -77,9 +77,10 @@ class Means:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
 
 
-# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md); the plan takes the
-# fitting combination with the smallest product.
-SLOWDOWN = {"fused_backward": 1.1, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65, "bf16_weights": 1.2}
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-H); the plan
+# takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
+# 1.02 makes the plan take it only where it saves memory (it stops a run on a non-finite gradient, doc/MEMORY.md).
+SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65, "bf16_weights": 1.45}
 
 
 @dataclass(frozen=True)
