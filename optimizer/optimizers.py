@@ -179,14 +179,21 @@ def check_optimizers_run_here(file_data: dict, where: str, device: torch.device 
                               "to a learning-rate-free optimizer such as 'dadapt_lion' (see doc/OPTIMIZERS.md).")
 
 
+def optimizer_names(file_data: dict) -> dict[str, str]:
+    """The UNet's and the text encoder's optimizer as optimizer.json chooses them (the text encoder's defaults to the
+    UNet's, the UNet's to DEFAULT_SETTINGS')."""
+    base = ((file_data.get("base") or {}).get("optimizer") or DEFAULT_SETTINGS["optimizer"]).lower()
+    te = ((file_data.get("text_encoder_overrides") or {}).get("optimizer") or base).lower()
+    return {"unet": base, "text_encoder": te}
+
+
 def _chosen_optimizers(file_data: dict) -> list[tuple[str, str]]:
     """(where it was chosen, name) of the UNet's and the text encoder's optimizer, each name once."""
-    base = (file_data.get("base") or {}).get("optimizer")
-    te = (file_data.get("text_encoder_overrides") or {}).get("optimizer")
-    chosen = [("base.optimizer" if base else "base.optimizer (unset: the default)",
-               (base or DEFAULT_SETTINGS["optimizer"]).lower())]
-    if te and te.lower() != chosen[0][1]:
-        chosen.append(("text_encoder_overrides.optimizer", te.lower()))
+    names = optimizer_names(file_data)
+    base_set = (file_data.get("base") or {}).get("optimizer")
+    chosen = [("base.optimizer" if base_set else "base.optimizer (unset: the default)", names["unet"])]
+    if names["text_encoder"] != names["unet"]:
+        chosen.append(("text_encoder_overrides.optimizer", names["text_encoder"]))
     return chosen
 
 

@@ -13,8 +13,8 @@ import torch
 import data
 from data.latent_cache import LatentCache
 from optimizer.freezing import freeze_text_encoder
-from optimizer.optimizers import EIGHT_BIT, TrainingOptimizers, check_optimizers_run_here, read_optimizer_file, \
-    resolve_settings
+from optimizer.optimizers import EIGHT_BIT, TrainingOptimizers, check_optimizers_run_here, optimizer_names, \
+    read_optimizer_file, resolve_settings
 from utils.objective import flow
 from utils.options import config
 from utils.options.config import ConfigError
@@ -96,7 +96,7 @@ def read_inputs(argv: list[str] | None) -> Inputs:
 
 def _eight_bit(optimizer_file: dict) -> dict:
     """optimizer.json's choices with the 8-bit form of each optimizer that has one."""
-    names = memory.optimizer_names(optimizer_file)
+    names = optimizer_names(optimizer_file)
     return {"base": {"optimizer": EIGHT_BIT.get(names["unet"], names["unet"])},
             "text_encoder_overrides": {"optimizer": EIGHT_BIT.get(names["text_encoder"], names["text_encoder"])}}
 

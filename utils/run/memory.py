@@ -12,7 +12,7 @@ import itertools
 import math
 from dataclasses import dataclass, fields, replace
 
-from optimizer.optimizers import DEFAULT_SETTINGS, EIGHT_BIT, ELEMENT_WISE, check_steps_per_parameter
+from optimizer.optimizers import EIGHT_BIT, ELEMENT_WISE, check_steps_per_parameter, optimizer_names
 from optimizer.per_parameter import BUCKET_ELEMENTS
 from utils.options.config import ConfigError
 
@@ -237,13 +237,6 @@ def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: 
                       f"estimated peak is {e.peak / GiB:.1f} GiB (at {e.moment}), over the {budget / GiB:.1f} GiB "
                       f"usable. {advice}; or give vram a larger number if the GPU has more free memory than was "
                       "measured.")
-
-
-def optimizer_names(optimizer_file: dict) -> dict[str, str]:
-    """The UNet's and the text encoder's optimizer as optimizer.json chooses them (before a plan's 8-bit switch)."""
-    base = ((optimizer_file.get("base") or {}).get("optimizer") or DEFAULT_SETTINGS["optimizer"]).lower()
-    te = ((optimizer_file.get("text_encoder_overrides") or {}).get("optimizer") or base).lower()
-    return {"unet": base, "text_encoder": te}
 
 
 def workload(args, optimizer_file: dict, records, sample_settings, validation_batch: int) -> Workload:
