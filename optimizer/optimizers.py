@@ -9,6 +9,7 @@ warning). doc/OPTIMIZERS.md describes every optimizer and key for users.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -372,7 +373,7 @@ class TrainingOptimizers:
 
     `fused_backward`: each parameter is updated inside the backward pass of an update step as soon as its gradient is
     complete (optimizer.per_parameter), and `clip_and_step` only reports. bf16 parameters (the bf16_weights means)
-    are always stepped one at a time, rounded stochastically with `rounding`."""
+    are always stepped a bucket at a time, rounded stochastically with `rounding`."""
 
     def __init__(self, models: dict[str, torch.nn.Module], settings: dict[str, OptimizerSettings],
                  fused_backward: bool = False, rounding: torch.Generator | None = None):
@@ -382,7 +383,7 @@ class TrainingOptimizers:
         self.schedules: dict[str, LambdaLR] = {}
         self.fused_backward = fused_backward
         self.rounding = rounding
-        self.updating = False  # set by the training step around the backward pass of an update step
+        self._updating = False  # inside the backward pass of an update step (backward_pass)
         for name, model in models.items():
             params = [p for p in model.parameters() if p.requires_grad]
             if fused_backward or any(p.dtype == torch.bfloat16 for p in params):
@@ -400,8 +401,18 @@ class TrainingOptimizers:
                 for p in params:
                     p.register_post_accumulate_grad_hook(lambda p, name=name, step=step: step() and step()(name, p))
 
+    @contextlib.contextmanager
+    def backward_pass(self, update: bool):
+        """Around each step's backward pass: with fused_backward, an update step's weights are updated inside it
+        (and a grad_accum window's earlier steps only accumulate)."""
+        self._updating = update
+        try:
+            yield
+        finally:
+            self._updating = False
+
     def _step_in_backward(self, name: str, p: torch.Tensor) -> None:
-        if self.updating:
+        if self._updating:
             self.optimizers[name].ready(p)
 
     def current_lrs(self) -> dict[str, float]:

@@ -63,9 +63,8 @@ def unet_loss(unet, seed: int) -> torch.Tensor:
 def train_steps(unet, optimizers: TrainingOptimizers, steps: int = 2) -> list[dict]:
     norms = []
     for step in range(steps):
-        optimizers.updating = True
-        unet_loss(unet, step).backward()
-        optimizers.updating = False
+        with optimizers.backward_pass(update=True):
+            unet_loss(unet, step).backward()
         norms.append(optimizers.clip_and_step(None, None)[0])
     return norms
 
@@ -101,10 +100,10 @@ def test_grad_accum_with_fused_backward_steps_once_per_window_on_the_summed_grad
     plain = TrainingOptimizers({"unet": unet}, settings("adamw"))
     fused = TrainingOptimizers({"unet": fused_unet}, settings("adamw"), fused_backward=True)
     for model, opts in ((unet, plain), (fused_unet, fused)):
-        unet_loss(model, 0).backward()  # the window's first step: no update
-        opts.updating = True
-        unet_loss(model, 1).backward()
-        opts.updating = False
+        with opts.backward_pass(update=False):  # the window's first step: no update
+            unet_loss(model, 0).backward()
+        with opts.backward_pass(update=True):
+            unet_loss(model, 1).backward()
         opts.clip_and_step(None, None)
     assert all(torch.equal(a, b) for a, b in zip(unet.parameters(), fused_unet.parameters()))
 
@@ -131,8 +130,8 @@ def test_bf16_weights_accumulate_updates_smaller_than_their_spacing():
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
     unet = tiny_unet()
     opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
-    opts.updating = True
-    (unet_loss(unet, 0) * float("inf")).backward()
+    with opts.backward_pass(update=True):
+        (unet_loss(unet, 0) * float("inf")).backward()
     with pytest.raises(NonFiniteFusedUpdate, match="could not be skipped"):
         opts.clip_and_step(None, None)
 

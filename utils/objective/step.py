@@ -185,11 +185,8 @@ def training_step(model, noise_scheduler, batch: dict, settings: StepSettings, a
         with accelerator.autocast():
             loss = compute_loss(model.unet, model.text_encoder, model.vae, noise_scheduler, batch, settings, mark,
                                 share=share)
-        optimizers.updating = update  # with fused_backward the update happens inside this backward pass
-        try:
+        with optimizers.backward_pass(update):
             accelerator.backward(loss / window)
-        finally:
-            optimizers.updating = False
     mark("backward")
     grad_norms, updated = optimizers.clip_and_step(accelerator.scaler, clip_grad_norm) if update else ({}, True)
     optimizers.step_schedules()
