@@ -127,6 +127,39 @@ def test_bf16_weights_accumulate_updates_smaller_than_their_spacing():
     assert "stochastic_rounding" in opts.state_dicts()
 
 
+def test_bf16_weights_end_each_tensor_of_a_bucket_next_to_its_fp32_update():
+    """Tensors of several shapes step as one bucket (one fp32 copy, one rounding): each bf16 weight ends on one of
+    the two bf16 values around what the same AdamW step gives in fp32, rounded up about as often as the remainder
+    says."""
+    shapes = [(64, 50), (700,), (20, 3, 40), (1,)]
+    generator = torch.Generator().manual_seed(0)
+    start = [torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in shapes]
+    grads = [torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in shapes]
+    bf16 = [torch.nn.Parameter(t.clone()) for t in start]
+    fp32 = [torch.nn.Parameter(t.float()) for t in start]
+    bucketed = TrainingOptimizers({"unet": torch.nn.ParameterList(bf16)}, settings("adamw", lr=1e-2),
+                                  rounding=torch.Generator().manual_seed(1))
+    plain = TrainingOptimizers({"unet": torch.nn.ParameterList(fp32)}, settings("adamw", lr=1e-2))
+    for params, cast in ((bf16, lambda g: g), (fp32, lambda g: g.float())):
+        for p, g in zip(params, grads):
+            p.grad = cast(g.clone())
+    bucketed.clip_and_step(None, None)
+    plain.clip_and_step(None, None)
+    ups, chances = [], []
+    for got, exact in zip(bf16, fp32):
+        assert got.dtype == torch.bfloat16 and got.shape == exact.shape
+        bits = exact.detach().view(torch.int32)
+        toward_zero = (bits & -65536).view(torch.float32)
+        away = ((bits & -65536) + 65536).view(torch.float32)
+        landed = got.detach().float()
+        assert torch.all((landed == toward_zero) | (landed == away))
+        ups.append((landed == away).float().flatten())
+        chances.append(((bits & 65535).float() / 65536).flatten())
+    ups, chances = torch.cat(ups), torch.cat(chances)
+    for part in (chances < 0.5, chances >= 0.5):  # rounding to nearest would give 0 and 1 here
+        assert ups[part].mean().item() == pytest.approx(chances[part].mean().item(), abs=0.03)
+
+
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
     unet = tiny_unet()
     opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
