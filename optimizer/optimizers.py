@@ -386,10 +386,15 @@ class TrainingOptimizers:
         self._updating = False  # inside the backward pass of an update step (backward_pass)
         for name, model in models.items():
             params = [p for p in model.parameters() if p.requires_grad]
-            if fused_backward or any(p.dtype == torch.bfloat16 for p in params):
+            bitsandbytes = settings[name].optimizer in BITSANDBYTES
+            # bitsandbytes would make channels-last weights contiguous for good (slower convolutions): stepping
+            # them through contiguous copies keeps the model's layout.
+            if fused_backward or any(p.dtype == torch.bfloat16 or (bitsandbytes and not p.is_contiguous())
+                                     for p in params):
                 check_steps_per_parameter(settings[name].optimizer, name)
                 optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
-                                              settings[name].lr, rounding)
+                                              settings[name].lr, rounding,
+                                              contiguous=bitsandbytes)
             else:
                 optimizer = make_optimizer(params, settings[name])
             self.optimizers[name] = optimizer

@@ -37,16 +37,29 @@ def round_stochastically_(values: torch.Tensor, generator: torch.Generator) -> t
     return values
 
 
+def in_memory_order(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`tensor`'s elements as a 1-D view in the order `like`'s lie in memory (a channels-last weight without a copy;
+    `like` and `tensor` are dense: contiguous or channels-last). A tensor laid out otherwise is copied first."""
+    if tensor.stride() != like.stride():
+        tensor = torch.empty_like(like, dtype=tensor.dtype).copy_(tensor)
+    return tensor.as_strided((tensor.numel(),), (1,))
+
+
 class BucketedOptimizer(torch.optim.Optimizer):
     """Steps the parameters handed to `ready(p)` a bucket at a time (`flush()` steps what is left). The outer object
     has one param group, so LR schedules drive it as any optimizer; its lr reaches the inner one at each bucket.
-    bf16 parameters are updated through fp32 copies and `round_stochastically_` with `rounding`."""
+    bf16 parameters are updated through fp32 copies and `round_stochastically_` with `rounding`.
+
+    `contiguous`: the inner optimizer steps contiguous tensors only (bitsandbytes replaces a channels-last tensor
+    with a contiguous copy, which would leave a stand-in holding its parameter's memory unchanged); such
+    parameters step through contiguous fp32 copies too."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
-                 rounding: torch.Generator | None = None):
+                 rounding: torch.Generator | None = None, contiguous: bool = False):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
+        self.contiguous = contiguous
         self.params = params
         self.stand_ins = {p: torch.nn.Parameter(torch.empty(0, device=p.device)) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
@@ -62,24 +75,38 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if self.pending_elements >= BUCKET_ELEMENTS:
             self.flush()
 
+    def _steps_in_place(self, p: torch.Tensor) -> bool:
+        return p.dtype == torch.float32 and (p.is_contiguous() or not self.contiguous)
+
+    def _flat(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """`tensor` (`p` or its gradient) as one row of the bucket's fp32 copy, in the stand-in's element order."""
+        return tensor.reshape(-1) if self.contiguous else in_memory_order(tensor, p)
+
+    def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """A row of the bucket's fp32 copy as `p`'s stand-in: contiguous, or laid out as `p`."""
+        return row.view(p.shape) if self.contiguous else row.as_strided(p.shape, p.stride())
+
     @torch.no_grad()
     def flush(self) -> None:
-        """Steps the pending parameters and frees their gradients. bf16 parameters step through fp32 copies of the
-        whole bucket, made and rounded back with a few kernels (not a few per parameter)."""
+        """Steps the pending parameters and frees their gradients. Parameters that cannot step in place (bf16, or
+        channels-last for an optimizer that needs contiguous tensors) step through one fp32 copy of them all, made
+        and written back with a few kernels (not a few per parameter)."""
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
         self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
                                          ).square().sum()
-        rounded = [p for p in pending if p.dtype == torch.bfloat16]
-        if rounded:
-            sizes = [p.numel() for p in rounded]
-            weights = torch.cat([p.detach().reshape(-1) for p in rounded]).float()
-            grads = torch.cat([p.grad.reshape(-1) for p in rounded]).float()
-            for p, weight, grad in zip(rounded, weights.split(sizes), grads.split(sizes)):
-                self.stand_ins[p].data, self.stand_ins[p].grad = weight.view_as(p), grad.view_as(p)
+        copied = [p for p in pending if not self._steps_in_place(p)]
+        if copied:
+            sizes = [p.numel() for p in copied]
+            weights = torch.empty(sum(sizes), device=copied[0].device)
+            grads = torch.empty_like(weights)
+            torch.cat([self._flat(p.detach(), p) for p in copied], out=weights)  # one kernel, cast to fp32
+            torch.cat([self._flat(p.grad, p) for p in copied], out=grads)
+            for p, weight, grad in zip(copied, weights.split(sizes), grads.split(sizes)):
+                self.stand_ins[p].data, self.stand_ins[p].grad = self._shaped(weight, p), self._shaped(grad, p)
         for p in pending:
-            if p.dtype != torch.bfloat16:
+            if self._steps_in_place(p):
                 self.stand_ins[p].data, self.stand_ins[p].grad = p.detach(), p.grad
         group = self.inner.param_groups[0]
         everything, group["params"] = group["params"], [self.stand_ins[p] for p in pending]
@@ -92,10 +119,12 @@ class BucketedOptimizer(torch.optim.Optimizer):
             self.stand_ins[p].grad = None
             self.stand_ins[p].data = torch.empty(0, device=p.device)
             p.grad = None
-        if rounded:
+        if copied:
             del grads
-            bf16 = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
-            torch._foreach_copy_(rounded, [w.view_as(p) for p, w in zip(rounded, bf16.split(sizes))])
+            if copied[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
+                weights = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
+            torch._foreach_copy_([p.detach() for p in copied],
+                                 [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -69,15 +69,21 @@ def train_steps(unet, optimizers: TrainingOptimizers, steps: int = 2) -> list[di
     return norms
 
 
-@pytest.mark.parametrize("name", ["adamw", "adamw8bit", "lion"])
-def test_the_optimizer_step_fused_into_the_backward_pass_gives_the_same_weights(name):
+@pytest.mark.parametrize("name,channels_last", [("adamw", False), ("adamw8bit", False), ("lion", False),
+                                                  ("adamw", True), ("adamw8bit", True)])
+def test_the_optimizer_step_fused_into_the_backward_pass_gives_the_same_weights(name, channels_last):
     """Each parameter stepped by its own optimizer as its gradient arrives: bit for bit the weights and the logged
-    gradient norm of one optimizer stepping all parameters after the backward pass (CPU, fp32)."""
+    gradient norm of one optimizer stepping all parameters after the backward pass (CPU, fp32). Also with the
+    UNet channels-last, as train.py lays it out (bitsandbytes steps contiguous copies of such weights)."""
     unet = tiny_unet()
+    if channels_last:
+        unet.to(memory_format=torch.channels_last)
     fused_unet = copy.deepcopy(unet)
     plain = TrainingOptimizers({"unet": unet}, settings(name))
     fused = TrainingOptimizers({"unet": fused_unet}, settings(name), fused_backward=True)
     plain_norms, fused_norms = train_steps(unet, plain), train_steps(fused_unet, fused)
+    if channels_last:  # the layout stays, also where the optimizer steps contiguous tensors only
+        assert all(p.is_contiguous(memory_format=torch.channels_last) for p in unet.parameters() if p.dim() == 4)
     for a, b in zip(unet.parameters(), fused_unet.parameters()):
         assert torch.equal(a, b)
     for a, b in zip(plain_norms, fused_norms):
@@ -127,19 +133,24 @@ def test_bf16_weights_accumulate_updates_smaller_than_their_spacing():
     assert "stochastic_rounding" in opts.state_dicts()
 
 
-def test_bf16_weights_end_each_tensor_of_a_bucket_next_to_its_fp32_update():
-    """Tensors of several shapes step as one bucket (one fp32 copy, one rounding): each bf16 weight ends on one of
-    the two bf16 values around what the same AdamW step gives in fp32, rounded up about as often as the remainder
-    says."""
-    shapes = [(64, 50), (700,), (20, 3, 40), (1,)]
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_bf16_weights_end_each_tensor_of_a_bucket_next_to_its_fp32_update(name):
+    """Tensors of several shapes and memory layouts step as one bucket (one fp32 copy, one rounding): each bf16
+    weight ends on one of the two bf16 values around what the same AdamW step gives in fp32, rounded up about as
+    often as the remainder says."""
+    shapes = [(64, 50), (700,), (20, 3, 40), (1,), (64, 32, 3, 3)]  # the last one has 8-bit states in adamw8bit
+
+    def random(shape):  # the 4-d tensor (a convolution's weight) channels-last, as train.py lays the UNet out
+        values = torch.randn(shape, generator=generator).to(torch.bfloat16)
+        return values.to(memory_format=torch.channels_last) if len(shape) == 4 else values
+
     generator = torch.Generator().manual_seed(0)
-    start = [torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in shapes]
-    grads = [torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in shapes]
+    start, grads = [random(shape) for shape in shapes], [random(shape) for shape in shapes]
     bf16 = [torch.nn.Parameter(t.clone()) for t in start]
     fp32 = [torch.nn.Parameter(t.float()) for t in start]
-    bucketed = TrainingOptimizers({"unet": torch.nn.ParameterList(bf16)}, settings("adamw", lr=1e-2),
+    bucketed = TrainingOptimizers({"unet": torch.nn.ParameterList(bf16)}, settings(name, lr=1e-2),
                                   rounding=torch.Generator().manual_seed(1))
-    plain = TrainingOptimizers({"unet": torch.nn.ParameterList(fp32)}, settings("adamw", lr=1e-2))
+    plain = TrainingOptimizers({"unet": torch.nn.ParameterList(fp32)}, settings(name, lr=1e-2))
     for params, cast in ((bf16, lambda g: g), (fp32, lambda g: g.float())):
         for p, g in zip(params, grads):
             p.grad = cast(g.clone())
