@@ -50,16 +50,19 @@ class BucketedOptimizer(torch.optim.Optimizer):
     has one param group, so LR schedules drive it as any optimizer; its lr reaches the inner one at each bucket.
     bf16 parameters are updated through fp32 copies and `round_stochastically_` with `rounding`.
 
-    `contiguous`: the inner optimizer steps contiguous tensors only (bitsandbytes replaces a channels-last tensor
-    with a contiguous copy, which would leave a stand-in holding its parameter's memory unchanged); such
-    parameters step through contiguous fp32 copies too."""
+    `bitsandbytes`: the inner optimizer is bitsandbytes'. It steps contiguous tensors only (it replaces a
+    channels-last tensor with a contiguous copy, which would leave a stand-in's parameter unchanged), so such
+    parameters step through contiguous fp32 copies too; and its tensors are stepped here rather than by its own
+    `step`, which waits for the GPU after every tensor (for its paged variants, not used here): that wait would
+    keep the host from queuing work ahead of the GPU, in the backward pass too with fused_backward."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
-                 rounding: torch.Generator | None = None, contiguous: bool = False):
+                 rounding: torch.Generator | None = None, bitsandbytes: bool = False):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
-        self.contiguous = contiguous
+        self.contiguous = bitsandbytes
+        self.bitsandbytes = bitsandbytes
         self.params = params
         self.stand_ins = {p: torch.nn.Parameter(torch.empty(0, device=p.device)) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
@@ -112,7 +115,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         everything, group["params"] = group["params"], [self.stand_ins[p] for p in pending]
         group["lr"] = self.param_groups[0]["lr"]
         try:  # over the bucket only: the optimizer's own loop over every parameter costs more than a small bucket
-            self.inner.step()
+            self._step_inner()
         finally:
             group["params"] = everything
         for p in pending:
@@ -125,6 +128,20 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 weights = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
             torch._foreach_copy_([p.detach() for p in copied],
                                  [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
+
+    def _step_inner(self) -> None:
+        if not self.bitsandbytes:
+            self.inner.step()
+            return
+        inner, group = self.inner, self.inner.param_groups[0]
+        if not inner.initialized:  # as bitsandbytes' own step begins
+            inner.check_overrides()
+            inner.to_gpu()
+            inner.initialized = True
+        for index, stand_in in enumerate(group["params"]):
+            if not inner.state[stand_in]:
+                inner.init_state(group, stand_in, 0, index)
+            inner.update_step(group, stand_in, 0, index)
 
     @torch.no_grad()
     def step(self, closure=None):
