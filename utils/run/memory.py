@@ -77,10 +77,19 @@ class Means:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
 
 
-# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-H); the plan
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-I); the plan
 # takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
 # 1.02 makes the plan take it only where it saves memory (it stops a run on a non-finite gradient, doc/MEMORY.md).
-SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65, "bf16_weights": 1.45}
+SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpointing": 1.65, "bf16_weights": 1.12}
+# Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
+# host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' per-tensor calls are not (run I).
+SLOWDOWN_IN_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.0}
+
+
+def slowdown(means: Means) -> float:
+    """The plan's estimate of how much slower than none of them these means make a step."""
+    factors = {**SLOWDOWN, **SLOWDOWN_IN_FUSED_BACKWARD} if means.fused_backward else SLOWDOWN
+    return math.prod(factors[name] for name in SLOWDOWN if getattr(means, name))
 
 
 @dataclass(frozen=True)
@@ -219,8 +228,7 @@ def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: 
     candidates = []
     for chosen in itertools.chain.from_iterable(itertools.combinations(free, k) for k in range(len(free) + 1)):
         means = Means(**{name: name in chosen or bool(fixed.get(name)) for name in SLOWDOWN})
-        cost = math.prod(SLOWDOWN[name] for name in SLOWDOWN if getattr(means, name))
-        candidates.append((cost, means))
+        candidates.append((slowdown(means), means))
     candidates.sort(key=lambda c: c[0])
     for _, means in candidates:
         e = estimate(size, means, work)
