@@ -175,6 +175,7 @@ class Recipe:
     precision: str | None = None     # "fp16": fp16 autocast and a grad scaler instead of make_accelerator's choice
     ddp: tuple[tuple[str, object], ...] | None = None  # DistributedDataParallel's settings instead of train.py's
     planned: bool = False            # the memory plan picks the means for the card (vram auto or --vram-cap)
+    compile_blocks: bool = False     # regional compile: diffusers' compile_repeated_blocks (transformer blocks)
 
 
 RECIPES = {
@@ -187,14 +188,17 @@ RECIPES = {
     "default": Recipe("cfgs/train.json as shipped"),
     "lowvram": Recipe("cfgs/lowvram.json as shipped (its memory means set, the plan adds VAE slicing)",
                       config="cfgs/lowvram.json", planned=True),
-    "fastest": Recipe("default (compiled, fused AdamW) at batch 16", ("--batch_size", "16"), optimizer="adamw"),
+    "fastest": Recipe("default + compile, fused AdamW, batch 16", ("--compile", "--batch_size", "16"),
+                      optimizer="adamw"),
     "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
                           ("--no-cache_latents",)),
     "default_8bit": Recipe("default, but AdamW8bit instead of fused AdamW", optimizer="adamw8bit"),
     "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
-    "default_eager": Recipe("default, but the UNet not compiled", ("--no-compile",)),
+    "compiled": Recipe("default + compile", ("--compile",)),
+    "compiled_blocks": Recipe("default + the UNet's transformer blocks compiled (diffusers' "
+                              "compile_repeated_blocks), not the whole UNet", compile_blocks=True),
     # The memory means one at a time (doc/MEMORY.md), against default.
     "default_fused": Recipe("default + fused_backward (the optimizer step inside the backward pass)",
                             ("--fused_backward",)),
@@ -438,6 +442,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
 
     model = copy.deepcopy(master)
     trained = prepare_models(model, run_args, accelerator)
+    if recipe.compile_blocks:
+        model.unet.compile_repeated_blocks()
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
     # As train.py: each step's global batch is planned as one and every process trains its share of it.
     epoch_data = EpochData(records, None, model.tokenizer, run_args, accelerator, dataloader_workers(accelerator),

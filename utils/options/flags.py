@@ -100,11 +100,10 @@ FLAGS: list[Flag] = [
         ("latent_cache_dir", str, None, "Folder of the latent cache, shared by runs; unset = <logdir>/latent_cache."),
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
-        ("compile", bool, False, "On a CUDA GPU, torch.compile the UNet's transformer blocks (cfgs/train.json turns "
-         "it on): faster steps after a warm-up at the first step (about 40 s), and shorter ones at each new bucket "
-         "shape, sample or validation. Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, "
-         "default ~/.cache/sdtrainer/torchinductor), so later runs start sooner (doc/PERFORMANCE.md). Ignored on "
-         "other devices."),
+        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up at the first step (minutes), "
+         "and shorter ones at each new bucket shape, sample or validation; it pays at larger batches (doc/PERFORMANCE.md"
+         "). Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, default "
+         "~/.cache/sdtrainer/torchinductor), so later runs start in seconds."),
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
          "memory options as given). The plan turns on the fastest memory means that fit the batch size: "

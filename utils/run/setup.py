@@ -179,19 +179,18 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
         model.unet.enable_xformers_memory_efficient_attention()
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
-    if args.compile and accelerator.device.type == "cuda":  # measured there (doc/PERFORMANCE.md)
+    if args.compile:
         compile_unet(model.unet)
     return trained
 
 
 def compile_unet(unet) -> None:
-    """torch.compile of the UNet's repeated transformer blocks, in place (diffusers' compile_repeated_blocks: the
-    module, its state_dict keys and checkpoints stay as they are): most of the whole UNet's gain for a fifth of its
-    first warm-up. Compiled kernels go to a cache on disk that later runs reuse (TORCHINDUCTOR_CACHE_DIR, if not set:
-    ~/.cache/sdtrainer/torchinductor, which outlives a reboot, unlike torch's own default under /tmp)."""
+    """torch.compile in place (the module, its state_dict keys and checkpoints stay as they are). Compiled kernels
+    go to a cache on disk that later runs reuse (TORCHINDUCTOR_CACHE_DIR, if not set: ~/.cache/sdtrainer/
+    torchinductor, which outlives a reboot, unlike torch's own default under /tmp)."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdtrainer" / "torchinductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    unet.compile_repeated_blocks()
+    unet.compile()
 
 
 def freeze_clip_skipped_layers(text_encoder, clip_skip: int) -> None:
