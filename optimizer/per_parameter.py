@@ -11,9 +11,9 @@ give.
   on average instead of being rounded away (Zamirai et al. 2020, "Revisiting BFloat16 Training"; as OneTrainer does).
 
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
-parameters: a stand-in holds its parameter's data (or, for bf16, an fp32 copy) only while its bucket steps. Its
-`state_dict` is the inner optimizer's, the layout of one optimizer over all the parameters, so a run saved with
-these means resumes without them and the other way round.
+parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
+bitsandbytes) only while its bucket steps. Its `state_dict` is the inner optimizer's, the layout of one optimizer
+over all the parameters, so a run saved with these means resumes without them and the other way round.
 """
 from __future__ import annotations
 
@@ -61,7 +61,6 @@ class BucketedOptimizer(torch.optim.Optimizer):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
-        self.contiguous = bitsandbytes
         self.bitsandbytes = bitsandbytes
         self.params = params
         self.stand_ins = {p: torch.nn.Parameter(torch.empty(0, device=p.device)) for p in params}
@@ -79,15 +78,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
             self.flush()
 
     def _steps_in_place(self, p: torch.Tensor) -> bool:
-        return p.dtype == torch.float32 and (p.is_contiguous() or not self.contiguous)
+        return p.dtype == torch.float32 and (p.is_contiguous() or not self.bitsandbytes)
 
     def _flat(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """`tensor` (`p` or its gradient) as one row of the bucket's fp32 copy, in the stand-in's element order."""
-        return tensor.reshape(-1) if self.contiguous else in_memory_order(tensor, p)
+        return tensor.reshape(-1) if self.bitsandbytes else in_memory_order(tensor, p)
 
     def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """A row of the bucket's fp32 copy as `p`'s stand-in: contiguous, or laid out as `p`."""
-        return row.view(p.shape) if self.contiguous else row.as_strided(p.shape, p.stride())
+        return row.view(p.shape) if self.bitsandbytes else row.as_strided(p.shape, p.stride())
 
     @torch.no_grad()
     def flush(self) -> None:
