@@ -439,7 +439,7 @@ class TrainingOptimizers:
         if self.fused_backward:
             norms = {}
             for name, optimizer in self.optimizers.items():
-                optimizer.flush()  # the last, partly filled bucket of the backward pass
+                optimizer.step()  # the last, partly filled bucket of the backward pass (and LR schedules see a step)
                 norms[name] = optimizer.squared_norm.sqrt()
                 optimizer.squared_norm = torch.zeros_like(optimizer.squared_norm)
             if not bool(torch.isfinite(torch.stack(list(norms.values()))).all()):

@@ -144,8 +144,11 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Steps every parameter with a gradient that the backward pass has not handed to `ready` (all of them
+        without fused_backward), then the last, partly filled bucket."""
+        waiting = {id(p) for p in self.pending}
         for p in self.params:
-            if p.grad is not None:
+            if p.grad is not None and id(p) not in waiting:
                 self.ready(p)
         self.flush()
 

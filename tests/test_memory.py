@@ -99,6 +99,16 @@ def test_the_optimizer_step_fused_into_the_backward_pass_gives_the_same_weights(
             assert torch.equal(loaded[key], value), key
 
 
+def test_lr_schedules_count_the_steps_made_inside_the_backward_pass(recwarn):
+    """torch warns that a schedule stepped before its optimizer ("the first value of the learning rate schedule
+    is skipped") unless the optimizer's step was called: with fused_backward it is, for the last bucket."""
+    unet = tiny_unet()
+    opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
+    train_steps(unet, opts, steps=1)
+    opts.step_schedules()
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]
+
+
 def test_grad_accum_with_fused_backward_steps_once_per_window_on_the_summed_gradient():
     unet = tiny_unet()
     fused_unet = copy.deepcopy(unet)
