@@ -394,7 +394,7 @@ class TrainingOptimizers:
                 check_steps_per_parameter(settings[name].optimizer, name)
                 optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
                                               settings[name].lr, rounding,
-                                              bitsandbytes=bitsandbytes)
+                                              bitsandbytes=bitsandbytes, measure_norm=fused_backward)
             else:
                 optimizer = make_optimizer(params, settings[name])
             self.optimizers[name] = optimizer

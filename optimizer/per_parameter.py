@@ -57,7 +57,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
     keep the host from queuing work ahead of the GPU, in the backward pass too with fused_backward."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
-                 rounding: torch.Generator | None = None, bitsandbytes: bool = False):
+                 rounding: torch.Generator | None = None, bitsandbytes: bool = False, measure_norm: bool = False):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
@@ -67,7 +67,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.inner = make_inner(list(self.stand_ins.values()))
         self.pending: list[torch.Tensor] = []
         self.pending_elements = 0
-        self.squared_norm = torch.zeros((), device=params[0].device)  # of the gradients stepped since the last read
+        # The squared norm of the gradients stepped since the last read, where nothing else can measure it (their
+        # gradients are freed as they are stepped: fused_backward).
+        self.squared_norm = torch.zeros((), device=params[0].device) if measure_norm else None
 
     @torch.no_grad()
     def ready(self, p: torch.Tensor) -> None:
@@ -96,8 +98,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
-                                         ).square().sum()
+        if self.squared_norm is not None:
+            self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
+                                             ).square().sum()
         copied = [p for p in pending if not self._steps_in_place(p)]
         if copied:
             sizes = [p.numel() for p in copied]
