@@ -10,6 +10,9 @@ Subcommands (each registered in `SUBCOMMANDS` with its help, its arguments and t
          `accelerate launch` or `torchrun`, it trains data-parallel as train.py does (each process
          `batch_size` images of every global batch): images/s of all processes together and the peak
          memory of each.
+  optimizer  one optimizer step of the real-size UNet and text encoder for each of OPTIMIZER_VARIANTS (plain,
+         bf16 weights, 8-bit states, stepped as the backward pass would): host time to queue it, time until the
+         device is done, and how many tensors it updated; --profile adds torch.profiler's busiest operations.
 
 Generated datasets are cached under --cache (default /tmp/sdtrainer-bench) so a rerun only measures.
 """
@@ -714,6 +717,93 @@ def cmd_train(args) -> dict:
     return out if is_main else None
 
 
+# name -> (optimizer, bf16 weights, stepped as the backward pass's hooks step it (fused_backward))
+OPTIMIZER_VARIANTS = {
+    "adamw": ("adamw", False, False),
+    "adamw_bf16": ("adamw", True, False),
+    "adamw_bf16_fused": ("adamw", True, True),
+    "adamw8bit": ("adamw8bit", False, False),
+    "adamw8bit_fused": ("adamw8bit", False, True),
+    "adamw8bit_bf16": ("adamw8bit", True, False),
+}
+
+
+def cmd_optimizer(args) -> dict:
+    """One optimizer step of the UNet and text encoder as train.py sets them up (UNet channels-last, random
+    gradients): the host's time to queue it, the time until the device has done it, whether every tensor moved,
+    and with --profile torch.profiler's busiest operations (host and device)."""
+    import torch
+
+    from optimizer.optimizers import OptimizerSettings, TrainingOptimizers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    master = build_model(args.model)
+    rows = {}
+    for name in args.variants:
+        optimizer, bf16, fused = OPTIMIZER_VARIANTS[name]
+        models = {part: copy.deepcopy(getattr(master, part)).to(device, dtype=torch.bfloat16 if bf16 else None)
+                  for part in ("unet", "text_encoder")}
+        models["unet"].to(memory_format=torch.channels_last)
+        # lr large enough that every bf16 weight moves at every step (the time does not depend on it)
+        settings = OptimizerSettings(optimizer, 1e-2, "constant", 0, 1, (0.9, 0.999), 1e-8, 0.01)
+        rounding = torch.Generator(device).manual_seed(0) if bf16 else None
+        optimizers = TrainingOptimizers(models, {part: settings for part in models}, fused, rounding)
+        params = {part: [p for p in m.parameters() if p.requires_grad] for part, m in models.items()}
+        for _ in range(2):
+            _optimizer_step(optimizers, params, fused, device)
+        before = [p.detach().clone() for part_params in params.values() for p in part_params]
+        times = [_optimizer_step(optimizers, params, fused, device) for _ in range(args.steps)]
+        after = [p for part_params in params.values() for p in part_params]
+        rows[name] = {"optimizer": optimizer, "weights": "bf16" if bf16 else "fp32", "fused_backward": fused,
+                      "tensors": len(after), "tensors_updated": sum(not torch.equal(a, b) for a, b in zip(before, after)),
+                      "host_ms": 1000 * statistics.median(t[0] for t in times),
+                      "done_ms": 1000 * statistics.median(t[1] for t in times)}
+        print(f"{name}: {json.dumps(rows[name])}", flush=True)
+        if args.profile:
+            activities = [torch.profiler.ProfilerActivity.CPU] + \
+                ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+            with torch.profiler.profile(activities=activities) as profile:
+                _optimizer_step(optimizers, params, fused, device)
+            for key in ("self_cpu_time_total", "self_device_time_total")[:len(activities)]:
+                print(profile.key_averages().table(sort_by=key, row_limit=10, max_name_column_width=60))
+        del optimizers, models, params, before, after
+        _free(device)
+    header = ["variant", "optimizer", "weights", "fused_backward", "tensors updated", "host ms per step",
+              "until done, ms"]
+    print("\n".join(_table(header, rows, lambda n, r: f"| {n} | {r['optimizer']} | {r['weights']} | "
+                                               f"{'on' if r['fused_backward'] else 'off'} | {r['tensors_updated']} of "
+                                               f"{r['tensors']} | {r['host_ms']:.1f} | {r['done_ms']:.1f} |")))
+    return {"model": args.model, "device": device, "variants": rows,
+            **({"gpu": torch.cuda.get_device_name()} if device == "cuda" else {})}
+
+
+def _optimizer_step(optimizers, params: dict, fused: bool, device: str) -> tuple[float, float]:
+    """Random gradients, then one step: (seconds until the host has queued it, until the device has done it)."""
+    import torch
+
+    for part_params in params.values():
+        for p in part_params:
+            p.grad = torch.randn_like(p) * 1e-3
+    _sync(device)
+    started = time.perf_counter()
+    for part, optimizer in optimizers.optimizers.items():
+        if fused:  # as the gradient hooks hand them over, last layers first
+            for p in reversed(params[part]):
+                optimizer.ready(p)
+        optimizer.step()
+    queued = time.perf_counter() - started
+    _sync(device)
+    return queued, time.perf_counter() - started
+
+
+def optimizer_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=sorted(DEFAULT_RESOLUTION), default="sd15",
+                   help="sd15 / sd2-v: real-size architecture with random weights; tiny: the demo model")
+    p.add_argument("--variants", nargs="+", choices=list(OPTIMIZER_VARIANTS), default=list(OPTIMIZER_VARIANTS))
+    p.add_argument("--steps", type=int, default=8, help="timed steps of each variant (their median is reported)")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler's busiest operations of one step")
+
+
 def _versions() -> dict:
     import importlib.metadata
 
@@ -746,7 +836,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 # name -> (help, add its arguments, run it and return the results)
 SUBCOMMANDS = {"data": ("scan and DataLoader speed on CPU", data_args, cmd_data),
-               "train": ("training-step speed and memory of each recipe (GPU)", train_args, cmd_train)}
+               "train": ("training-step speed and memory of each recipe (GPU)", train_args, cmd_train),
+               "optimizer": ("one optimizer step of each variant: host and device time, tensors updated",
+                             optimizer_args, cmd_optimizer)}
 
 
 def main(argv: list[str] | None = None) -> int:

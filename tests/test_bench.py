@@ -73,3 +73,24 @@ def test_bench_train_under_torchrun_trains_the_global_batch_and_reports_once(tmp
     assert r["images_per_s"] == pytest.approx(16 * 1000 / r["step_ms"], rel=1e-6)
     assert r["mfu"] == pytest.approx(report["flops_per_image"]["total"] * r["images_per_s"]
                                      / (2 * report["matmul_flops_per_s"]))
+
+
+def test_bench_optimizer_steps_every_tensor_of_each_variant(tmp_path):
+    """bench.py optimizer sets the UNet (channels-last) and text encoder up as train.py does and steps each variant
+    once: every trained tensor moves, also where a stand-in steps for its parameter (bf16 weights, bitsandbytes,
+    the backward pass's buckets), and the device is never done before the host has queued the step."""
+    out = tmp_path / "optimizer.json"
+    variants = ["adamw8bit_fused", "adamw_bf16_fused", "adamw8bit_bf16"]
+    command = [sys.executable, "scripts/bench.py", "optimizer", "--model", "tiny", "--steps", "1", "--variants",
+               *variants, "--json", str(out)]
+    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
+                            env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PATH": ""})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    table = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert table[0].startswith("| variant | optimizer | weights | fused_backward | tensors updated |")
+    assert [row.split(" | ")[0] for row in table[1:]] == [f"| {name}" for name in variants]
+    rows = json.loads(out.read_text())["variants"]
+    for name, row in rows.items():
+        assert row["tensors"] > 100 and row["tensors_updated"] == row["tensors"], name
+        assert 0 < row["host_ms"] <= row["done_ms"], name
+    assert rows["adamw_bf16_fused"]["weights"] == "bf16" and rows["adamw8bit_fused"]["fused_backward"]
