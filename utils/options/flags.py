@@ -101,8 +101,8 @@ FLAGS: list[Flag] = [
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
         ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up at the first step (minutes), "
-         "and shorter ones at each new bucket shape, sample or validation; it pays at larger batches (doc/PERFORMANCE.md"
-         "). Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, default "
+         "and shorter ones at each new bucket shape, sample or validation; it pays at larger batches "
+         "(doc/PERFORMANCE.md). Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, default "
          "~/.cache/sdtrainer/torchinductor), so later runs start in seconds."),
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "

@@ -79,7 +79,8 @@ class Means:
 
 # How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-I); the plan
 # takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
-# 1.02 makes the plan take it only where it saves memory (it stops a run on a non-finite gradient, doc/MEMORY.md).
+# 1.02 makes the plan take it only where it saves memory or hides bf16_weights' cost (it stops a run on a
+# non-finite gradient, doc/MEMORY.md).
 SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpointing": 1.65, "bf16_weights": 1.12}
 # Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
 # host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' per-tensor calls are not (run I).
