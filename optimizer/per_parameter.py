@@ -63,7 +63,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.rounding = rounding
         self.bitsandbytes = bitsandbytes
         self.params = params
-        self.stand_ins = {p: torch.nn.Parameter(torch.empty(0, device=p.device)) for p in params}
+        self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
+        self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
         self.pending: list[torch.Tensor] = []
         self.pending_elements = 0
@@ -104,10 +105,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         copied = [p for p in pending if not self._steps_in_place(p)]
         if copied:
             sizes = [p.numel() for p in copied]
-            weights = torch.empty(sum(sizes), device=copied[0].device)
-            grads = torch.empty_like(weights)
-            torch.cat([self._flat(p.detach(), p) for p in copied], out=weights)  # one kernel, cast to fp32
-            torch.cat([self._flat(p.grad, p) for p in copied], out=grads)
+            # Concatenated in their own dtype, then cast: a cat that also casts copies each tensor with its own kernel.
+            weights = torch.cat([self._flat(p.detach(), p) for p in copied]).float()
+            grads = torch.cat([self._flat(p.grad, p) for p in copied]).float()
             for p, weight, grad in zip(copied, weights.split(sizes), grads.split(sizes)):
                 self.stand_ins[p].data, self.stand_ins[p].grad = self._shaped(weight, p), self._shaped(grad, p)
         for p in pending:
@@ -122,7 +122,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             group["params"] = everything
         for p in pending:
             self.stand_ins[p].grad = None
-            self.stand_ins[p].data = torch.empty(0, device=p.device)
+            self.stand_ins[p].data = self.released
             p.grad = None
         if copied:
             del grads

@@ -179,6 +179,7 @@ class Recipe:
     ddp: tuple[tuple[str, object], ...] | None = None  # DistributedDataParallel's settings instead of train.py's
     planned: bool = False            # the memory plan picks the means for the card (vram auto or --vram-cap)
     compile_blocks: bool = False     # regional compile: diffusers' compile_repeated_blocks (transformer blocks)
+    fp32_norms: bool = False         # the UNet's norms as torch's autocast runs them (fp32), not utils/model/norms.py
 
 
 RECIPES = {
@@ -199,6 +200,8 @@ RECIPES = {
     "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
+    "default_fp32_norms": Recipe("default, but the UNet's GroupNorm and LayerNorm in fp32 as torch's autocast runs "
+                                 "them (before utils/model/norms.py)", fp32_norms=True),
     "compiled": Recipe("default + compile", ("--compile",)),
     "compiled_blocks": Recipe("default + the UNet's transformer blocks compiled (diffusers' "
                               "compile_repeated_blocks), not the whole UNet", compile_blocks=True),
@@ -210,6 +213,11 @@ RECIPES = {
     "default_fused_bf16": Recipe("default + fused_backward + bf16_weights", ("--fused_backward", "--bf16_weights")),
     "default_fused_8bit_bf16": Recipe("default + fused_backward + AdamW8bit + bf16_weights (no checkpointing)",
                                       ("--fused_backward", "--bf16_weights"), optimizer="adamw8bit"),
+    "default_partial": Recipe("default + partial_checkpointing", ("--partial_checkpointing",)),
+    "default_partial_fused_bf16": Recipe("default + partial_checkpointing + fused_backward + bf16_weights",
+                                         ("--partial_checkpointing", "--fused_backward", "--bf16_weights")),
+    "default_partial_8bit_bf16": Recipe("default + partial_checkpointing + AdamW8bit + bf16_weights",
+                                        ("--partial_checkpointing", "--bf16_weights"), optimizer="adamw8bit"),
     "default_lean": Recipe("default with every memory means: fused_backward, AdamW8bit, gradient checkpointing, "
                            "bf16_weights", ("--fused_backward", "--bf16_weights", "--gradient_checkpointing"),
                            optimizer="adamw8bit"),
@@ -410,6 +418,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
 
     from data.latent_cache import LatentCache
     from optimizer.optimizers import read_optimizer_file, resolve_settings
+    from utils.model.norms import Bf16GroupNorm, Bf16LayerNorm
     from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
     from utils.run.build import make_optimizers
@@ -447,6 +456,10 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     trained = prepare_models(model, run_args, accelerator)
     if recipe.compile_blocks:
         model.unet.compile_repeated_blocks()
+    if recipe.fp32_norms:
+        torch_norms = {Bf16GroupNorm: torch.nn.GroupNorm, Bf16LayerNorm: torch.nn.LayerNorm}
+        for module in model.unet.modules():
+            module.__class__ = torch_norms.get(type(module), type(module))
     latent_cache = LatentCache(run_args.latent_cache_dir, model.vae) if run_args.cache_latents else None
     # As train.py: each step's global batch is planned as one and every process trains its share of it.
     epoch_data = EpochData(records, None, model.tokenizer, run_args, accelerator, dataloader_workers(accelerator),
@@ -524,7 +537,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
         "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
         "precision": accelerator.mixed_precision,
         "means": {name: bool(getattr(run_args, name)) for name in
-                  ("gradient_checkpointing", "fused_backward", "bf16_weights", "eight_bit_states")},
+                  ("gradient_checkpointing", "partial_checkpointing", "fused_backward", "bf16_weights",
+                   "eight_bit_states")},
         "optimizers": {name: s.optimizer for name, s in settings.items() if name in trained},
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,

@@ -195,6 +195,90 @@ def test_optimizers_with_a_global_step_size_refuse_per_parameter_steps(name):
         TrainingOptimizers({"unet": torch.nn.Linear(2, 2)}, settings(name), fused_backward=True)
 
 
+def test_the_unets_norms_run_in_bf16_under_bf16_autocast_and_as_before_without():
+    """prepare_models gives the UNet's GroupNorm and LayerNorm a bf16 forward (utils/model/norms.py): under bf16
+    autocast it returns their fp32 normalization rounded to bf16, without autocast torch's own computation."""
+    from accelerate import Accelerator
+
+    from utils.model.models import load
+    from utils.run.setup import prepare_models
+
+    model, stock = load(TINY_MODEL), tiny_unet()
+    args = SimpleNamespace(disable_unet_training=False, disable_textenc_training=False, bf16_weights=False,
+                           vram="off", gradient_checkpointing=False, partial_checkpointing=False, attn_type="sdp",
+                           channels_last=False, compile=False)
+    unet = prepare_models(model, args, Accelerator(cpu=True))["unet"]
+    kinds = [type(m).__name__ for m in unet.modules()]
+    assert "GroupNorm" not in kinds and "LayerNorm" not in kinds
+    assert {"Bf16GroupNorm", "Bf16LayerNorm"} <= set(kinds)
+    assert unet.state_dict().keys() == stock.state_dict().keys()
+    assert torch.equal(unet_loss(unet, 0), unet_loss(stock, 0))
+
+    F = torch.nn.functional
+    g = torch.Generator().manual_seed(0)
+    group = next(m for m in unet.modules() if isinstance(m, torch.nn.GroupNorm))
+    layer = next(m for m in unet.modules() if isinstance(m, torch.nn.LayerNorm))
+    for norm, x, exact in (
+            (group, torch.randn(2, group.num_channels, 4, 4, generator=g),
+             lambda v: F.group_norm(v, group.num_groups, group.weight, group.bias, group.eps)),
+            (layer, torch.randn(2, 7, *layer.normalized_shape, generator=g),
+             lambda v: F.layer_norm(v, layer.normalized_shape, layer.weight, layer.bias, layer.eps))):
+        with torch.no_grad():
+            norm.weight.uniform_(0.5, 1.5, generator=g)
+            norm.bias.uniform_(-0.5, 0.5, generator=g)
+        x = x.bfloat16()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = norm(x)
+        assert out.dtype == torch.bfloat16
+        expected = exact(x.float())
+        assert ((out.float() - expected).abs() <= expected.abs() * 2 ** -7 + 2 ** -7).all()  # within bf16 rounding
+        out.float().square().sum().backward()
+        assert norm.weight.grad.dtype == torch.float32 and norm.weight.grad.abs().sum() > 0
+
+
+def test_partial_checkpointing_recomputes_the_highest_resolution_blocks_to_the_same_gradients():
+    from utils.run.setup import checkpoint_highest_resolution
+
+    def kept_and_gradients(unet) -> tuple[int, list[torch.Tensor]]:
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            loss = unet_loss(unet, 0)
+        loss.backward()
+        return sum(kept), [p.grad for p in unet.parameters()]
+
+    none, partial, full = tiny_unet(), tiny_unet(), tiny_unet()
+    checkpoint_highest_resolution(partial)
+    full.enable_gradient_checkpointing()
+    checkpointed = {name for name, m in partial.named_modules() if getattr(m, "gradient_checkpointing", False)}
+    assert checkpointed and all(name.startswith(("down_blocks.0", f"up_blocks.{len(partial.up_blocks) - 1}"))
+                                for name in checkpointed)
+    kept_none, grads_none = kept_and_gradients(none)
+    kept_partial, grads_partial = kept_and_gradients(partial)
+    kept_full, grads_full = kept_and_gradients(full)
+    assert kept_none > kept_partial > kept_full  # what the forward keeps for the backward pass, in elements
+    assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_partial))
+    assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_full))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is the one that runs norms in fp32")
+def test_on_cuda_the_norms_keep_no_fp32_activation_for_the_backward_pass():
+    from utils.model.norms import Bf16GroupNorm, Bf16LayerNorm
+
+    def fp32_activations_kept(norm, x) -> int:
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t), \
+                torch.autocast("cuda", dtype=torch.bfloat16):
+            torch.nn.functional.silu(norm(x)).sum()
+        return sum(t.dtype == torch.float32 and t.numel() == x.numel() for t in kept)
+
+    x = torch.randn(2, 64, 16, 16, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    stock, ours = torch.nn.GroupNorm(8, 64).cuda(), Bf16GroupNorm(8, 64).cuda()
+    assert fp32_activations_kept(stock, x) > 0 and fp32_activations_kept(ours, x) == 0
+    tokens = torch.randn(2, 77, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    stock, ours = torch.nn.LayerNorm(64).cuda(), Bf16LayerNorm(64).cuda()
+    assert fp32_activations_kept(stock, tokens) > 0 and fp32_activations_kept(ours, tokens) == 0
+
+
 SD15 = memory.ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_channels=320, vae_scale=8)
 
 
@@ -227,12 +311,17 @@ def test_the_estimate_adds_bytes_per_parameter_of_each_means():
     assert parts["trained weights"] == 4 * n and parts["optimizer states"] == 8 * n and parts["VAE"] == 2 * SD15.vae
     assert plain.moment == "backward pass"  # it starts with every activation and autocast's bf16 weight copies
     assert parts["activations and autocast weight copies"] == 8 * per_image * a.training + 2 * n
+    partial = memory.estimate(SD15, memory.Means(partial_checkpointing=True), work()).parts
+    assert partial["activations and autocast weight copies"] == 8 * per_image * a.partial + 2 * n
+    both = memory.Means(gradient_checkpointing=True, partial_checkpointing=True)  # full checkpointing covers partial
+    assert memory.estimate(SD15, both, work()) == memory.estimate(SD15, memory.Means(gradient_checkpointing=True),
+                                                                  work())
     assert plain.peak == sum(parts.values())
     lean = memory.estimate(SD15, memory.Means(True, True, True, True), work(sample_batch=0))
     assert lean.parts["trained weights"] == 2 * n and lean.parts["optimizer states"] == 2 * n
     assert lean.parts["recomputed block"] == 8 * per_image * a.recompute
     assert lean.parts["kept block inputs or gradients"] == max(8 * per_image * a.boundaries,
-                                                               memory.BUCKET_ELEMENTS * 10)
+                                                               memory.BUCKET_ELEMENTS * 12)
     checkpointed = memory.estimate(SD15, memory.Means(gradient_checkpointing=True), work(batch_size=1)).parts
     assert checkpointed["kept block inputs or gradients"] == 4 * n  # the gradients outgrow one image's block inputs
     frozen_te = memory.estimate(SD15, memory.Means(), work(trained=("unet",))).parts
@@ -265,7 +354,7 @@ def plan_args(**options):
     return SimpleNamespace(**{**defaults, **options}, sources=sources)
 
 
-ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=4)]
+ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=5)]
 
 
 @pytest.mark.parametrize("card_gib", [80, 24, 16, 12, 8])
@@ -282,12 +371,27 @@ def test_the_plan_takes_the_fastest_means_that_fit(card_gib):
 def test_the_plan_pairs_bf16_weights_with_fused_backward_where_the_options_allow():
     """bf16_weights' copies and rounding cost host time that the backward pass hides (fused_backward); apart, the
     plan ranks them by their own slowdowns."""
-    paired = memory.choose(SD15, work(batch_size=8), 24 * GiB, plan_args())
+    paired = memory.choose(SD15, work(batch_size=8), 20 * GiB, plan_args())
     assert paired.means == memory.Means(fused_backward=True, bf16_weights=True)
     assert memory.slowdown(paired.means) < memory.slowdown(memory.Means(bf16_weights=True))
-    clipped = memory.choose(SD15, work(batch_size=8), 24 * GiB, plan_args(clip_grad_norm=1.0))
+    clipped = memory.choose(SD15, work(batch_size=8), 20 * GiB, plan_args(clip_grad_norm=1.0))
     assert not clipped.means.fused_backward and clipped.means != memory.Means()
     assert memory.estimate(SD15, clipped.means, work(batch_size=8)).peak <= clipped.budget
+
+
+def test_the_slowdown_of_bf16_weights_inside_the_backward_pass_depends_on_checkpointing():
+    """Inside a backward pass without checkpointing the host is free to do bf16_weights' work; with checkpointing it
+    also reruns the forward of the checkpointed blocks (run K)."""
+    fused_bf16 = memory.Means(fused_backward=True, bf16_weights=True)
+    assert memory.slowdown(fused_bf16) == memory.SLOWDOWN["fused_backward"]
+    for checkpointing in ("gradient_checkpointing", "partial_checkpointing"):
+        means = dataclasses.replace(fused_bf16, **{checkpointing: True})
+        assert memory.slowdown(means) == pytest.approx(memory.SLOWDOWN["fused_backward"] * memory.SLOWDOWN[
+            checkpointing] * memory.SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD["bf16_weights"])
+    full = memory.Means(gradient_checkpointing=True)
+    assert memory.slowdown(dataclasses.replace(full, partial_checkpointing=True)) == memory.slowdown(full)
+    plan = memory.choose(SD15, work(), 16 * GiB, plan_args())
+    assert not (plan.means.gradient_checkpointing and plan.means.partial_checkpointing)
 
 
 def test_the_plan_keeps_the_means_the_user_set_and_what_the_options_rule_out():

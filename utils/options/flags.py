@@ -77,6 +77,10 @@ FLAGS: list[Flag] = [
          "mixed_precision no."),
         ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass "
          "(the memory plan turns it on when needed unless set, doc/MEMORY.md)."),
+        ("partial_checkpointing", bool, False, "Gradient checkpointing of the UNet's highest-resolution blocks only "
+         "(its first down block and last up block), which keep the largest share of the activations: part of "
+         "gradient_checkpointing's saving at a fraction of its cost (doc/MEMORY.md). No effect when "
+         "gradient_checkpointing is on; the memory plan turns it on when needed unless set."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
         ("max_skipped_updates", int, 25, "Stop the run (saving the last finite weights) after this many optimizer "
@@ -107,7 +111,8 @@ FLAGS: list[Flag] = [
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
          "memory options as given). The plan turns on the fastest memory means that fit the batch size: "
-         "fused_backward, 8-bit optimizer states, gradient_checkpointing, bf16_weights. A means set in the config "
+         "fused_backward, 8-bit optimizer states, partial_checkpointing, gradient_checkpointing, bf16_weights. A means "
+         "set in the config "
          "or on the command line stays as set. It never changes batch size, learning rate or what is trained."),
         ("fused_backward", bool, False, "Update each weight inside the backward pass as soon as its gradient is "
          "ready, so the whole model's gradients never exist at once (saves 4 bytes per trained parameter). Needs "

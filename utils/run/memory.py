@@ -28,6 +28,7 @@ class Activations:
     """Bytes per latent pixel of one image, per channel of the UNet's first block (bf16 autocast), and per image
     pixel for the VAE; fitted to the SD1.5 runs on an H200 in doc/PERFORMANCE.md ("The memory plan's estimate")."""
     training: float          # what the forward keeps for the backward pass, no gradient checkpointing
+    partial: float           # the same with partial_checkpointing (one checkpointed block recomputed included)
     boundaries: float        # gradient checkpointing: the block inputs kept for the backward pass
     recompute: float         # gradient checkpointing: one block recomputed in the backward pass
     inference: float         # a forward without gradients (samples, validation)
@@ -36,8 +37,8 @@ class Activations:
     fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
 
 
-ACTIVATIONS = Activations(training=954.0, boundaries=311.0, recompute=110.0, inference=40.0, vae_encode=1960.0,
-                          vae_decode=2170.0, fixed_gib=0.6)
+ACTIVATIONS = Activations(training=746.0, partial=435.0, boundaries=311.0, recompute=110.0, inference=40.0,
+                          vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6)
 
 
 @dataclass(frozen=True)
@@ -72,25 +73,38 @@ class Means:
     eight_bit_states: bool = False
     gradient_checkpointing: bool = False
     bf16_weights: bool = False
+    partial_checkpointing: bool = False  # no effect with gradient_checkpointing, which checkpoints every block
 
     def describe(self) -> str:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
 
 
-# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-I); the plan
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-K); the plan
 # takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
 # 1.02 makes the plan take it only where it saves memory or hides bf16_weights' cost (it stops a run on a
 # non-finite gradient, doc/MEMORY.md).
-SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpointing": 1.65, "bf16_weights": 1.12}
+SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpointing": 1.65,
+            "bf16_weights": 1.12, "partial_checkpointing": 1.14}
 # Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
 # host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' per-tensor calls are not (run I).
+# With checkpointing the host also reruns the checkpointed blocks' forward in the backward pass, and bf16_weights'
+# host time adds to it (run K).
 SLOWDOWN_IN_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.0}
+SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.34}
 
 
 def slowdown(means: Means) -> float:
     """The plan's estimate of how much slower than none of them these means make a step."""
-    factors = {**SLOWDOWN, **SLOWDOWN_IN_FUSED_BACKWARD} if means.fused_backward else SLOWDOWN
-    return math.prod(factors[name] for name in SLOWDOWN if getattr(means, name))
+    factors = SLOWDOWN
+    if means.fused_backward:
+        checkpointed = means.gradient_checkpointing or means.partial_checkpointing
+        factors = {**SLOWDOWN, **(SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD if checkpointed
+                                  else SLOWDOWN_IN_FUSED_BACKWARD)}
+    return math.prod(factors[name] for name in SLOWDOWN if getattr(means, name) and not _subsumed(means, name))
+
+
+def _subsumed(means: Means, name: str) -> bool:
+    return name == "partial_checkpointing" and means.gradient_checkpointing
 
 
 @dataclass(frozen=True)
@@ -138,8 +152,8 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
               "EMA": n_trained * weight_bytes if work.ema_on_gpu else 0, "CUDA workspaces": a.fixed_gib * GiB}
     per_image = work.pixels / size.vae_scale ** 2 * size.unet_channels  # latent pixels x channels
     # fused_backward: at most a bucket of gradients exists at a time (and while it steps, fp32 copies of its
-    # weights and gradients).
-    gradients = min(n_trained, BUCKET_ELEMENTS) * 10 if means.fused_backward else n_trained * weight_bytes
+    # weights and gradients, the latter made from a bf16 concatenation: 12 bytes per element at most).
+    gradients = min(n_trained, BUCKET_ELEMENTS) * 12 if means.fused_backward else n_trained * weight_bytes
     # Gradients of earlier steps of a grad_accum window stay through the next steps.
     carried = n_trained * weight_bytes if work.grad_accum > 1 else 0
     if means.gradient_checkpointing:
@@ -150,7 +164,8 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
         # Under autocast fp32 weights are cast to bf16 for the forward, and the copies are kept for the backward;
         # the backward pass peaks at its start, before the gradients add up.
         casts = n_trained * 2 if work.mixed_precision and not means.bf16_weights else 0
-        backward = {"activations and autocast weight copies": max(work.batch_size * per_image * a.training + casts,
+        kept = a.partial if means.partial_checkpointing else a.training
+        backward = {"activations and autocast weight copies": max(work.batch_size * per_image * kept + casts,
                                                                   gradients)}
     if carried:
         backward["gradients of the window"] = carried
@@ -216,6 +231,7 @@ def _usable(work: Workload, args, processes: int) -> dict[str, bool]:
     return {"fused_backward": element_wise and args.grad_accum == 1 and not args.clip_grad_norm and processes == 1,
             "eight_bit_states": bool(names & set(EIGHT_BIT)),
             "gradient_checkpointing": True,
+            "partial_checkpointing": True,
             "bf16_weights": element_wise}
 
 
@@ -229,7 +245,8 @@ def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: 
     candidates = []
     for chosen in itertools.chain.from_iterable(itertools.combinations(free, k) for k in range(len(free) + 1)):
         means = Means(**{name: name in chosen or bool(fixed.get(name)) for name in SLOWDOWN})
-        candidates.append((slowdown(means), means))
+        if not any(_subsumed(means, name) for name in chosen):
+            candidates.append((slowdown(means), means))
     candidates.sort(key=lambda c: c[0])
     for _, means in candidates:
         e = estimate(size, means, work)
@@ -270,7 +287,7 @@ def plan_run(args, size: ModelSize, work: Workload, device, processes: int = 1) 
 
     card = args.vram * GiB if args.vram != "auto" else torch.cuda.mem_get_info(device)[0]
     plan = choose(size, work, card, args, processes)
-    for name in ("fused_backward", "gradient_checkpointing", "bf16_weights", "eight_bit_states"):
+    for name in SLOWDOWN:
         setattr(args, name, getattr(plan.means, name))
     return plan
 

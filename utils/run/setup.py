@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from utils.model.norms import keep_norms_in_bf16
 from utils.options.config import ConfigError
 
 PROCESS_WAIT_MINUTES = 30  # how long processes wait for each other before a run counts as hung
@@ -173,15 +174,28 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
         if "text_encoder" in trained:
             te = model.text_encoder  # transformers 5 renamed the switch; 4.x only has the old name
             getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
+    elif args.partial_checkpointing:
+        checkpoint_highest_resolution(model.unet)
     if args.attn_type == "slice":
         model.unet.set_attention_slice("auto")
     elif args.attn_type == "xformers":
         model.unet.enable_xformers_memory_efficient_attention()
     if args.channels_last:
         model.unet.to(memory_format=torch.channels_last)
+    keep_norms_in_bf16(model.unet)
     if args.compile:
         compile_unet(model.unet)
     return trained
+
+
+def checkpoint_highest_resolution(unet) -> None:
+    """Gradient checkpointing in the UNet's first down block and last up block only: at the latents' full size they
+    keep the most activations per computation (their attention runs over every latent pixel)."""
+    unet.enable_gradient_checkpointing()
+    kept = {id(m) for block in (unet.down_blocks[0], unet.up_blocks[-1]) for m in block.modules()}
+    for module in unet.modules():
+        if hasattr(module, "gradient_checkpointing") and id(module) not in kept:
+            module.gradient_checkpointing = False
 
 
 def compile_unet(unet) -> None:
