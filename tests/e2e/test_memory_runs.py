@@ -1,6 +1,6 @@
 """train.py runs with the memory means (doc/MEMORY.md): bf16 weights with stochastic rounding and the optimizer step
-fused into the backward pass resume bit for bit; conflicting options stop before loading. (fused_backward alone
-trains test_resume's reference weights bit for bit: tests/e2e/test_resume.py.)"""
+fused into the backward pass (with partial checkpointing) resume bit for bit; conflicting options stop before
+loading. (fused_backward alone trains test_resume's reference weights bit for bit: tests/e2e/test_resume.py.)"""
 from __future__ import annotations
 
 import pytest
@@ -11,17 +11,17 @@ from tests.conftest import write_json
 from utils.run import training_state
 
 FINAL = "last-myproj-ep02-gs00010"
+LEAN = ("--fused_backward", "--bf16_weights", "--partial_checkpointing")
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """test_resume's data and options (10 images, batch 2, grad_accum 2, EMA, validation), trained with
-    fused_backward + bf16_weights, saving a resumable checkpoint after every step."""
+    fused_backward + bf16_weights + partial_checkpointing, saving a resumable checkpoint after every step."""
     root = tmp_path_factory.mktemp("memory")
     data_root, validation_cfg = resume_data(root)
     logdir = root / "lean"
-    assert train(run_args(data_root, logdir, validation_cfg, "--fused_backward", "--bf16_weights",
-                          "--ckpt_every_n_minutes", "1e-9")) == 0
+    assert train(run_args(data_root, logdir, validation_cfg, *LEAN, "--ckpt_every_n_minutes", "1e-9")) == 0
     return dict(data_root=data_root, validation_cfg=validation_cfg, lean=newest_run(logdir))
 
 
@@ -40,8 +40,8 @@ def test_bf16_weights_train_in_bf16_and_a_resumed_run_ends_on_the_same_weights(r
     assert training_state.load(checkpoint).pending_grads["unet"]
     assert (checkpoint / "optimizer_stochastic_rounding.pt").is_file()
     logdir = tmp_path / "logs"
-    assert train(run_args(runs["data_root"], logdir, runs["validation_cfg"], "--fused_backward", "--bf16_weights",
-                          "--resume_ckpt", str(checkpoint))) == 0
+    assert train(run_args(runs["data_root"], logdir, runs["validation_cfg"], *LEAN, "--resume_ckpt",
+                          str(checkpoint))) == 0
     resumed = newest_run(logdir)
     assert "Resuming the run of" in (resumed / f"{resumed.name}.log").read_text()
     assert_same_weights(resumed / "ckpts" / FINAL, lean / FINAL)
