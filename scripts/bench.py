@@ -720,7 +720,9 @@ def cmd_train(args) -> dict:
         result["recipe_s"] = time.perf_counter() - started
         if cap:
             result["vram_cap_gib"] = cap
-        out["recipes"][f"{name}@{cap:g}GiB" if cap else name] = result
+        key = f"{name}@{cap:g}GiB" if cap else name
+        runs_before = sum(k == key or k.startswith(key + " (") for k in out["recipes"])  # a recipe given twice: A B A B
+        out["recipes"][f"{key} ({runs_before + 1})" if runs_before else key] = result
         report(f"{name}: {json.dumps(result)}", flush=True)
         if args.json and is_main:  # so far, in case the run is cut short; main() writes the whole report at the end
             Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
