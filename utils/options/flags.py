@@ -111,9 +111,9 @@ FLAGS: list[Flag] = [
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
          "memory options as given). The plan turns on the fastest memory means that fit the batch size: "
-         "fused_backward, 8-bit optimizer states, partial_checkpointing, gradient_checkpointing, bf16_weights. A means "
-         "set in the config "
-         "or on the command line stays as set. It never changes batch size, learning rate or what is trained."),
+         "fused_backward, 8-bit optimizer states, partial_checkpointing, gradient_checkpointing, bf16_weights. A "
+         "means set in the config or on the command line stays as set. It never changes batch size, learning rate "
+         "or what is trained."),
         ("fused_backward", bool, False, "Update each weight inside the backward pass as soon as its gradient is "
          "ready, so the whole model's gradients never exist at once (saves 4 bytes per trained parameter). Needs "
          "an element-wise optimizer (adamw, adamw8bit, lion, lion8bit), no clip_grad_norm and one process."),

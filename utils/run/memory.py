@@ -88,7 +88,7 @@ SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpoi
 # Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
 # host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' per-tensor calls are not (run I).
 # With checkpointing the host also reruns the checkpointed blocks' forward in the backward pass, and bf16_weights'
-# host time adds to it (run K).
+# host time adds to it (run K; 8-bit states there were not measured apart and are taken as without checkpointing).
 SLOWDOWN_IN_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.0}
 SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.34}
 
