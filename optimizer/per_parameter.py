@@ -12,8 +12,11 @@ give.
 
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
-bitsandbytes) only while its bucket steps. Its `state_dict` is the inner optimizer's, the layout of one optimizer
-over all the parameters, so a run saved with these means resumes without them and the other way round.
+bitsandbytes) only while its bucket steps. bf16 weights stepped after the backward pass (no fused_backward) step a
+`FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in, so the host's work per step is a few calls
+per bucket rather than per parameter. Its `state_dict` has the layout of one optimizer over all the parameters
+(flat buckets' states split per parameter), so a run saved with these means resumes without them and the other way
+round.
 """
 from __future__ import annotations
 
@@ -63,6 +66,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.rounding = rounding
         self.bitsandbytes = bitsandbytes
         self.params = params
+        self.make_inner = make_inner
+        self.index = {id(p): i for i, p in enumerate(params)}
+        # Buckets stepped as one flat tensor, by their parameters' ids; None: a bucket that steps tensor by tensor.
+        self.flat: dict[tuple[int, ...], FlatBucket | None] = {}
         self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
@@ -72,9 +79,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # gradients are freed as they are stepped: fused_backward).
         self.squared_norm = torch.zeros((), device=params[0].device) if measure_norm else None
 
-    @torch.no_grad()
     def ready(self, p: torch.Tensor) -> None:
-        """`p`'s gradient is complete: step it with its bucket once the bucket is full."""
+        """`p`'s gradient is complete: step it with its bucket once the bucket is full (flush is no_grad)."""
         self.pending.append(p)
         self.pending_elements += p.numel()
         if self.pending_elements >= BUCKET_ELEMENTS:
@@ -102,6 +108,10 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if self.squared_norm is not None:
             self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
                                              ).square().sum()
+        bucket = self._flat_bucket(pending)
+        if bucket is not None:
+            bucket.step(self.param_groups[0]["lr"], self.rounding)
+            return
         copied = [p for p in pending if not self._steps_in_place(p)]
         if copied:
             sizes = [p.numel() for p in copied]
@@ -159,9 +169,48 @@ class BucketedOptimizer(torch.optim.Optimizer):
         for p in self.params:
             p.grad = None
 
+    def _flat_bucket(self, pending: list[torch.Tensor]) -> FlatBucket | None:
+        """The flat bucket of exactly these parameters, made at their first step together. Only bf16 weights stepped
+        after the backward pass by an optimizer of per-element states (torch's, lion-pytorch's: not bitsandbytes',
+        whose 8-bit blocks would span tensors) and with the same optimizer step count in each (a parameter without a
+        gradient in some step falls behind). Their states move from the per-tensor stand-ins into the bucket's."""
+        key = tuple(map(id, pending))
+        if key in self.flat:
+            return self.flat[key]
+        if self.bitsandbytes or self.squared_norm is not None or any(p.dtype != torch.bfloat16 for p in pending):
+            self.flat[key] = None
+            return None
+        ids = set(key)
+        for other in [k for k, b in self.flat.items() if b is not None and ids & set(k)]:
+            self._dissolve(self.flat.pop(other))  # a parameter's state lives in one place: on its stand-in here
+        states = [self.inner.state.get(self.stand_ins[p], {}) for p in pending]
+        if any(state.keys() != states[0].keys() or _scalars(state) != _scalars(states[0]) for state in states):
+            return None  # stepped tensor by tensor this time; asked again next time (steps may line up again)
+        for p in pending:
+            self.inner.state.pop(self.stand_ins[p], None)
+        self.flat[key] = bucket = FlatBucket(pending, self.make_inner, self.released)
+        if states[0]:
+            bucket.inner.state[bucket.stand_in] = {
+                k: torch.cat([in_memory_order(state[k], p) for state, p in zip(states, pending)])
+                if isinstance(v, torch.Tensor) and v.dim() else v for k, v in states[0].items()}
+        return bucket
+
+    def _dissolve(self, bucket: FlatBucket) -> None:
+        """The bucket's states back on the per-tensor stand-ins, laid out as each parameter."""
+        for p, state in zip(bucket.params, bucket.states()):
+            if state:
+                self.inner.state[self.stand_ins[p]] = state
+
     def state_dict(self) -> dict:
-        """The inner optimizer's: states by parameter index, one param group; the schedule's lr is the outer one."""
+        """The inner optimizer's: states by parameter index, one param group; the schedule's lr is the outer one.
+        A flat bucket's states are split into its parameters' shapes, as one optimizer over them all would hold."""
         saved = self.inner.state_dict()
+        for bucket in self.flat.values():
+            if bucket is not None:
+                for p, state in zip(bucket.params, bucket.states()):
+                    if state:
+                        saved["state"][self.index[id(p)]] = state
+        saved["state"] = dict(sorted(saved["state"].items()))
         outer = {k: v for k, v in self.param_groups[0].items() if k != "params"}
         return {"state": saved["state"], "param_groups": [{**saved["param_groups"][0], **outer}]}
 
@@ -171,4 +220,55 @@ class BucketedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"it holds {sum(len(g['params']) for g in groups)} parameters in {len(groups)} group(s), "
                              f"this model trains {len(self.params)}")
         self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
+        self.flat = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
+
+
+def _scalars(state: dict) -> dict:
+    """A state's values that are not per element (AdamW's step count): a flat bucket needs them equal."""
+    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()
+            if not isinstance(v, torch.Tensor) or v.dim() == 0}
+
+
+class FlatBucket:
+    """bf16 parameters stepped as one fp32 tensor: one inner optimizer over one stand-in per bucket, so the host
+    queues a few kernels per bucket instead of a few Python calls per parameter. The math is the same element by
+    element (the optimizers here update each element from its own gradient and state), and the rounding draws the
+    same numbers: the bucket's parameters and order are those of the per-tensor path."""
+
+    def __init__(self, params: list[torch.Tensor], make_inner: Callable[[list], torch.optim.Optimizer],
+                 released: torch.Tensor):
+        self.params = params
+        self.sizes = [p.numel() for p in params]
+        self.released = released
+        self.stand_in = torch.nn.Parameter(released)
+        self.inner = make_inner([self.stand_in])
+
+    @torch.no_grad()
+    def step(self, lr: float, rounding: torch.Generator) -> None:
+        rows = [in_memory_order(p.detach(), p) for p in self.params]  # views of the weights, in memory order
+        weights = torch.cat(rows).float()
+        self.stand_in.data, self.stand_in.grad = weights, torch.cat(
+            [in_memory_order(p.grad, p) for p in self.params]).float()
+        for p in self.params:
+            p.grad = None
+        self.inner.param_groups[0]["lr"] = lr
+        self.inner.step()
+        self.stand_in.grad, self.stand_in.data = None, self.released
+        torch._foreach_copy_(rows, list(round_stochastically_(weights, rounding).to(torch.bfloat16).split(self.sizes)))
+
+    def states(self) -> list[dict]:
+        """Each parameter's share of the bucket's state, laid out as the parameter: views of the bucket's tensors, so
+        that a checkpoint needs no second copy of the optimizer state on the GPU (torch.save writes a storage once
+        however many views of it are saved). Scalars (AdamW's step count) are copied: each parameter counts its own
+        steps once stepped tensor by tensor."""
+        state = self.inner.state.get(self.stand_in, {})
+        shares: list[dict] = [{} for _ in self.params]
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor) and value.dim():
+                for share, p, row in zip(shares, self.params, value.split(self.sizes)):
+                    share[key] = row.as_strided(p.shape, p.stride())
+            else:
+                for share in shares:
+                    share[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        return shares

@@ -180,6 +180,65 @@ def test_bf16_weights_end_each_tensor_of_a_bucket_next_to_its_fp32_update(name):
         assert ups[part].mean().item() == pytest.approx(chances[part].mean().item(), abs=0.03)
 
 
+def test_bf16_weights_stepped_after_the_backward_pass_step_each_bucket_as_one_flat_tensor():
+    """A bucket of bf16 weights steps as one fp32 tensor: bit for bit fp32 AdamW on each weight, rounded
+    stochastically in the bucket's order; its state is saved per parameter, as one optimizer over them all holds it,
+    and a run resumed from it (flat or tensor by tensor) steps on as the uninterrupted one."""
+    from optimizer.per_parameter import FlatBucket, in_memory_order
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 50), (700,), (1,), (64, 32, 3, 3)]
+    start = [torch.randn(shape, generator=generator).to(torch.bfloat16) for shape in shapes]
+    start[3] = start[3].to(memory_format=torch.channels_last)  # as train.py lays convolutions out
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
+
+    def bf16_run():
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        return params, TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings("adamw"),
+                                          rounding=torch.Generator().manual_seed(1))
+
+    def step(params, opts, step_grads):
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(p.dtype).to(memory_format=torch.preserve_format)
+        opts.clip_and_step(None, None)
+
+    flat, opts = bf16_run()
+    reference = [torch.nn.Parameter(t.float()) for t in start]
+    plain = TrainingOptimizers({"unet": torch.nn.ParameterList(reference)}, settings("adamw"))
+    rounding = torch.Generator().manual_seed(1)
+    for step_grads in grads[:2]:
+        step(flat, opts, step_grads)
+        step(reference, plain, [g.to(torch.bfloat16).float() for g in step_grads])
+        expected = round_stochastically_(torch.cat([in_memory_order(p.detach(), p) for p in reference]), rounding)
+        with torch.no_grad():
+            for p, row in zip(reference, expected.split([p.numel() for p in reference])):
+                in_memory_order(p, p).copy_(row)  # the reference continues from the rounded weights, as bf16 does
+        for got, want in zip(flat, reference):
+            assert got.dtype == torch.bfloat16 and got.stride() == want.stride() and torch.equal(got.float(), want)
+    assert any(isinstance(b, FlatBucket) for b in opts.optimizers["unet"].flat.values())
+    saved, want = copy.deepcopy(opts.state_dicts()), plain.state_dicts()["unet"]["state"]  # as torch.save would
+    assert saved["unet"]["state"].keys() == want.keys()
+    for index, state in want.items():
+        for key, value in state.items():
+            assert torch.equal(saved["unet"]["state"][index][key], value), (index, key)
+            assert saved["unet"]["state"][index][key].stride() == value.stride(), (index, key)
+
+    step(flat, opts, grads[2])
+    for fused_backward in (False, True):
+        resumed, again = bf16_run()
+        again = TrainingOptimizers({"unet": torch.nn.ParameterList(resumed)}, settings("adamw"),
+                                   fused_backward=fused_backward, rounding=torch.Generator())
+        with torch.no_grad():
+            for p, q in zip(resumed, reference):
+                p.copy_(q)
+        again.load_state_dicts(copy.deepcopy(saved))  # each run loads a copy, as from a file
+        step(resumed, again, grads[2])
+        if not fused_backward:  # the same bucket, the same rounding draws
+            assert all(torch.equal(a, b) for a, b in zip(resumed, flat))
+        else:  # buckets in the backward pass's order: the same fp32 step, rounded with other draws
+            assert all(torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=0) for a, b in zip(resumed, flat))
+
+
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
     unet = tiny_unet()
     opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
