@@ -69,7 +69,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.make_inner = make_inner
         self.index = {id(p): i for i, p in enumerate(params)}
         # Buckets stepped as one flat tensor, by their parameters' ids; None: a bucket that steps tensor by tensor.
-        self.flat: dict[tuple[int, ...], FlatBucket | None] = {}
+        self.flat_buckets: dict[tuple[int, ...], FlatBucket | None] = {}
         self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
@@ -175,20 +175,20 @@ class BucketedOptimizer(torch.optim.Optimizer):
         whose 8-bit blocks would span tensors) and with the same optimizer step count in each (a parameter without a
         gradient in some step falls behind). Their states move from the per-tensor stand-ins into the bucket's."""
         key = tuple(map(id, pending))
-        if key in self.flat:
-            return self.flat[key]
+        if key in self.flat_buckets:
+            return self.flat_buckets[key]
         if self.bitsandbytes or self.squared_norm is not None or any(p.dtype != torch.bfloat16 for p in pending):
-            self.flat[key] = None
+            self.flat_buckets[key] = None
             return None
         ids = set(key)
-        for other in [k for k, b in self.flat.items() if b is not None and ids & set(k)]:
-            self._dissolve(self.flat.pop(other))  # a parameter's state lives in one place: on its stand-in here
+        for other in [k for k, b in self.flat_buckets.items() if b is not None and ids & set(k)]:
+            self._dissolve(self.flat_buckets.pop(other))  # a parameter's state lives in one place
         states = [self.inner.state.get(self.stand_ins[p], {}) for p in pending]
         if any(state.keys() != states[0].keys() or _scalars(state) != _scalars(states[0]) for state in states):
             return None  # stepped tensor by tensor this time; asked again next time (steps may line up again)
         for p in pending:
             self.inner.state.pop(self.stand_ins[p], None)
-        self.flat[key] = bucket = FlatBucket(pending, self.make_inner, self.released)
+        self.flat_buckets[key] = bucket = FlatBucket(pending, self.make_inner, self.released)
         if states[0]:
             bucket.inner.state[bucket.stand_in] = {
                 k: torch.cat([in_memory_order(state[k], p) for state, p in zip(states, pending)])
@@ -205,7 +205,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         """The inner optimizer's: states by parameter index, one param group; the schedule's lr is the outer one.
         A flat bucket's states are split into its parameters' shapes, as one optimizer over them all would hold."""
         saved = self.inner.state_dict()
-        for bucket in self.flat.values():
+        for bucket in self.flat_buckets.values():
             if bucket is not None:
                 for p, state in zip(bucket.params, bucket.states()):
                     if state:
@@ -220,7 +220,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             raise ValueError(f"it holds {sum(len(g['params']) for g in groups)} parameters in {len(groups)} group(s), "
                              f"this model trains {len(self.params)}")
         self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
-        self.flat = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
+        self.flat_buckets = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
 
 

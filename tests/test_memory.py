@@ -215,7 +215,7 @@ def test_bf16_weights_stepped_after_the_backward_pass_step_each_bucket_as_one_fl
                 in_memory_order(p, p).copy_(row)  # the reference continues from the rounded weights, as bf16 does
         for got, want in zip(flat, reference):
             assert got.dtype == torch.bfloat16 and got.stride() == want.stride() and torch.equal(got.float(), want)
-    assert any(isinstance(b, FlatBucket) for b in opts.optimizers["unet"].flat.values())
+    assert any(isinstance(b, FlatBucket) for b in opts.optimizers["unet"].flat_buckets.values())
     saved, want = copy.deepcopy(opts.state_dicts()), plain.state_dicts()["unet"]["state"]  # as torch.save would
     assert saved["unet"]["state"].keys() == want.keys()
     for index, state in want.items():
