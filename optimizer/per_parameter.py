@@ -101,7 +101,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
     def flush(self) -> None:
         """Steps the pending parameters and frees their gradients. Parameters that cannot step in place (bf16, or
         channels-last for an optimizer that needs contiguous tensors) step through one fp32 copy of them all, made
-        and written back with a few kernels (not a few per parameter)."""
+        and written back with a few kernels (not a few per parameter); where it can, that copy is a FlatBucket's one
+        stand-in."""
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
@@ -177,6 +178,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         key = tuple(map(id, pending))
         if key in self.flat_buckets:
             return self.flat_buckets[key]
+        # squared_norm is measured with fused_backward only, whose buckets follow the backward pass's order.
         if self.bitsandbytes or self.squared_norm is not None or any(p.dtype != torch.bfloat16 for p in pending):
             self.flat_buckets[key] = None
             return None
