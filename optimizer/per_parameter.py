@@ -12,7 +12,7 @@ give.
 
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
-bitsandbytes) only while its bucket steps. bf16 weights stepped after the backward pass (no fused_backward) step a
+bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers) step a
 `FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in, so the host's work per step is a few calls
 per bucket rather than per parameter. Its `state_dict` has the layout of one optimizer over all the parameters
 (flat buckets' states split per parameter), so a run saved with these means resumes without them and the other way
@@ -171,15 +171,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
             p.grad = None
 
     def _flat_bucket(self, pending: list[torch.Tensor]) -> FlatBucket | None:
-        """The flat bucket of exactly these parameters, made at their first step together. Only bf16 weights stepped
-        after the backward pass by an optimizer of per-element states (torch's, lion-pytorch's: not bitsandbytes',
-        whose 8-bit blocks would span tensors) and with the same optimizer step count in each (a parameter without a
-        gradient in some step falls behind). Their states move from the per-tensor stand-ins into the bucket's."""
+        """The flat bucket of exactly these parameters, made at their first step together (the backward pass hands
+        them over in the same order every step, so its buckets repeat too). Only bf16 weights, stepped by an optimizer
+        of per-element states (torch's, lion-pytorch's: not bitsandbytes', whose 8-bit blocks would span tensors),
+        with the same optimizer step count in each (a parameter without a gradient in some step falls behind). Their
+        states move from the per-tensor stand-ins (or other buckets) into the bucket's."""
         key = tuple(map(id, pending))
         if key in self.flat_buckets:
             return self.flat_buckets[key]
-        # squared_norm is measured with fused_backward only, whose buckets follow the backward pass's order.
-        if self.bitsandbytes or self.squared_norm is not None or any(p.dtype != torch.bfloat16 for p in pending):
+        if self.bitsandbytes or any(p.dtype != torch.bfloat16 for p in pending):
             self.flat_buckets[key] = None
             return None
         ids = set(key)

@@ -180,10 +180,11 @@ def test_bf16_weights_end_each_tensor_of_a_bucket_next_to_its_fp32_update(name):
         assert ups[part].mean().item() == pytest.approx(chances[part].mean().item(), abs=0.03)
 
 
-def test_bf16_weights_stepped_after_the_backward_pass_step_each_bucket_as_one_flat_tensor():
+def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
     """A bucket of bf16 weights steps as one fp32 tensor: bit for bit fp32 AdamW on each weight, rounded
     stochastically in the bucket's order; its state is saved per parameter, as one optimizer over them all holds it,
-    and a run resumed from it (flat or tensor by tensor) steps on as the uninterrupted one."""
+    and a run resumed from it (also with fused_backward, whose buckets follow the backward pass) steps on as the
+    uninterrupted one."""
     from optimizer.per_parameter import FlatBucket, in_memory_order
 
     generator = torch.Generator().manual_seed(0)
@@ -233,6 +234,7 @@ def test_bf16_weights_stepped_after_the_backward_pass_step_each_bucket_as_one_fl
                 p.copy_(q)
         again.load_state_dicts(copy.deepcopy(saved))  # each run loads a copy, as from a file
         step(resumed, again, grads[2])
+        assert any(isinstance(b, FlatBucket) for b in again.optimizers["unet"].flat_buckets.values())
         if not fused_backward:  # the same bucket, the same rounding draws
             assert all(torch.equal(a, b) for a, b in zip(resumed, flat))
         else:  # buckets in the backward pass's order: the same fp32 step, rounded with other draws
