@@ -183,11 +183,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
             self.flat_buckets[key] = None
             return None
         ids = set(key)
-        for other in [k for k, b in self.flat_buckets.items() if b is not None and ids & set(k)]:
-            self._dissolve(self.flat_buckets.pop(other))  # a parameter's state lives in one place
+        for other in [k for k in self.flat_buckets if ids & set(k)]:
+            overlapping = self.flat_buckets.pop(other)  # a parameter's state lives in one place
+            if overlapping is not None:
+                self._dissolve(overlapping)
         states = [self.inner.state.get(self.stand_ins[p], {}) for p in pending]
-        if any(state.keys() != states[0].keys() or _scalars(state) != _scalars(states[0]) for state in states):
-            return None  # stepped tensor by tensor this time; asked again next time (steps may line up again)
+        if not _aligned(states):
+            self.flat_buckets[key] = None  # tensor by tensor, until a flat bucket takes some of these parameters
+            return None
         for p in pending:
             self.inner.state.pop(self.stand_ins[p], None)
         self.flat_buckets[key] = bucket = FlatBucket(pending, self.make_inner, self.released)
@@ -226,10 +229,16 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
 
 
-def _scalars(state: dict) -> dict:
-    """A state's values that are not per element (AdamW's step count): a flat bucket needs them equal."""
-    return {k: v.item() if isinstance(v, torch.Tensor) else v for k, v in state.items()
-            if not isinstance(v, torch.Tensor) or v.dim() == 0}
+def _aligned(states: list[dict]) -> bool:
+    """Whether these per-tensor states can be one flat state: the same keys, and the same values that are not per
+    element (AdamW's step count; compared with one wait for the device per key, not one per parameter)."""
+    if any(state.keys() != states[0].keys() for state in states):
+        return False
+    scalars = [k for k, v in states[0].items() if not isinstance(v, torch.Tensor) or v.dim() == 0]
+    tensors = [k for k in scalars if isinstance(states[0][k], torch.Tensor)]
+    if any(state[k] != states[0][k] for state in states for k in scalars if k not in tensors):
+        return False
+    return all(bool((torch.stack([state[k] for state in states]) == states[0][k]).all()) for k in tensors)
 
 
 class FlatBucket:

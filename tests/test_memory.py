@@ -184,7 +184,8 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
     """A bucket of bf16 weights steps as one fp32 tensor: bit for bit fp32 AdamW on each weight, rounded
     stochastically in the bucket's order; its state is saved per parameter, as one optimizer over them all holds it,
     and a run resumed from it (also with fused_backward, whose buckets follow the backward pass) steps on as the
-    uninterrupted one."""
+    uninterrupted one. A weight without a gradient in one step changes the bucket, and then falls a step behind:
+    both stay exact."""
     from optimizer.per_parameter import FlatBucket, in_memory_order
 
     generator = torch.Generator().manual_seed(0)
@@ -193,29 +194,36 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
     start[3] = start[3].to(memory_format=torch.channels_last)  # as train.py lays convolutions out
     grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(3)]
 
-    def bf16_run():
-        params = [torch.nn.Parameter(t.clone()) for t in start]
-        return params, TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings("adamw"),
-                                          rounding=torch.Generator().manual_seed(1))
+    def bf16_params():
+        return [torch.nn.Parameter(t.clone()) for t in start]
+
+    def optimizers(params, **options):
+        return TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings("adamw"), **options)
 
     def step(params, opts, step_grads):
         for p, g in zip(params, step_grads):
-            p.grad = g.to(p.dtype).to(memory_format=torch.preserve_format)
+            p.grad = None if g is None else g.to(p.dtype).to(memory_format=torch.preserve_format)
         opts.clip_and_step(None, None)
 
-    flat, opts = bf16_run()
+    flat = bf16_params()
+    opts = optimizers(flat, rounding=torch.Generator().manual_seed(1))
     reference = [torch.nn.Parameter(t.float()) for t in start]
-    plain = TrainingOptimizers({"unet": torch.nn.ParameterList(reference)}, settings("adamw"))
+    plain = optimizers(reference)
     rounding = torch.Generator().manual_seed(1)
-    for step_grads in grads[:2]:
+
+    def step_both_and_compare(step_grads):
         step(flat, opts, step_grads)
-        step(reference, plain, [g.to(torch.bfloat16).float() for g in step_grads])
-        expected = round_stochastically_(torch.cat([in_memory_order(p.detach(), p) for p in reference]), rounding)
+        step(reference, plain, [g if g is None else g.to(torch.bfloat16).float() for g in step_grads])
+        stepped = [p for p, g in zip(reference, step_grads) if g is not None]  # the bucket, in its order
+        expected = round_stochastically_(torch.cat([in_memory_order(p.detach(), p) for p in stepped]), rounding)
         with torch.no_grad():
-            for p, row in zip(reference, expected.split([p.numel() for p in reference])):
+            for p, row in zip(stepped, expected.split([p.numel() for p in stepped])):
                 in_memory_order(p, p).copy_(row)  # the reference continues from the rounded weights, as bf16 does
         for got, want in zip(flat, reference):
             assert got.dtype == torch.bfloat16 and got.stride() == want.stride() and torch.equal(got.float(), want)
+
+    for step_grads in grads[:2]:
+        step_both_and_compare(step_grads)
     assert any(isinstance(b, FlatBucket) for b in opts.optimizers["unet"].flat_buckets.values())
     saved, want = copy.deepcopy(opts.state_dicts()), plain.state_dicts()["unet"]["state"]  # as torch.save would
     assert saved["unet"]["state"].keys() == want.keys()
@@ -223,14 +231,14 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
         for key, value in state.items():
             assert torch.equal(saved["unet"]["state"][index][key], value), (index, key)
             assert saved["unet"]["state"][index][key].stride() == value.stride(), (index, key)
+    resume_from = [p.detach().clone() for p in flat]
 
-    step(flat, opts, grads[2])
+    step_both_and_compare(grads[2])
     for fused_backward in (False, True):
-        resumed, again = bf16_run()
-        again = TrainingOptimizers({"unet": torch.nn.ParameterList(resumed)}, settings("adamw"),
-                                   fused_backward=fused_backward, rounding=torch.Generator())
+        resumed = bf16_params()
+        again = optimizers(resumed, fused_backward=fused_backward, rounding=torch.Generator())
         with torch.no_grad():
-            for p, q in zip(resumed, reference):
+            for p, q in zip(resumed, resume_from):
                 p.copy_(q)
         again.load_state_dicts(copy.deepcopy(saved))  # each run loads a copy, as from a file
         step(resumed, again, grads[2])
@@ -239,6 +247,10 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
             assert all(torch.equal(a, b) for a, b in zip(resumed, flat))
         else:  # buckets in the backward pass's order: the same fp32 step, rounded with other draws
             assert all(torch.allclose(a.float(), b.float(), rtol=2 ** -7, atol=0) for a, b in zip(resumed, flat))
+
+    step_both_and_compare([grads[0][0], None, *grads[0][2:]])  # a bucket of three: its states move there
+    step_both_and_compare(grads[1])  # the four again, one a step behind: tensor by tensor
+    assert opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))] is None
 
 
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
