@@ -119,9 +119,9 @@ FLAGS: list[Flag] = [
          "an element-wise optimizer (adamw, adamw8bit, lion, lion8bit), no clip_grad_norm and one process."),
         ("bf16_weights", bool, False, "Keep the trained weights in bf16 and round each update stochastically (saves "
          "2 bytes per trained parameter, and the bf16 copies autocast makes). Needs an element-wise optimizer and "
-         "bf16 or no mixed precision. Saved checkpoints are written as before. Costs nothing measurable with "
-         "fused_backward, about 12% of the speed without it; a memory plan (vram) turns fused_backward on with it "
-         "where the options allow (doc/MEMORY.md)."),
+         "bf16 or no mixed precision. Saved checkpoints are written as before. What it costs in speed depends on the "
+         "other means (inside a backward pass without checkpointing, nothing measurable); a memory plan (vram) "
+         "pairs it with fused_backward where that is the faster way (doc/MEMORY.md)."),
     ),
     *_flags(
         "Objective and noise",
