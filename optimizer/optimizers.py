@@ -387,10 +387,9 @@ class TrainingOptimizers:
         for name, model in models.items():
             params = [p for p in model.parameters() if p.requires_grad]
             bitsandbytes = settings[name].optimizer in BITSANDBYTES
-            # bitsandbytes would make channels-last weights contiguous for good (slower convolutions): stepping
-            # them through contiguous copies keeps the model's layout.
-            if fused_backward or any(p.dtype == torch.bfloat16 or (bitsandbytes and not p.is_contiguous())
-                                     for p in params):
+            # bitsandbytes' own step waits for the GPU after each tensor, and makes channels-last weights contiguous
+            # for good (slower convolutions): buckets of copies avoid both.
+            if fused_backward or bitsandbytes or any(p.dtype == torch.bfloat16 for p in params):
                 check_steps_per_parameter(settings[name].optimizer, name)
                 optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
                                               settings[name].lr, rounding,

@@ -12,14 +12,16 @@ give.
 
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
-bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers) step a
-`FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in, so the host's work per step is a few calls
-per bucket rather than per parameter. Its `state_dict` has the layout of one optimizer over all the parameters
+bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers), and every
+weight with bitsandbytes', step a `FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in (two for
+bitsandbytes), so the host's work per step is a few calls per bucket rather than per parameter. Its `state_dict` has the layout of one optimizer over all the parameters
 (flat buckets' states split per parameter), so a run saved with these means resumes without them and the other way
 round.
 """
 from __future__ import annotations
 
+import itertools
+import math
 from typing import Callable
 
 import torch
@@ -28,6 +30,11 @@ STOCHASTIC_ROUNDING_SEED_OFFSET = 0x5EED  # the rounding stream is seeded from t
 # Parameters' elements updated together: few enough that a bucket's gradients and fp32 copies stay small next to
 # the model (160 MiB for bf16 weights), many enough that a bucket is a few kernel launches for dozens of tensors.
 BUCKET_ELEMENTS = 1 << 24
+# bitsandbytes' 8-bit states: one absolute maximum per block of this many elements (its blockwise quantization), and
+# which of its state keys hold those maxima, and which its quantization maps (one tensor shared by every parameter).
+QUANTIZATION_BLOCK = 256
+BLOCK_BITSANDBYTES_STATES = ("absmax1", "absmax2")
+SHARED_BITSANDBYTES_STATES = ("qmap1", "qmap2")
 
 
 def round_stochastically_(values: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -55,9 +62,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     `bitsandbytes`: the inner optimizer is bitsandbytes'. It steps contiguous tensors only (it replaces a
     channels-last tensor with a contiguous copy, which would leave a stand-in's parameter unchanged), so such
-    parameters step through contiguous fp32 copies too; and its tensors are stepped here rather than by its own
-    `step`, which waits for the GPU after every tensor (for its paged variants, not used here): that wait would
-    keep the host from queuing work ahead of the GPU, in the backward pass too with fused_backward."""
+    parameters step through copies (as every bucket does that steps flat); and its tensors are stepped here rather
+    than by its own `step`, which waits for the GPU after every tensor: that wait would keep the host from queuing
+    work ahead of the GPU, in the backward pass too with fused_backward."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
                  rounding: torch.Generator | None = None, bitsandbytes: bool = False, measure_norm: bool = False):
@@ -128,7 +135,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         everything, group["params"] = group["params"], [self.stand_ins[p] for p in pending]
         group["lr"] = self.param_groups[0]["lr"]
         try:  # over the bucket only: the optimizer's own loop over every parameter costs more than a small bucket
-            self._step_inner()
+            step_inner(self.inner, self.bitsandbytes)
         finally:
             group["params"] = everything
         for p in pending:
@@ -141,20 +148,6 @@ class BucketedOptimizer(torch.optim.Optimizer):
                 weights = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
             torch._foreach_copy_([p.detach() for p in copied],
                                  [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
-
-    def _step_inner(self) -> None:
-        if not self.bitsandbytes:
-            self.inner.step()
-            return
-        inner, group = self.inner, self.inner.param_groups[0]
-        if not inner.initialized:  # as bitsandbytes' own step begins
-            inner.check_overrides()
-            inner.to_gpu()
-            inner.initialized = True
-        for index, stand_in in enumerate(group["params"]):
-            if not inner.state[stand_in]:
-                inner.init_state(group, stand_in, 0, index)
-            inner.update_step(group, stand_in, 0, index)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -172,14 +165,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     def _flat_bucket(self, pending: list[torch.Tensor]) -> FlatBucket | None:
         """The flat bucket of exactly these parameters, made at their first step together (the backward pass hands
-        them over in the same order every step, so its buckets repeat too). Only bf16 weights, stepped by an optimizer
-        of per-element states (torch's, lion-pytorch's: not bitsandbytes', whose 8-bit blocks would span tensors),
-        with the same optimizer step count in each (a parameter without a gradient in some step falls behind). Their
-        states move from the per-tensor stand-ins (or other buckets) into the bucket's."""
+        them over in the same order every step, so its buckets repeat too). bitsandbytes' optimizers step every
+        bucket flat (tensor by tensor they cost a few Python calls each); torch's and lion-pytorch's the bf16
+        weights (fp32 weights they step in place, many tensors per kernel). The parameters must be at the same
+        optimizer step (one without a gradient in some step falls behind). Their states move from the per-tensor
+        stand-ins (or other buckets) into the bucket's."""
         key = tuple(map(id, pending))
         if key in self.flat_buckets:
             return self.flat_buckets[key]
-        if self.bitsandbytes or any(p.dtype != torch.bfloat16 for p in pending):
+        if not self.bitsandbytes and any(p.dtype != torch.bfloat16 for p in pending):
             self.flat_buckets[key] = None
             return None
         ids = set(key)
@@ -187,17 +181,14 @@ class BucketedOptimizer(torch.optim.Optimizer):
             overlapping = self.flat_buckets.pop(other)  # a parameter's state lives in one place
             if overlapping is not None:
                 self._dissolve(overlapping)
-        states = [self.inner.state.get(self.stand_ins[p], {}) for p in pending]
-        if not _aligned(states):
+        bucket = FlatBucket(pending, self.make_inner, self.released,
+                            self.inner.args.min_8bit_size if self.bitsandbytes else None)
+        if not bucket.take([self.inner.state.get(self.stand_ins[p], {}) for p in bucket.params]):
             self.flat_buckets[key] = None  # tensor by tensor, until a flat bucket takes some of these parameters
             return None
         for p in pending:
             self.inner.state.pop(self.stand_ins[p], None)
-        self.flat_buckets[key] = bucket = FlatBucket(pending, self.make_inner, self.released)
-        if states[0]:
-            bucket.inner.state[bucket.stand_in] = {
-                k: torch.cat([in_memory_order(state[k], p) for state, p in zip(states, pending)])
-                if isinstance(v, torch.Tensor) and v.dim() else v for k, v in states[0].items()}
+        self.flat_buckets[key] = bucket
         return bucket
 
     def _dissolve(self, bucket: FlatBucket) -> None:
@@ -208,16 +199,19 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
     def state_dict(self) -> dict:
         """The inner optimizer's: states by parameter index, one param group; the schedule's lr is the outer one.
-        A flat bucket's states are split into its parameters' shapes, as one optimizer over them all would hold."""
-        saved = self.inner.state_dict()
-        for bucket in self.flat_buckets.values():
-            if bucket is not None:
-                for p, state in zip(bucket.params, bucket.states()):
-                    if state:
-                        saved["state"][self.index[id(p)]] = state
-        saved["state"] = dict(sorted(saved["state"].items()))
+        A flat bucket's states are split into its parameters' shapes, as one optimizer over them all would hold (and
+        save: bitsandbytes' state_dict wraps its quantization states its own way)."""
+        shares = {self.stand_ins[p]: state for bucket in self.flat_buckets.values() if bucket is not None
+                  for p, state in zip(bucket.params, bucket.states()) if state}
+        self.inner.state.update(shares)
+        try:
+            saved = self.inner.state_dict()
+        finally:
+            for stand_in in shares:
+                del self.inner.state[stand_in]
         outer = {k: v for k, v in self.param_groups[0].items() if k != "params"}
-        return {"state": saved["state"], "param_groups": [{**saved["param_groups"][0], **outer}]}
+        return {"state": dict(sorted(saved["state"].items())),
+                "param_groups": [{**saved["param_groups"][0], **outer}]}
 
     def load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict["param_groups"]
@@ -227,6 +221,23 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
         self.flat_buckets = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
+
+
+def step_inner(inner: torch.optim.Optimizer, bitsandbytes: bool) -> None:
+    """Steps the inner optimizer over its stand-ins. bitsandbytes' tensor by tensor here, not by its own `step`,
+    which waits for the GPU after every tensor."""
+    if not bitsandbytes:
+        inner.step()
+        return
+    group = inner.param_groups[0]
+    if not inner.initialized:  # as bitsandbytes' own step begins
+        inner.check_overrides()
+        inner.to_gpu()
+        inner.initialized = True
+    for index, stand_in in enumerate(group["params"]):
+        if not inner.state[stand_in]:
+            inner.init_state(group, stand_in, 0, index)
+        inner.update_step(group, stand_in, 0, index)
 
 
 def _aligned(states: list[dict]) -> bool:
@@ -242,44 +253,127 @@ def _aligned(states: list[dict]) -> bool:
 
 
 class FlatBucket:
-    """bf16 parameters stepped as one fp32 tensor: one inner optimizer over one stand-in per bucket, so the host
-    queues a few kernels per bucket instead of a few Python calls per parameter. The math is the same element by
-    element (the optimizers here update each element from its own gradient and state), and the rounding draws the
-    same numbers: the bucket's parameters and order are those of the per-tensor path."""
+    """Parameters stepped as one fp32 tensor: an inner optimizer over one stand-in per bucket (two for bitsandbytes),
+    so the host queues a few kernels per bucket instead of a few Python calls per parameter. The math is the same
+    element by element: these optimizers update each element from its own gradient and state.
+
+    torch's and lion-pytorch's optimizers (bf16 weights): rows in memory order and in the per-tensor path's order,
+    so the rounding draws the same numbers as there. bitsandbytes' (any weights): rows in logical order, as its
+    per-tensor states are laid out. The weights it keeps 8-bit states for are padded to its quantization blocks, so
+    that no block spans two weights and each is quantized as when stepped alone; the smaller ones, whose states it
+    keeps in 32 bits, step as a second stand-in."""
 
     def __init__(self, params: list[torch.Tensor], make_inner: Callable[[list], torch.optim.Optimizer],
-                 released: torch.Tensor):
-        self.params = params
-        self.sizes = [p.numel() for p in params]
+                 released: torch.Tensor, eight_bit_from: int | None = None):
+        self.bitsandbytes = eight_bit_from is not None
+        groups = [params]
+        if self.bitsandbytes:
+            groups = [[p for p in params if p.numel() >= eight_bit_from],
+                      [p for p in params if p.numel() < eight_bit_from]]
+        self.params = [p for group in groups for p in group]
+        self.sizes = [p.numel() for p in self.params]
+        self.padding = [-n % QUANTIZATION_BLOCK if self.bitsandbytes and n >= eight_bit_from else 0
+                        for n in self.sizes]
+        self.rows = [n + pad for n, pad in zip(self.sizes, self.padding)]
         self.released = released
-        self.stand_in = torch.nn.Parameter(released)
-        self.inner = make_inner([self.stand_in])
+        self.zeros = torch.zeros(max(self.padding), dtype=params[0].dtype, device=params[0].device)
+        self.stand_ins: list[tuple[torch.nn.Parameter, torch.optim.Optimizer, slice]] = []
+        first = 0
+        for group in groups:
+            if group:
+                stand_in = torch.nn.Parameter(released)
+                inner = make_inner([stand_in])
+                if self.bitsandbytes and group is groups[1]:
+                    inner.args.min_8bit_size = math.inf  # 32-bit states, whatever the stand-in's size
+                self.stand_ins.append((stand_in, inner, slice(first, first + len(group))))
+                first += len(group)
+
+    def _row(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return tensor.reshape(-1) if self.bitsandbytes else in_memory_order(tensor, p)
+
+    def _concatenated(self, tensors: list[torch.Tensor]) -> torch.Tensor:
+        """The bucket's weights or gradients as its fp32 tensor, rows padded (one cat in their own dtype, one cast)."""
+        pieces = []
+        for tensor, p, pad in zip(tensors, self.params, self.padding):
+            pieces += [self._row(tensor, p), self.zeros[:pad]] if pad else [self._row(tensor, p)]
+        return torch.cat(pieces).float()
+
+    def _spans(self):
+        """Each stand-in, its optimizer, its parameters (with their row lengths) and its part of the bucket's tensor."""
+        bounds = [0, *itertools.accumulate(self.rows)]
+        for stand_in, inner, span in self.stand_ins:
+            yield stand_in, inner, self.params[span], self.rows[span], slice(bounds[span.start], bounds[span.stop])
 
     @torch.no_grad()
-    def step(self, lr: float, rounding: torch.Generator) -> None:
-        rows = [in_memory_order(p.detach(), p) for p in self.params]  # views of the weights, in memory order
-        weights = torch.cat(rows).float()
-        self.stand_in.data, self.stand_in.grad = weights, torch.cat(
-            [in_memory_order(p.grad, p) for p in self.params]).float()
+    def step(self, lr: float, rounding: torch.Generator | None) -> None:
+        weights = self._concatenated([p.detach() for p in self.params])
+        grads = self._concatenated([p.grad for p in self.params])
         for p in self.params:
             p.grad = None
-        self.inner.param_groups[0]["lr"] = lr
-        self.inner.step()
-        self.stand_in.grad, self.stand_in.data = None, self.released
-        torch._foreach_copy_(rows, list(round_stochastically_(weights, rounding).to(torch.bfloat16).split(self.sizes)))
+        for stand_in, inner, _, _, part in self._spans():
+            stand_in.data, stand_in.grad = weights[part], grads[part]
+            inner.param_groups[0]["lr"] = lr
+            step_inner(inner, self.bitsandbytes)
+            stand_in.grad, stand_in.data = None, self.released
+        del grads
+        if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
+            weights = round_stochastically_(weights, rounding).to(torch.bfloat16)
+        torch._foreach_copy_([p.detach() for p in self.params],
+                             [self._shaped(row, p) for row, p in zip(weights.split(self.rows), self.params)])
+
+    def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """A padded row of the bucket as `p` (a view)."""
+        return row[:p.numel()].view(p.shape) if self.bitsandbytes else row.as_strided(p.shape, p.stride())
+
+    def take(self, states: list[dict]) -> bool:
+        """Takes over the parameters' per-tensor states (in `self.params`' order; empty before their first step),
+        unless they cannot be one (`_aligned`): then False."""
+        by_param = dict(zip(map(id, self.params), states))
+        joined = {}
+        for stand_in, _, params, rows, _ in self._spans():
+            group = [by_param[id(p)] for p in params]
+            if not _aligned(group):
+                return False
+            if group[0]:
+                joined[stand_in] = {key: self._joined(key, [state[key] for state in group], group[0], params, rows)
+                                    for key in group[0]}
+        for stand_in, inner, *_ in self._spans():
+            if stand_in in joined:
+                inner.state[stand_in] = joined[stand_in]
+        return True
+
+    def _joined(self, key: str, values: list, first: dict, params: list[torch.Tensor], rows: list[int]):
+        """One state value of a stand-in, from its parameters' values."""
+        if not isinstance(values[0], torch.Tensor) or not values[0].dim() or key in SHARED_BITSANDBYTES_STATES:
+            return values[0]
+        if key in BLOCK_BITSANDBYTES_STATES:
+            return torch.cat(values)
+        # A padding element must read as 0: in 8 bits, the code of 0 in the state's quantization map.
+        fill = first[f"qmap{key[-1]}"].abs().argmin().to(torch.uint8) if values[0].dtype == torch.uint8 else \
+            values[0].new_zeros(())
+        pieces = []
+        for value, p, row in zip(values, params, rows):
+            pieces += [self._row(value, p), fill.expand(row - p.numel())]
+        return torch.cat(pieces)
 
     def states(self) -> list[dict]:
         """Each parameter's share of the bucket's state, laid out as the parameter: views of the bucket's tensors, so
         that a checkpoint needs no second copy of the optimizer state on the GPU (torch.save writes a storage once
         however many views of it are saved). Scalars (AdamW's step count) are copied: each parameter counts its own
         steps once stepped tensor by tensor."""
-        state = self.inner.state.get(self.stand_in, {})
-        shares: list[dict] = [{} for _ in self.params]
-        for key, value in state.items():
-            if isinstance(value, torch.Tensor) and value.dim():
-                for share, p, row in zip(shares, self.params, value.split(self.sizes)):
-                    share[key] = row.as_strided(p.shape, p.stride())
-            else:
-                for share in shares:
-                    share[key] = value.clone() if isinstance(value, torch.Tensor) else value
+        shares: list[dict] = []
+        for stand_in, inner, params, rows, _ in self._spans():
+            state = inner.state.get(stand_in, {})
+            group: list[dict] = [{} for _ in params]
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor) or not value.dim() or key in SHARED_BITSANDBYTES_STATES:
+                    for share in group:
+                        share[key] = value.clone() if isinstance(value, torch.Tensor) and not value.dim() else value
+                elif key in BLOCK_BITSANDBYTES_STATES:
+                    for share, part in zip(group, value.split([row // QUANTIZATION_BLOCK for row in rows])):
+                        share[key] = part
+                else:
+                    for share, p, part in zip(group, params, value.split(rows)):
+                        share[key] = self._shaped(part, p)
+            shares += group
         return shares

@@ -180,13 +180,17 @@ class Recipe:
     planned: bool = False            # the memory plan picks the means for the card (vram auto or --vram-cap)
     compile_blocks: bool = False     # regional compile: diffusers' compile_repeated_blocks (transformer blocks)
     fp32_norms: bool = False         # the UNet's norms as torch's autocast runs them (fp32), not utils/model/norms.py
+    # The optimizer's own step over all the weights (for bitsandbytes: a GPU wait per tensor), as EveryDream2 steps
+    # it, not train.py's buckets.
+    stock_optimizer_step: bool = False
 
 
 RECIPES = {
     "reference": Recipe("EveryDream2's defaults: fp32 weights, fp16 autocast + grad scaler, VAE every step, "
                         "gradient checkpointing, AdamW8bit, batch 8",
                         ("--batch_size", "8", "--no-cache_latents", "--gradient_checkpointing", "--no-channels_last",
-                         "--no-compile", "--attn_type", "sdp"), optimizer="adamw8bit", precision="fp16"),
+                         "--no-compile", "--attn_type", "sdp"), optimizer="adamw8bit", precision="fp16",
+                        stock_optimizer_step=True),
     "auto": Recipe("cfgs/train.json as shipped, with the memory plan for the card (or --vram-cap): at the largest "
                    "batch up to --batch (default 8) that the plan fits", planned=True),
     "default": Recipe("cfgs/train.json as shipped"),
@@ -197,6 +201,8 @@ RECIPES = {
     "default_vae": Recipe("default, but no latent cache: the VAE encodes every image every step",
                           ("--no-cache_latents",)),
     "default_8bit": Recipe("default, but AdamW8bit instead of fused AdamW", optimizer="adamw8bit"),
+    "default_8bit_stock": Recipe("default_8bit, stepped by bitsandbytes' own step instead of train.py's buckets",
+                                 optimizer="adamw8bit", stock_optimizer_step=True),
     "default_ckpt": Recipe("default + gradient checkpointing", ("--gradient_checkpointing",)),
     "default_nchw": Recipe("default, but UNet weights NCHW instead of channels-last", ("--no-channels_last",)),
     "default_fp16": Recipe("default, but fp16 autocast + grad scaler instead of bf16", precision="fp16"),
@@ -211,6 +217,7 @@ RECIPES = {
     "default_bf16": Recipe("default + bf16_weights (bf16 weights, stochastic rounding)", ("--bf16_weights",)),
     "default_fused_8bit": Recipe("default + fused_backward + AdamW8bit", ("--fused_backward",), optimizer="adamw8bit"),
     "default_fused_bf16": Recipe("default + fused_backward + bf16_weights", ("--fused_backward", "--bf16_weights")),
+    "default_8bit_bf16": Recipe("default + AdamW8bit + bf16_weights", ("--bf16_weights",), optimizer="adamw8bit"),
     "default_fused_8bit_bf16": Recipe("default + fused_backward + AdamW8bit + bf16_weights (no checkpointing)",
                                       ("--fused_backward", "--bf16_weights"), optimizer="adamw8bit"),
     "default_partial": Recipe("default + partial_checkpointing", ("--partial_checkpointing",)),
@@ -417,7 +424,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     import torch
 
     from data.latent_cache import LatentCache
-    from optimizer.optimizers import read_optimizer_file, resolve_settings
+    from optimizer.optimizers import make_lr_schedule, make_optimizer, read_optimizer_file, resolve_settings
     from utils.model.norms import Bf16GroupNorm, Bf16LayerNorm
     from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
@@ -472,6 +479,10 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     steps_per_epoch = len(records) // global_batch
     settings = resolve_settings(read_optimizer_file(run_args.optimizer_config), run_args, steps_per_epoch, processes)
     optimizers = make_optimizers(trained, settings, run_args, accelerator)
+    if recipe.stock_optimizer_step:
+        for name, module in trained.items():
+            stock = make_optimizer([p for p in module.parameters() if p.requires_grad], settings[name])
+            optimizers.optimizers[name], optimizers.schedules[name] = stock, make_lr_schedule(stock, settings[name])
     for name, module in trained.items():
         setattr(model, name, accelerator.prepare(module))
     noise_scheduler = model.noise_scheduler(run_args.train_sampler)

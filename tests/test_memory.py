@@ -253,6 +253,66 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
     assert opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))] is None
 
 
+@pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
+def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
+    """bitsandbytes' optimizers step a bucket as one padded tensor (8-bit states) and one of the small weights (32-bit
+    states): bit for bit its own optimizer stepping each tensor, and the same saved state. Also after a resume, and
+    when a weight without a gradient in one step changes the bucket and then falls a step behind (tensor by tensor)."""
+    import bitsandbytes  # noqa: F401 (the stock optimizer below)
+
+    from optimizer.optimizers import make_optimizer
+    from optimizer.per_parameter import FlatBucket
+
+    generator = torch.Generator().manual_seed(0)
+    # 8-bit states from 4096 elements on: rows that do and do not fill their last block, and small 32-bit ones.
+    shapes = [(64, 50), (700,), (20, 3, 40), (1,), (64, 32, 3, 3), (5000,), (33, 129)]
+    start = [torch.randn(shape, generator=generator) for shape in shapes]
+    start[4] = start[4].to(memory_format=torch.channels_last)  # as train.py lays convolutions out
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(5)]
+    grads[3][1] = None
+
+    def optimizers(params):
+        return TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings(name))
+
+    def same(got, want, where=()):
+        if isinstance(want, dict):
+            assert got.keys() == want.keys(), where
+            for key in want:
+                same(got[key], want[key], (*where, key))
+        elif isinstance(want, torch.Tensor):
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want), where
+        else:
+            assert got == want, where
+
+    flat = [torch.nn.Parameter(t.clone()) for t in start]
+    opts = optimizers(flat)
+    reference = [torch.nn.Parameter(t.contiguous()) for t in start]
+    stock = make_optimizer(reference, settings(name)["unet"])
+    for number, step_grads in enumerate(grads):
+        for params in (flat, reference):
+            for p, g in zip(params, step_grads):
+                p.grad = None if g is None else g.clone()
+        opts.clip_and_step(None, None)
+        stock.step()
+        stock.zero_grad()
+        assert all(torch.equal(a, b) for a, b in zip(flat, reference)), number
+        assert flat[4].is_contiguous(memory_format=torch.channels_last)
+        if number == 1:
+            assert isinstance(opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))], FlatBucket)
+            saved = copy.deepcopy(opts.state_dicts())
+            same(saved["unet"]["state"], stock.state_dict()["state"])
+            resumed = [torch.nn.Parameter(p.detach().clone()) for p in flat]
+            again = optimizers(resumed)
+            again.load_state_dicts(saved)
+    assert opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))] is None  # one weight a step behind
+    same(opts.state_dicts()["unet"]["state"], stock.state_dict()["state"])
+    for step_grads in grads[2:]:
+        for p, g in zip(resumed, step_grads):
+            p.grad = None if g is None else g.clone()
+        again.clip_and_step(None, None)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, flat))
+
+
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
     unet = tiny_unet()
     opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
