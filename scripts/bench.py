@@ -221,6 +221,8 @@ RECIPES = {
     "default_fused_8bit_bf16": Recipe("default + fused_backward + AdamW8bit + bf16_weights (no checkpointing)",
                                       ("--fused_backward", "--bf16_weights"), optimizer="adamw8bit"),
     "default_partial": Recipe("default + partial_checkpointing", ("--partial_checkpointing",)),
+    "default_partial_bf16": Recipe("default + partial_checkpointing + bf16_weights",
+                                   ("--partial_checkpointing", "--bf16_weights")),
     "default_partial_fused_bf16": Recipe("default + partial_checkpointing + fused_backward + bf16_weights",
                                          ("--partial_checkpointing", "--fused_backward", "--bf16_weights")),
     "default_partial_8bit_bf16": Recipe("default + partial_checkpointing + AdamW8bit + bf16_weights",

@@ -258,8 +258,6 @@ def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
     """bitsandbytes' optimizers step a bucket as one padded tensor (8-bit states) and one of the small weights (32-bit
     states): bit for bit its own optimizer stepping each tensor, and the same saved state. Also after a resume, and
     when a weight without a gradient in one step changes the bucket and then falls a step behind (tensor by tensor)."""
-    import bitsandbytes  # noqa: F401 (the stock optimizer below)
-
     from optimizer.optimizers import make_optimizer
     from optimizer.per_parameter import FlatBucket
 
@@ -525,6 +523,18 @@ def test_the_slowdown_of_bf16_weights_inside_the_backward_pass_depends_on_checkp
     assert memory.slowdown(dataclasses.replace(full, partial_checkpointing=True)) == memory.slowdown(full)
     plan = memory.choose(SD15, work(), 16 * GiB, plan_args())
     assert not (plan.means.gradient_checkpointing and plan.means.partial_checkpointing)
+
+
+def test_eight_bit_states_cost_little_on_top_of_bf16_weights():
+    """Both step the weights through copies in flat buckets: with bf16 weights, 8-bit states add only their own
+    kernels (run L), so on a 16 GB card the plan takes the two rather than checkpointing part of the UNet."""
+    eight_bit, bf16 = memory.Means(eight_bit_states=True), memory.Means(bf16_weights=True)
+    both = memory.Means(eight_bit_states=True, bf16_weights=True)
+    assert memory.slowdown(eight_bit) == memory.SLOWDOWN["eight_bit_states"]
+    assert memory.slowdown(both) == pytest.approx(
+        memory.SLOWDOWN["bf16_weights"] * memory.SLOWDOWN_WITH_BF16_WEIGHTS["eight_bit_states"])
+    assert memory.slowdown(both) < memory.slowdown(memory.Means(bf16_weights=True, partial_checkpointing=True))
+    assert memory.choose(SD15, work(), 16 * GiB, plan_args()).means == both
 
 
 def test_the_plan_keeps_the_means_the_user_set_and_what_the_options_rule_out():

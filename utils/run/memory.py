@@ -79,14 +79,17 @@ class Means:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
 
 
-# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-K); the plan
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-L); the plan
 # takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
 # 1.02 makes the plan take it only where it saves memory or hides bf16_weights' cost (it stops a run on a
-# non-finite gradient, doc/MEMORY.md).
-SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.22, "gradient_checkpointing": 1.65,
-            "bf16_weights": 1.12, "partial_checkpointing": 1.14}
+# non-finite gradient, doc/MEMORY.md). 8-bit states and bf16 weights both step the weights through copies in flat
+# buckets (optimizer.per_parameter): that copying is most of either's cost, so together they cost little more than
+# bf16 weights alone (run L: 60 against 50 ms of optimizer per step; fused AdamW 17).
+SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65,
+            "bf16_weights": 1.15, "partial_checkpointing": 1.14}
+SLOWDOWN_WITH_BF16_WEIGHTS = {"eight_bit_states": 1.06}
 # Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
-# host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' per-tensor calls are not (run I).
+# host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' calls are not (runs I, L).
 # With checkpointing the host also reruns the checkpointed blocks' forward in the backward pass, and bf16_weights'
 # host time adds to it (run K; 8-bit states there were not measured apart and are taken as without checkpointing).
 SLOWDOWN_IN_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weights": 1.0}
@@ -95,11 +98,10 @@ SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD = {"eight_bit_states": 1.42, "bf16_weigh
 
 def slowdown(means: Means) -> float:
     """The plan's estimate of how much slower than none of them these means make a step."""
-    factors = SLOWDOWN
+    factors = {**SLOWDOWN, **(SLOWDOWN_WITH_BF16_WEIGHTS if means.bf16_weights else {})}
     if means.fused_backward:
         checkpointed = means.gradient_checkpointing or means.partial_checkpointing
-        factors = {**SLOWDOWN, **(SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD if checkpointed
-                                  else SLOWDOWN_IN_FUSED_BACKWARD)}
+        factors.update(SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD if checkpointed else SLOWDOWN_IN_FUSED_BACKWARD)
     return math.prod(factors[name] for name in SLOWDOWN if getattr(means, name) and not _subsumed(means, name))
 
 
