@@ -146,8 +146,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             del grads
             if copied[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
                 weights = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
-            torch._foreach_copy_([p.detach() for p in copied],
-                                 [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
+            copy_into(copied, [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -221,6 +220,18 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
         self.flat_buckets = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
+
+
+def copy_into(params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
+    """Copies each source into its parameter. torch's multi-tensor copy needs every pair laid out alike to copy many
+    tensors per kernel (one channels-last weight with a contiguous source sends the whole list down its path of a
+    copy per tensor), so pairs laid out differently are copied apart."""
+    alike = [(p.detach(), source) for p, source in zip(params, sources) if p.stride() == source.stride()]
+    if alike:
+        torch._foreach_copy_(*map(list, zip(*alike)))
+    for p, source in zip(params, sources):
+        if p.stride() != source.stride():
+            p.detach().copy_(source)
 
 
 def step_inner(inner: torch.optim.Optimizer, bitsandbytes: bool) -> None:
@@ -318,8 +329,7 @@ class FlatBucket:
         del grads
         if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
             weights = round_stochastically_(weights, rounding).to(torch.bfloat16)
-        torch._foreach_copy_([p.detach() for p in self.params],
-                             [self._shaped(row, p) for row, p in zip(weights.split(self.rows), self.params)])
+        copy_into(self.params, [self._shaped(row, p) for row, p in zip(weights.split(self.rows), self.params)])
 
     def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """A padded row of the bucket as `p` (a view)."""
