@@ -485,6 +485,38 @@ def plan_args(**options):
     return SimpleNamespace(**{**defaults, **options}, sources=sources)
 
 
+def shipped_size(kind: str) -> memory.ModelSize:
+    from utils.model import shipped
+
+    folder = shipped.config_dir(kind)
+    return memory.ModelSize.from_configs({part: json.loads((folder / part / "config.json").read_text())
+                                          for part in ("unet", "text_encoder", "vae")})
+
+
+# Peak reserved GiB of whole runs (cache filling, steps, a sample pass, validation) measured by scripts/bench.py on
+# H200s, doc/PERFORMANCE.md run M: the plans `auto` picked under the caps, cfgs/train.json otherwise (one sample
+# prompt at a time, validation at the training batch).
+MEASURED_PEAKS = [
+    ("sd15", 512, 8, memory.Means(), 20.72),
+    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True), 11.73),
+    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 8.80),
+    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, gradient_checkpointing=True), 6.76),
+    ("sd15", 512, 4, memory.Means(True, True, True, True), 5.10),
+    ("sd2-v", 768, 8, memory.Means(eight_bit_states=True, bf16_weights=True), 21.67),
+    ("sd2-v", 768, 8, memory.Means(eight_bit_states=True, bf16_weights=True, gradient_checkpointing=True), 9.21),
+    ("sd2-v", 768, 4, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 10.12),
+    ("sd2-v", 768, 2, memory.Means(True, True, True, True), 6.88),
+    ("sd2-v", 768, 1, memory.Means(fused_backward=True, eight_bit_states=True, bf16_weights=True), 7.02),
+]
+
+
+@pytest.mark.parametrize("kind, resolution, batch, means, measured_gib", MEASURED_PEAKS)
+def test_the_estimate_is_within_ten_percent_of_the_measured_peak(kind, resolution, batch, means, measured_gib):
+    run = work(batch_size=batch, pixels=resolution * resolution, sample_batch=1, validation_batch=batch)
+    estimate = memory.estimate(shipped_size(kind), means, run).peak / GiB
+    assert abs(estimate - measured_gib) <= 0.1 * measured_gib, (estimate, measured_gib)
+
+
 ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=5)]
 
 

@@ -37,7 +37,10 @@ class Activations:
     fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
 
 
-ACTIVATIONS = Activations(training=746.0, partial=435.0, boundaries=311.0, recompute=110.0, inference=40.0,
+# boundaries and recompute: from run M's full checkpointing at 512 and 768 px (with and without the gradients held,
+# fp32 and bf16 weights); before it they came from run F's one checkpointed run without gradients, whose peak
+# included what earlier recipes left, and overestimated SD2.1-768's checkpointed peak by 58%.
+ACTIVATIONS = Activations(training=746.0, partial=435.0, boundaries=125.0, recompute=70.0, inference=40.0,
                           vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6)
 
 
