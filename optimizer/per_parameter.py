@@ -14,9 +14,9 @@ give.
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
 bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers), and every
 weight with bitsandbytes', step a `FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in (two for
-bitsandbytes), so the host's work per step is a few calls per bucket rather than per parameter. Its `state_dict` has the layout of one optimizer over all the parameters
-(flat buckets' states split per parameter), so a run saved with these means resumes without them and the other way
-round.
+bitsandbytes), so the host's work per step is a few calls per bucket rather than per parameter. Its `state_dict`
+has the layout of one optimizer over all the parameters (flat buckets' states split per parameter), so a run saved
+with these means resumes without them and the other way round.
 """
 from __future__ import annotations
 

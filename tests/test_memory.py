@@ -420,12 +420,16 @@ def work(**changes) -> memory.Workload:
     return memory.Workload(**{**base, **changes})
 
 
-def test_model_size_is_counted_from_the_configs_without_weights():
+def shipped_size(kind: str) -> memory.ModelSize:
     from utils.model import shipped
 
-    folder = shipped.config_dir("sd15")
-    configs = {part: json.loads((folder / part / "config.json").read_text()) for part in ("unet", "text_encoder", "vae")}
-    assert memory.ModelSize.from_configs(configs) == SD15
+    folder = shipped.config_dir(kind)
+    return memory.ModelSize.from_configs({part: json.loads((folder / part / "config.json").read_text())
+                                          for part in ("unet", "text_encoder", "vae")})
+
+
+def test_model_size_is_counted_from_the_configs_without_weights():
+    assert shipped_size("sd15") == SD15
     tiny = memory.model_size(TINY_MODEL)
     from utils.model.models import load
     model = load(TINY_MODEL)
@@ -483,14 +487,6 @@ def plan_args(**options):
     defaults = dict(grad_accum=1, clip_grad_norm=None, mixed_precision="auto", fused_backward=False,
                     gradient_checkpointing=False, bf16_weights=False)
     return SimpleNamespace(**{**defaults, **options}, sources=sources)
-
-
-def shipped_size(kind: str) -> memory.ModelSize:
-    from utils.model import shipped
-
-    folder = shipped.config_dir(kind)
-    return memory.ModelSize.from_configs({part: json.loads((folder / part / "config.json").read_text())
-                                          for part in ("unet", "text_encoder", "vae")})
 
 
 # Peak reserved GiB of whole runs (cache filling, steps, a sample pass, validation) measured by scripts/bench.py on
