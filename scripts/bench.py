@@ -227,6 +227,9 @@ RECIPES = {
                                          ("--partial_checkpointing", "--fused_backward", "--bf16_weights")),
     "default_partial_8bit_bf16": Recipe("default + partial_checkpointing + AdamW8bit + bf16_weights",
                                         ("--partial_checkpointing", "--bf16_weights"), optimizer="adamw8bit"),
+    "default_ckpt_8bit_bf16": Recipe("default + gradient checkpointing + AdamW8bit + bf16_weights (the plan's choice "
+                                     "for SD1.5 at 8 GiB)", ("--gradient_checkpointing", "--bf16_weights"),
+                                     optimizer="adamw8bit"),
     "default_lean": Recipe("default with every memory means: fused_backward, AdamW8bit, gradient checkpointing, "
                            "bf16_weights", ("--fused_backward", "--bf16_weights", "--gradient_checkpointing"),
                            optimizer="adamw8bit"),
