@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
-import json
 from types import SimpleNamespace
 
 import pytest
@@ -14,6 +13,7 @@ import torch
 from optimizer.optimizers import NonFiniteFusedUpdate, OptimizerSettings, TrainingOptimizers
 from optimizer.per_parameter import round_stochastically_
 from tests.conftest import TINY_MODEL
+from utils.model import shipped
 from utils.options.config import ConfigError
 from utils.run import memory
 
@@ -420,16 +420,8 @@ def work(**changes) -> memory.Workload:
     return memory.Workload(**{**base, **changes})
 
 
-def shipped_size(kind: str) -> memory.ModelSize:
-    from utils.model import shipped
-
-    folder = shipped.config_dir(kind)
-    return memory.ModelSize.from_configs({part: json.loads((folder / part / "config.json").read_text())
-                                          for part in ("unet", "text_encoder", "vae")})
-
-
 def test_model_size_is_counted_from_the_configs_without_weights():
-    assert shipped_size("sd15") == SD15
+    assert memory.model_size(shipped.config_dir("sd15")) == SD15  # a folder of configs only
     tiny = memory.model_size(TINY_MODEL)
     from utils.model.models import load
     model = load(TINY_MODEL)
@@ -509,7 +501,7 @@ MEASURED_PEAKS = [
 @pytest.mark.parametrize("kind, resolution, batch, means, measured_gib", MEASURED_PEAKS)
 def test_the_estimate_is_within_ten_percent_of_the_measured_peak(kind, resolution, batch, means, measured_gib):
     run = work(batch_size=batch, pixels=resolution * resolution, sample_batch=1, validation_batch=batch)
-    estimate = memory.estimate(shipped_size(kind), means, run).peak / GiB
+    estimate = memory.estimate(memory.model_size(shipped.config_dir(kind)), means, run).peak / GiB
     assert abs(estimate - measured_gib) <= 0.1 * measured_gib, (estimate, measured_gib)
 
 

@@ -26,7 +26,7 @@ MIN_MARGIN_GIB = 0.5
 @dataclass(frozen=True)
 class Activations:
     """Bytes per latent pixel of one image, per channel of the UNet's first block (bf16 autocast), and per image
-    pixel for the VAE; fitted to the SD1.5 runs on an H200 in doc/PERFORMANCE.md ("The memory plan's estimate")."""
+    pixel for the VAE; fitted to SD1.5 runs on H200s at 512 px (checkpointing's also at 768) in doc/PERFORMANCE.md."""
     training: float          # what the forward keeps for the backward pass, no gradient checkpointing
     partial: float           # the same with partial_checkpointing (one checkpointed block recomputed included)
     boundaries: float        # gradient checkpointing: the block inputs kept for the backward pass
@@ -37,9 +37,8 @@ class Activations:
     fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
 
 
-# boundaries and recompute: from run M's full checkpointing at 512 and 768 px (with and without the gradients held,
-# fp32 and bf16 weights); before it they came from run F's one checkpointed run without gradients, whose peak
-# included what earlier recipes left, and overestimated SD2.1-768's checkpointed peak by 58%.
+# boundaries and recompute come from full checkpointing measured at 512 and 768 px, with and without the gradients
+# held (run M): at 512 alone the gradients hide the block inputs, so their size cannot be told apart there.
 ACTIVATIONS = Activations(training=746.0, partial=435.0, boundaries=125.0, recompute=70.0, inference=40.0,
                           vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6)
 
