@@ -516,10 +516,15 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     peak("latent cache filling" if fills_cache else "warm-up steps")
 
     loader = epoch_loader(1)
-    steps = min(max(opts.steps, math.ceil(opts.min_images / batch_size)), len(loader) - SKIPPED_STEPS)
+    wanted = max(opts.steps, math.ceil(opts.min_images / batch_size))
+    steps = min(wanted, len(loader) - SKIPPED_STEPS)
     if steps < 1:
         raise ValueError(f"{len(records)} images make {len(loader)} steps of {global_batch} images per epoch, too few "
                          f"to time after {SKIPPED_STEPS} start-up steps: give more --images")
+    if steps < wanted:  # a rate from a step or two swings by a fifth from run to run (doc/PERFORMANCE.md, run N)
+        notes.append(f"timed {steps} of the {wanted} steps asked: {len(records)} images make {len(loader)} steps of "
+                     f"{global_batch} per epoch; give more --images for a steadier rate")
+        print(f"  note: {notes[-1]}", flush=True)
     batches = iter(loader)
     for _ in range(SKIPPED_STEPS):
         step(next(batches))
@@ -757,6 +762,7 @@ OPTIMIZER_VARIANTS = {
     "adamw8bit": ("adamw8bit", False, False),
     "adamw8bit_fused": ("adamw8bit", False, True),
     "adamw8bit_bf16": ("adamw8bit", True, False),
+    "adamw8bit_bf16_fused": ("adamw8bit", True, True),
 }
 
 

@@ -51,6 +51,11 @@ def test_bench_train_prints_its_tables_and_consistent_numbers(tmp_path):
         assert set(phases) == {"idle", "vae", "text_encoder", "unet", "backward", "optimizer"}, name
         assert sum(phases.values()) == pytest.approx(r["step_ms"], rel=0.05, abs=2.0), name
     assert recipes["reference"]["phases_ms"]["vae"] > 3 * recipes["default"]["phases_ms"]["vae"]  # cached latents
+    # 24 images are 3 steps of 8 per epoch: 1 is timed after the 2 start-up steps, and the report says so
+    assert recipes["reference"]["timed_steps"] == 1 and recipes["lowvram"]["timed_steps"] == 3
+    assert recipes["reference"]["notes"][-1] == ("timed 1 of the 3 steps asked: 24 images make 3 steps of 8 per "
+                                                 "epoch; give more --images for a steadier rate")
+    assert recipes["lowvram"]["notes"] == []
 
 
 def test_bench_train_under_torchrun_trains_the_global_batch_and_reports_once(tmp_path):
