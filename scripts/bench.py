@@ -524,7 +524,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     if steps < wanted:  # a rate from a step or two swings by a fifth from run to run (doc/PERFORMANCE.md, run N)
         notes.append(f"timed {steps} of the {wanted} steps asked: {len(records)} images make {len(loader)} steps of "
                      f"{global_batch} per epoch; give more --images for a steadier rate")
-        print(f"  note: {notes[-1]}", flush=True)
+        if accelerator.is_main_process:
+            print(f"  note: {notes[-1]}", flush=True)
     batches = iter(loader)
     for _ in range(SKIPPED_STEPS):
         step(next(batches))

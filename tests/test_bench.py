@@ -85,7 +85,7 @@ def test_bench_optimizer_steps_every_tensor_of_each_variant(tmp_path):
     once: every trained tensor moves, also where a stand-in steps for its parameter (bf16 weights, bitsandbytes,
     the backward pass's buckets), and the device is never done before the host has queued the step."""
     out = tmp_path / "optimizer.json"
-    variants = ["adamw8bit_fused", "adamw_bf16_fused", "adamw8bit_bf16"]
+    variants = ["adamw8bit_fused", "adamw_bf16_fused", "adamw8bit_bf16", "adamw8bit_bf16_fused"]
     command = [sys.executable, "scripts/bench.py", "optimizer", "--model", "tiny", "--steps", "1", "--variants",
                *variants, "--json", str(out)]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600,
