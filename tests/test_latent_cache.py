@@ -226,3 +226,28 @@ def test_header_crop_is_the_crop_the_decoder_uses(tmp_path, size, orientation):
     image = open_oriented_rgb(str(path), min_size=(_DRAFT_MARGIN * bucket[0], _DRAFT_MARGIN * bucket[1]))
     expected = to_tensor(image.resize(bucket, box=box).transpose(Image.Transpose.FLIP_LEFT_RIGHT))
     assert torch.equal(load_training_image(str(path), bucket, random.Random(5), flip=True), expected)
+
+
+def test_the_unet_gets_one_layout_whether_latents_come_from_the_vae_or_the_cache(tmp_path, photos, tokenizer):
+    """A compiled UNet compiles again for each input layout it meets (minutes for SD's), so the cache-filling epoch
+    (latents from the VAE, whose convolutions may hand back channels-last tensors) and the epochs that read the
+    cache must hand it the same one: contiguous, as the sampler's latents are."""
+    from data.latent_cache import LatentCache
+    from utils.model import models
+    from utils.objective.step import StepSettings, compute_loss
+
+    model = models.load(TINY_MODEL)
+    cache = LatentCache(tmp_path / "cache", model.vae)
+    settings = StepSettings(loss_type="mse", zero_frequency_noise_ratio=0.0, timestep_start=0, timestep_end=1000,
+                            batch_size=2, pyramid_noise_discount=None, embedding_perturbation=0.0, min_snr_gamma=None,
+                            clip_skip=0)
+    inputs = []
+    model.unet.register_forward_pre_hook(lambda unet, args: inputs.append(args[0]))
+    records = records_of(photos)
+    for index in (0, 1):
+        batches = epoch(records, tokenizer, cache, index)
+        assert misses(batches) == (4 if index == 0 else 0)
+        for batch in batches:
+            with torch.no_grad():
+                compute_loss(model.unet, model.text_encoder, model.vae, model.noise_scheduler("ddpm"), batch, settings)
+    assert len(inputs) == 4 and all(latents.is_contiguous() for latents in inputs)

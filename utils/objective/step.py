@@ -66,9 +66,11 @@ def _no_mark(phase: str) -> None:
 
 @torch.no_grad()
 def posterior_parameters(vae, pixel_values: torch.Tensor) -> torch.Tensor:
-    """Pixels in [-1, 1] -> the VAE posterior's mean and log-variance, [N, 2 x latent channels, h, w]."""
+    """Pixels in [-1, 1] -> the VAE posterior's mean and log-variance, [N, 2 x latent channels, h, w], contiguous."""
     pixel_values = pixel_values.to(device=vae.device, dtype=vae.dtype, non_blocking=True)
-    return vae.encode(pixel_values).latent_dist.parameters
+    # The VAE's convolutions may hand back channels-last tensors; latents read from the latent cache are contiguous.
+    # One layout for both, or a compiled UNet compiles again for the other when the cache starts being read.
+    return vae.encode(pixel_values).latent_dist.parameters.contiguous()
 
 
 @torch.no_grad()
