@@ -105,7 +105,8 @@ FLAGS: list[Flag] = [
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
         ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up at the first step (minutes), "
-         "and shorter ones at each new bucket shape, sample or validation; it pays at larger batches "
+         "and a warm-up like it for each new bucket shape and at the first sample and validation pass (torch keeps "
+         "up to 8 compiled versions; shapes after that run uncompiled); it pays for long runs at larger batches "
          "(doc/PERFORMANCE.md). Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, default "
          "~/.cache/sdtrainer/torchinductor), so later runs start in seconds."),
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "

@@ -201,10 +201,14 @@ def checkpoint_highest_resolution(unet) -> None:
 def compile_unet(unet) -> None:
     """torch.compile in place (the module, its state_dict keys and checkpoints stay as they are). Compiled kernels
     go to a cache on disk that later runs reuse (TORCHINDUCTOR_CACHE_DIR, if not set: ~/.cache/sdtrainer/
-    torchinductor, which outlives a reboot, unlike torch's own default under /tmp)."""
+    torchinductor, which outlives a reboot, unlike torch's own default under /tmp).
+
+    Each latent size is compiled for itself (dynamic=False): by default torch compiles the UNet for any size once a
+    second size appears, and that compile fails in torch's inductor (torch 2.13 on the CPU at a run's second aspect
+    bucket; torch 2.11 on CUDA in run O of doc/PERFORMANCE.md), which stopped the run."""
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sdtrainer" / "torchinductor"
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache))
-    unet.compile()
+    unet.compile(dynamic=False)
 
 
 def freeze_clip_skipped_layers(text_encoder, clip_skip: int) -> None:
