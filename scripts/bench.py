@@ -521,7 +521,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     if steps < 1:
         raise ValueError(f"{len(records)} images make {len(loader)} steps of {global_batch} images per epoch, too few "
                          f"to time after {SKIPPED_STEPS} start-up steps: give more --images")
-    if steps < wanted:  # a rate from a step or two swings by a fifth from run to run (doc/PERFORMANCE.md, run N)
+    if steps < wanted:  # a rate from a step or two is the least steady (doc/PERFORMANCE.md, runs N and O)
         notes.append(f"timed {steps} of the {wanted} steps asked: {len(records)} images make {len(loader)} steps of "
                      f"{global_batch} per epoch; give more --images for a steadier rate")
         if accelerator.is_main_process:
