@@ -104,9 +104,10 @@ FLAGS: list[Flag] = [
         ("latent_cache_dir", str, None, "Folder of the latent cache, shared by runs; unset = <logdir>/latent_cache."),
         ("channels_last", bool, False, "Store the UNet's weights channels-last (NHWC), the layout GPU convolution "
          "kernels read fastest."),
-        ("compile", bool, False, "torch.compile the UNet: faster steps after a warm-up at the first step (minutes), "
-         "and a warm-up like it for each new bucket shape and at the first sample and validation pass (torch keeps "
-         "up to 8 compiled versions; shapes after that run uncompiled); it pays for long runs at larger batches "
+        ("compile", bool, False, "torch.compile the UNet and the text encoder: faster steps after a warm-up at the "
+         "first step (minutes), and a warm-up like it for each new bucket shape and at the first sample and "
+         "validation pass (torch keeps up to 8 compiled versions of each; shapes after that run uncompiled); it pays "
+         "for long runs at larger batches "
          "(doc/PERFORMANCE.md). Compiled kernels are kept in a cache on disk (TORCHINDUCTOR_CACHE_DIR, default "
          "~/.cache/sdtrainer/torchinductor), so later runs start in seconds."),
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
