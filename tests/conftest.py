@@ -15,6 +15,9 @@ DEMO_DATA = REPO / "demo" / "data"
 SQUARE_SIZE, SQUARE_CAPTION = 64, "a square"  # the `squares` data set
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly instead of hanging
+# The tests run on the CPU on every machine, as in CI: their exact values (bit-exact resume, losses checked against
+# an uncompiled run) are CPU ones, and a GPU's kernels round differently. Set before torch first looks for a GPU.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 sys.path.insert(0, str(REPO))
 
 
