@@ -16,8 +16,9 @@ SQUARE_SIZE, SQUARE_CAPTION = 64, "a square"  # the `squares` data set
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly instead of hanging
 # The tests run on the CPU on every machine, as in CI: their exact values (bit-exact resume, losses checked against
-# an uncompiled run) are CPU ones, and a GPU's kernels round differently. Set before torch first looks for a GPU.
-os.environ["CUDA_VISIBLE_DEVICES"] = ""
+# an uncompiled run) are CPU ones, and a GPU's kernels round differently. Set before torch first looks for a GPU;
+# setting CUDA_VISIBLE_DEVICES yourself runs the few GPU-only tests (e.g. tests/test_memory.py -k on_cuda).
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
 sys.path.insert(0, str(REPO))
 
 

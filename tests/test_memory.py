@@ -391,7 +391,8 @@ def test_partial_checkpointing_recomputes_the_highest_resolution_blocks_to_the_s
     assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_full))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is the one that runs norms in fp32")
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is the one that runs norms in fp32 "
+                    "(the tests hide GPUs unless CUDA_VISIBLE_DEVICES is set)")
 def test_on_cuda_the_norms_keep_no_fp32_activation_for_the_backward_pass():
     from utils.model.norms import Bf16GroupNorm, Bf16LayerNorm
 
