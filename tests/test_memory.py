@@ -391,6 +391,67 @@ def test_partial_checkpointing_recomputes_the_highest_resolution_blocks_to_the_s
     assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_full))
 
 
+def test_partial_checkpointing_also_checkpoints_a_trained_text_encoder_to_the_same_gradients():
+    from accelerate import Accelerator
+
+    from utils.model.models import load
+    from utils.run.setup import prepare_models
+
+    def prepared(**options):
+        model = load(TINY_MODEL)
+        args = SimpleNamespace(**{**dict(disable_unet_training=False, disable_textenc_training=False,
+                                         bf16_weights=False, vram="off", gradient_checkpointing=False,
+                                         partial_checkpointing=False, attn_type="sdp", channels_last=False,
+                                         compile=False), **options})
+        prepare_models(model, args, Accelerator(cpu=True))
+        return model.text_encoder
+
+    def kept_and_gradients(text_encoder) -> tuple[int, list[torch.Tensor]]:
+        kept = []
+        ids = torch.randint(0, text_encoder.config.vocab_size, (2, text_encoder.config.max_position_embeddings),
+                            generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t.numel()) or t, lambda t: t):
+            out = text_encoder(ids)[0]
+        out.square().mean().backward()
+        return sum(kept), [p.grad for p in text_encoder.parameters()]
+
+    plain, partial = prepared(), prepared(partial_checkpointing=True)
+    assert not plain.is_activation_checkpointing and partial.is_activation_checkpointing
+    assert not prepared(partial_checkpointing=True, disable_textenc_training=True).is_activation_checkpointing
+    kept_plain, grads_plain = kept_and_gradients(plain)
+    kept_partial, grads_partial = kept_and_gradients(partial)
+    assert kept_partial < kept_plain / 2
+    assert all(torch.equal(a, b) for a, b in zip(grads_plain, grads_partial))
+
+
+@pytest.mark.parametrize("kind", ["sd15", "sd2-v"])
+def test_the_text_encoder_keeps_what_the_estimate_counts_per_token_width_and_layer(kind):
+    """What autograd keeps of a trained text encoder's forward under bf16 autocast, counted on the real SD text
+    encoders: the batch's share (two captions less one), which excludes autocast's bf16 weight copies."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from utils.model.models import read_configs
+
+    size = memory.model_size(shipped.config_dir(kind))
+    text_encoder = CLIPTextModel(CLIPTextConfig(**read_configs(shipped.config_dir(kind))["text_encoder"]))
+
+    def kept_bytes(batch: int) -> int:
+        storages = {}
+
+        def keep(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        ids = torch.randint(0, 49406, (batch, size.text_length), generator=torch.Generator().manual_seed(0))
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), \
+                torch.autocast("cpu", dtype=torch.bfloat16):
+            text_encoder(ids)
+        return sum(storages.values())
+
+    per_unit = (kept_bytes(2) - kept_bytes(1)) / (size.text_length * size.text_encoder_width * size.text_encoder_layers)
+    assert 0.8 * memory.ACTIVATIONS.text_encoder <= per_unit <= memory.ACTIVATIONS.text_encoder, per_unit
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's autocast is the one that runs norms in fp32 "
                     "(the tests hide GPUs unless CUDA_VISIBLE_DEVICES is set)")
 def test_on_cuda_the_norms_keep_no_fp32_activation_for_the_backward_pass():
@@ -411,7 +472,8 @@ def test_on_cuda_the_norms_keep_no_fp32_activation_for_the_backward_pass():
     assert fp32_activations_kept(stock, tokens) > 0 and fp32_activations_kept(ours, tokens) == 0
 
 
-SD15 = memory.ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_channels=320, vae_scale=8)
+SD15 = memory.ModelSize(unet=859_520_964, text_encoder=123_060_480, vae=83_653_863, unet_channels=320, vae_scale=8,
+                        text_length=77, text_encoder_width=768, text_encoder_layers=12)
 
 
 def work(**changes) -> memory.Workload:
@@ -438,9 +500,12 @@ def test_the_estimate_adds_bytes_per_parameter_of_each_means():
     parts = plain.parts
     assert parts["trained weights"] == 4 * n and parts["optimizer states"] == 8 * n and parts["VAE"] == 2 * SD15.vae
     assert plain.moment == "backward pass"  # it starts with every activation and autocast's bf16 weight copies
-    assert parts["activations and autocast weight copies"] == 8 * per_image * a.training + 2 * n
+    text = 8 * 77 * 768 * 12 * a.text_encoder  # a trained text encoder's activations, per token x width x layer
+    assert parts["activations and autocast weight copies"] == 8 * per_image * a.training + text + 2 * n
     partial = memory.estimate(SD15, memory.Means(partial_checkpointing=True), work()).parts
-    assert partial["activations and autocast weight copies"] == 8 * per_image * a.partial + 2 * n
+    assert partial["activations and autocast weight copies"] == 8 * per_image * a.partial + 2 * n  # both checkpointed
+    frozen_te = memory.estimate(SD15, memory.Means(), work(trained=("unet",))).parts
+    assert frozen_te["activations and autocast weight copies"] == 8 * per_image * a.training + 2 * SD15.unet
     both = memory.Means(gradient_checkpointing=True, partial_checkpointing=True)  # full checkpointing covers partial
     assert memory.estimate(SD15, both, work()) == memory.estimate(SD15, memory.Means(gradient_checkpointing=True),
                                                                   work())
@@ -452,7 +517,6 @@ def test_the_estimate_adds_bytes_per_parameter_of_each_means():
                                                                memory.BUCKET_ELEMENTS * 12)
     checkpointed = memory.estimate(SD15, memory.Means(gradient_checkpointing=True), work(batch_size=1)).parts
     assert checkpointed["kept block inputs or gradients"] == 4 * n  # the gradients outgrow one image's block inputs
-    frozen_te = memory.estimate(SD15, memory.Means(), work(trained=("unet",))).parts
     assert frozen_te["frozen weights"] == 2 * SD15.text_encoder and frozen_te["optimizer states"] == 8 * SD15.unet
     assert memory.estimate(SD15, memory.Means(), work(ema_on_gpu=True)).parts["EMA"] == 4 * n
     accumulating = memory.estimate(SD15, memory.Means(), work(grad_accum=2)).parts
@@ -483,17 +547,19 @@ def plan_args(**options):
 
 
 # Peak reserved GiB of whole runs (cache filling, steps, a sample pass, validation) measured by scripts/bench.py on
-# H200s, doc/PERFORMANCE.md run M: the plans `auto` picked under the caps, cfgs/train.json otherwise (one sample
-# prompt at a time, validation at the training batch).
+# H200s, doc/PERFORMANCE.md runs M and Q (partial checkpointing, which checkpoints the text encoder since run Q): the
+# plans `auto` picked under the caps, cfgs/train.json otherwise (one sample prompt at a time, validation at the
+# training batch).
 MEASURED_PEAKS = [
     ("sd15", 512, 8, memory.Means(), 20.72),
+    ("sd15", 512, 8, memory.Means(partial_checkpointing=True), 17.50),
     ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True), 11.73),
-    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 8.80),
+    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 8.55),
     ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, gradient_checkpointing=True), 6.76),
     ("sd15", 512, 4, memory.Means(True, True, True, True), 5.10),
     ("sd2-v", 768, 8, memory.Means(eight_bit_states=True, bf16_weights=True), 21.67),
     ("sd2-v", 768, 8, memory.Means(eight_bit_states=True, bf16_weights=True, gradient_checkpointing=True), 9.21),
-    ("sd2-v", 768, 4, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 10.12),
+    ("sd2-v", 768, 8, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 14.89),
     ("sd2-v", 768, 2, memory.Means(True, True, True, True), 6.88),
     ("sd2-v", 768, 1, memory.Means(fused_backward=True, eight_bit_states=True, bf16_weights=True), 7.02),
 ]

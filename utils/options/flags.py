@@ -78,9 +78,10 @@ FLAGS: list[Flag] = [
         ("gradient_checkpointing", bool, False, "Trade speed for memory: recompute activations in the backward pass "
          "(the memory plan turns it on when needed unless set, doc/MEMORY.md)."),
         ("partial_checkpointing", bool, False, "Gradient checkpointing of the UNet's highest-resolution blocks only "
-         "(its first down block and last up block), which keep the largest share of the activations: part of "
-         "gradient_checkpointing's saving at a fraction of its cost (doc/MEMORY.md). No effect when "
-         "gradient_checkpointing is on; the memory plan turns it on when needed unless set."),
+         "(its first down block and last up block), which keep the largest share of the activations, and of a "
+         "trained text encoder: part of gradient_checkpointing's saving at a fraction of its cost "
+         "(doc/MEMORY.md). No effect when gradient_checkpointing is on; the memory plan turns it on when needed "
+         "unless set."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
         ("max_skipped_updates", int, 25, "Stop the run (saving the last finite weights) after this many optimizer "

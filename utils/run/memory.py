@@ -3,8 +3,9 @@ the GPU for the batch the user asked for, and estimate the run's peak.
 
 The estimate adds what the parts of a run hold, from the model's parameter counts (read from its configs, on the
 meta device) and the bytes each means keeps per parameter, plus activation memory per latent pixel measured on an
-H200 for the SD UNets (ACTIVATIONS; doc/PERFORMANCE.md has the runs). The peak is the largest of three moments:
-a training step (the latent cache filling or not), a sample pass and a validation pass.
+H200 for the SD UNets and per token for a trained text encoder (ACTIVATIONS; doc/PERFORMANCE.md has the runs). The
+peak is the largest of three moments: a training step (the latent cache filling or not), a sample pass and a
+validation pass.
 """
 from __future__ import annotations
 
@@ -26,8 +27,9 @@ MIN_MARGIN_GIB = 0.5
 @dataclass(frozen=True)
 class Activations:
     """Bytes per latent pixel of one image, per channel of the UNet's first block (bf16 autocast), and per image
-    pixel for the VAE; fitted to SD1.5 runs on H200s at 512 px (checkpointing's also at 768) in doc/PERFORMANCE.md."""
-    training: float          # what the forward keeps for the backward pass, no gradient checkpointing
+    pixel for the VAE; fitted to SD1.5 runs on H200s at 512 px (checkpointing's also at 768) in doc/PERFORMANCE.md.
+    The text encoder's per token, per channel and per layer, counted on the SD configs (tests/test_memory.py)."""
+    training: float          # what the UNet's forward keeps for the backward pass, no gradient checkpointing
     partial: float           # the same with partial_checkpointing (one checkpointed block recomputed included)
     boundaries: float        # gradient checkpointing: the block inputs kept for the backward pass
     recompute: float         # gradient checkpointing: one block recomputed in the backward pass
@@ -35,13 +37,16 @@ class Activations:
     vae_encode: float        # per image pixel while the VAE encodes
     vae_decode: float        # per image pixel while the VAE decodes a sample
     fixed_gib: float         # what does not scale: cuBLAS / cuDNN workspaces, allocator slack
+    text_encoder: float      # what a trained, unchecked text encoder's forward keeps, per token x width x layer
 
 
 # boundaries and recompute come from full checkpointing measured at 512 and 768 px, with and without the gradients
 # held (run M): where the gradients are held they outweigh the block inputs, so only runs without them (fused_backward)
-# show the block inputs' size, and two resolutions show how it scales.
-ACTIVATIONS = Activations(training=746.0, partial=435.0, boundaries=125.0, recompute=70.0, inference=40.0,
-                          vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6)
+# show the block inputs' size, and two resolutions show how it scales. training and partial were fitted to runs whose
+# trained text encoder kept its activations (SD1.5 at batch 8: 26.5 bytes per UNet unit of them), now counted apart.
+# The text encoder keeps 48 bytes per token x width x layer for SD1.5's (quick GELU), 40 for SD2's (GELU).
+ACTIVATIONS = Activations(training=720.0, partial=408.0, boundaries=125.0, recompute=70.0, inference=40.0,
+                          vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6, text_encoder=49.0)
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,9 @@ class ModelSize:
     vae: int
     unet_channels: int          # the UNet's first block width (320 for SD 1.x / 2.x)
     vae_scale: int              # pixels per latent pixel along a side (8)
+    text_length: int            # tokens per caption (77)
+    text_encoder_width: int     # 768 for SD 1.x, 1024 for SD 2.x
+    text_encoder_layers: int
 
     @classmethod
     def from_configs(cls, configs: dict[str, dict]) -> ModelSize:
@@ -65,8 +73,10 @@ class ModelSize:
             vae = AutoencoderKL.from_config(configs["vae"])
             text_encoder = CLIPTextModel(CLIPTextConfig(**configs["text_encoder"]))
         count = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+        text = text_encoder.config
         return cls(count(unet), count(text_encoder), count(vae), unet.config.block_out_channels[0],
-                   2 ** (len(vae.config.block_out_channels) - 1))
+                   2 ** (len(vae.config.block_out_channels) - 1), text.max_position_embeddings, text.hidden_size,
+                   text.num_hidden_layers)
 
 
 @dataclass(frozen=True)
@@ -76,7 +86,8 @@ class Means:
     eight_bit_states: bool = False
     gradient_checkpointing: bool = False
     bf16_weights: bool = False
-    partial_checkpointing: bool = False  # no effect with gradient_checkpointing, which checkpoints every block
+    # The UNet's highest-resolution blocks and a trained text encoder's layers; gradient_checkpointing covers it.
+    partial_checkpointing: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
@@ -170,7 +181,10 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
         # the backward pass peaks at its start, before the gradients add up.
         casts = n_trained * 2 if work.mixed_precision and not means.bf16_weights else 0
         kept = a.partial if means.partial_checkpointing else a.training
-        backward = {"activations and autocast weight copies": max(work.batch_size * per_image * kept + casts,
+        # Checkpointing keeps only each text encoder layer's input, too little to count.
+        text = work.batch_size * size.text_length * size.text_encoder_width * size.text_encoder_layers * \
+            a.text_encoder if "text_encoder" in work.trained and not means.partial_checkpointing else 0
+        backward = {"activations and autocast weight copies": max(work.batch_size * per_image * kept + text + casts,
                                                                   gradients)}
     if carried:
         backward["gradients of the window"] = carried
