@@ -227,6 +227,12 @@ RECIPES = {
                                          ("--partial_checkpointing", "--fused_backward", "--bf16_weights")),
     "default_partial_8bit_bf16": Recipe("default + partial_checkpointing + AdamW8bit + bf16_weights",
                                         ("--partial_checkpointing", "--bf16_weights"), optimizer="adamw8bit"),
+    "default_attention": Recipe("default + attention_checkpointing", ("--attention_checkpointing",)),
+    "default_attention_bf16": Recipe("default + attention_checkpointing + bf16_weights",
+                                     ("--attention_checkpointing", "--bf16_weights")),
+    "default_attention_8bit_bf16": Recipe("default + attention_checkpointing + AdamW8bit + bf16_weights (the plan's "
+                                          "choice for SD1.5 at 12 GiB)", ("--attention_checkpointing",
+                                                                          "--bf16_weights"), optimizer="adamw8bit"),
     "default_ckpt_8bit_bf16": Recipe("default + gradient checkpointing + AdamW8bit + bf16_weights (the plan's choice "
                                      "for SD1.5 at 8 GiB)", ("--gradient_checkpointing", "--bf16_weights"),
                                      optimizer="adamw8bit"),
@@ -559,8 +565,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
         "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
         "precision": accelerator.mixed_precision,
         "means": {name: bool(getattr(run_args, name)) for name in
-                  ("gradient_checkpointing", "partial_checkpointing", "fused_backward", "bf16_weights",
-                   "eight_bit_states")},
+                  ("gradient_checkpointing", "partial_checkpointing", "attention_checkpointing", "fused_backward",
+                   "bf16_weights", "eight_bit_states")},
         "optimizers": {name: s.optimizer for name, s in settings.items() if name in trained},
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,

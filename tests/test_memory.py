@@ -336,8 +336,8 @@ def test_the_unets_norms_run_in_bf16_under_bf16_autocast_and_as_before_without()
 
     model, stock = load(TINY_MODEL), tiny_unet()
     args = SimpleNamespace(disable_unet_training=False, disable_textenc_training=False, bf16_weights=False,
-                           vram="off", gradient_checkpointing=False, partial_checkpointing=False, attn_type="sdp",
-                           channels_last=False, compile=False)
+                           vram="off", gradient_checkpointing=False, partial_checkpointing=False,
+                           attention_checkpointing=False, attn_type="sdp", channels_last=False, compile=False)
     unet = prepare_models(model, args, Accelerator(cpu=True))["unet"]
     kinds = [type(m).__name__ for m in unet.modules()]
     assert "GroupNorm" not in kinds and "LayerNorm" not in kinds
@@ -383,15 +383,24 @@ def test_partial_checkpointing_recomputes_the_highest_resolution_blocks_to_the_s
     checkpointed = {name for name, m in partial.named_modules() if getattr(m, "gradient_checkpointing", False)}
     assert checkpointed and all(name.startswith(("down_blocks.0", f"up_blocks.{len(partial.up_blocks) - 1}"))
                                 for name in checkpointed)
+    attention = tiny_unet()
+    checkpoint_highest_resolution(attention, attention_only=True)
+    checkpointed_attention = {name for name, m in attention.named_modules() if getattr(m, "gradient_checkpointing",
+                                                                                         False)}
+    assert checkpointed_attention and all(
+        type(m).__name__ == "Transformer2DModel" for name, m in attention.named_modules()
+        if name in checkpointed_attention) and checkpointed_attention < checkpointed
     kept_none, grads_none = kept_and_gradients(none)
+    kept_attention, grads_attention = kept_and_gradients(attention)
     kept_partial, grads_partial = kept_and_gradients(partial)
     kept_full, grads_full = kept_and_gradients(full)
-    assert kept_none > kept_partial > kept_full  # what the forward keeps for the backward pass, in elements
-    assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_partial))
-    assert all(torch.equal(a, b) for a, b in zip(grads_none, grads_full))
+    # what the forward keeps for the backward pass, in elements
+    assert kept_none > kept_attention > kept_partial > kept_full
+    for grads in (grads_attention, grads_partial, grads_full):
+        assert all(torch.equal(a, b) for a, b in zip(grads_none, grads))
 
 
-def test_partial_checkpointing_also_checkpoints_a_trained_text_encoder_to_the_same_gradients():
+def test_partial_and_attention_checkpointing_also_checkpoint_a_trained_text_encoder_to_the_same_gradients():
     from accelerate import Accelerator
 
     from utils.model.models import load
@@ -401,8 +410,8 @@ def test_partial_checkpointing_also_checkpoints_a_trained_text_encoder_to_the_sa
         model = load(TINY_MODEL)
         args = SimpleNamespace(**{**dict(disable_unet_training=False, disable_textenc_training=False,
                                          bf16_weights=False, vram="off", gradient_checkpointing=False,
-                                         partial_checkpointing=False, attn_type="sdp", channels_last=False,
-                                         compile=False), **options})
+                                         partial_checkpointing=False, attention_checkpointing=False,
+                                         attn_type="sdp", channels_last=False, compile=False), **options})
         prepare_models(model, args, Accelerator(cpu=True))
         return model.text_encoder
 
@@ -417,6 +426,7 @@ def test_partial_checkpointing_also_checkpoints_a_trained_text_encoder_to_the_sa
 
     plain, partial = prepared(), prepared(partial_checkpointing=True)
     assert not plain.is_activation_checkpointing and partial.is_activation_checkpointing
+    assert prepared(attention_checkpointing=True).is_activation_checkpointing
     assert not prepared(partial_checkpointing=True, disable_textenc_training=True).is_activation_checkpointing
     kept_plain, grads_plain = kept_and_gradients(plain)
     kept_partial, grads_partial = kept_and_gradients(partial)
@@ -504,6 +514,12 @@ def test_the_estimate_adds_bytes_per_parameter_of_each_means():
     assert parts["activations and autocast weight copies"] == 8 * per_image * a.training + text + 2 * n
     partial = memory.estimate(SD15, memory.Means(partial_checkpointing=True), work()).parts
     assert partial["activations and autocast weight copies"] == 8 * per_image * a.partial + 2 * n  # both checkpointed
+    attention = memory.estimate(SD15, memory.Means(attention_checkpointing=True), work()).parts
+    assert attention["activations and autocast weight copies"] == 8 * per_image * a.attention + 2 * n
+    assert a.partial < a.attention < a.training
+    for covering in (memory.Means(partial_checkpointing=True), memory.Means(gradient_checkpointing=True)):
+        assert memory.estimate(SD15, dataclasses.replace(covering, attention_checkpointing=True), work()) == \
+            memory.estimate(SD15, covering, work())
     frozen_te = memory.estimate(SD15, memory.Means(), work(trained=("unet",))).parts
     assert frozen_te["activations and autocast weight copies"] == 8 * per_image * a.training + 2 * SD15.unet
     both = memory.Means(gradient_checkpointing=True, partial_checkpointing=True)  # full checkpointing covers partial
@@ -547,12 +563,15 @@ def plan_args(**options):
 
 
 # Peak reserved GiB of whole runs (cache filling, steps, a sample pass, validation) measured by scripts/bench.py on
-# H200s, doc/PERFORMANCE.md runs M and Q (partial checkpointing, which checkpoints the text encoder since run Q): the
-# plans `auto` picked under the caps, cfgs/train.json otherwise (one sample prompt at a time, validation at the
-# training batch).
+# H200s, doc/PERFORMANCE.md runs M, Q and R (partial checkpointing, which checkpoints the text encoder since run Q,
+# and attention checkpointing): the plans `auto` picked under the caps, cfgs/train.json otherwise (one sample prompt
+# at a time, validation at the training batch).
 MEASURED_PEAKS = [
     ("sd15", 512, 8, memory.Means(), 20.72),
     ("sd15", 512, 8, memory.Means(partial_checkpointing=True), 17.50),
+    ("sd15", 512, 8, memory.Means(attention_checkpointing=True), 18.28),
+    ("sd15", 512, 8, memory.Means(bf16_weights=True, attention_checkpointing=True), 14.79),
+    ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, attention_checkpointing=True), 9.34),
     ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True), 11.73),
     ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, partial_checkpointing=True), 8.55),
     ("sd15", 512, 8, memory.Means(eight_bit_states=True, bf16_weights=True, gradient_checkpointing=True), 6.76),
@@ -572,7 +591,7 @@ def test_the_estimate_is_within_ten_percent_of_the_measured_peak(kind, resolutio
     assert abs(estimate - measured_gib) <= 0.1 * measured_gib, (estimate, measured_gib)
 
 
-ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=5)]
+ALL_MEANS = [memory.Means(*flags) for flags in itertools.product((False, True), repeat=6)]
 
 
 @pytest.mark.parametrize("card_gib", [80, 24, 16, 12, 8])
@@ -602,14 +621,31 @@ def test_the_slowdown_of_bf16_weights_inside_the_backward_pass_depends_on_checkp
     also reruns the forward of the checkpointed blocks (run K)."""
     fused_bf16 = memory.Means(fused_backward=True, bf16_weights=True)
     assert memory.slowdown(fused_bf16) == memory.SLOWDOWN["fused_backward"]
-    for checkpointing in ("gradient_checkpointing", "partial_checkpointing"):
+    for checkpointing in ("gradient_checkpointing", "partial_checkpointing", "attention_checkpointing"):
         means = dataclasses.replace(fused_bf16, **{checkpointing: True})
         assert memory.slowdown(means) == pytest.approx(memory.SLOWDOWN["fused_backward"] * memory.SLOWDOWN[
             checkpointing] * memory.SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD["bf16_weights"])
-    full = memory.Means(gradient_checkpointing=True)
+    full, partial = memory.Means(gradient_checkpointing=True), memory.Means(partial_checkpointing=True)
     assert memory.slowdown(dataclasses.replace(full, partial_checkpointing=True)) == memory.slowdown(full)
-    plan = memory.choose(SD15, work(), 16 * GiB, plan_args())
-    assert not (plan.means.gradient_checkpointing and plan.means.partial_checkpointing)
+    for covering in (full, partial):
+        assert memory.slowdown(dataclasses.replace(covering, attention_checkpointing=True)) == \
+            memory.slowdown(covering)
+    for card_gib in (16, 12, 8):
+        means = memory.choose(SD15, work(), card_gib * GiB, plan_args()).means
+        assert sum((means.gradient_checkpointing, means.partial_checkpointing, means.attention_checkpointing)) <= 1
+
+
+def test_the_plan_checkpoints_as_little_as_fits():
+    """Checkpointing the top transformer blocks alone costs less than the top blocks whole, which cost less than
+    every block: the plan takes the first that fits (SD1.5 under 12 GiB, SD2.1-768 under 16 and 12 GiB)."""
+    sd2 = memory.model_size(shipped.config_dir("sd2-v"))
+    at_768 = dict(pixels=768 * 768)
+    lean = memory.Means(eight_bit_states=True, bf16_weights=True)
+    for size, card_gib, changes, checkpointing in ((SD15, 12, {}, "attention_checkpointing"),
+                                                   (sd2, 16, at_768, "partial_checkpointing"),
+                                                   (sd2, 12, at_768, "gradient_checkpointing")):
+        assert memory.choose(size, work(**changes), card_gib * GiB, plan_args()).means == \
+            dataclasses.replace(lean, **{checkpointing: True}), (card_gib, checkpointing)
 
 
 def test_eight_bit_states_cost_little_on_top_of_bf16_weights():

@@ -82,6 +82,11 @@ FLAGS: list[Flag] = [
          "trained text encoder: part of gradient_checkpointing's saving at a fraction of its cost "
          "(doc/MEMORY.md). No effect when gradient_checkpointing is on; the memory plan turns it on when needed "
          "unless set."),
+        ("attention_checkpointing", bool, False, "Gradient checkpointing of the transformer blocks at the UNet's "
+         "highest resolution only (their attention over every latent pixel keeps the most activations per "
+         "computation), and of a trained text encoder: most of partial_checkpointing's saving for less than half "
+         "its recomputation (doc/MEMORY.md). No effect when partial_checkpointing or gradient_checkpointing is on; "
+         "the memory plan turns it on when needed unless set."),
         ("attn_type", str, "sdp", "Attention kernel: sdp (PyTorch), xformers (if installed), slice (least memory).",
          {"choices": ("sdp", "xformers", "slice")}),
         ("max_skipped_updates", int, 25, "Stop the run (saving the last finite weights) after this many optimizer "
@@ -114,7 +119,8 @@ FLAGS: list[Flag] = [
         ("vram", object, "auto", "GPU memory to plan for (doc/MEMORY.md): auto = what the GPU has free at the start, "
          "a number of GiB (e.g. 8 for an 8 GB card; less to leave room for other programs), or off (no plan: the "
          "memory options as given). The plan turns on the fastest memory means that fit the batch size: "
-         "fused_backward, 8-bit optimizer states, partial_checkpointing, gradient_checkpointing, bf16_weights. A "
+         "fused_backward, 8-bit optimizer states, attention_checkpointing, partial_checkpointing, "
+         "gradient_checkpointing, bf16_weights. A "
          "means set in the config or on the command line stays as set. It never changes batch size, learning rate "
          "or what is trained."),
         ("fused_backward", bool, False, "Update each weight inside the backward pass as soon as its gradient is "

@@ -31,6 +31,7 @@ class Activations:
     The text encoder's per token, per channel and per layer, counted on the SD configs (tests/test_memory.py)."""
     training: float          # what the UNet's forward keeps for the backward pass, no gradient checkpointing
     partial: float           # the same with partial_checkpointing (one checkpointed block recomputed included)
+    attention: float         # the same with attention_checkpointing
     boundaries: float        # gradient checkpointing: the block inputs kept for the backward pass
     recompute: float         # gradient checkpointing: one block recomputed in the backward pass
     inference: float         # a forward without gradients (samples, validation)
@@ -45,7 +46,9 @@ class Activations:
 # show the block inputs' size, and two resolutions show how it scales. training and partial were fitted to runs whose
 # trained text encoder kept its activations (SD1.5 at batch 8: 26.5 bytes per UNet unit of them), now counted apart.
 # The text encoder keeps 48 bytes per token x width x layer for SD1.5's (quick GELU), 40 for SD2's (GELU).
-ACTIVATIONS = Activations(training=720.0, partial=408.0, boundaries=125.0, recompute=70.0, inference=40.0,
+# attention: partial's, plus what the forward keeps of the top ResNet blocks, counted on the CPU for SD1.5's UNet
+# (saved-tensor hooks, bf16 autocast, 512 px: 742 bytes unchecked, 390 partial, 470 attention-only).
+ACTIVATIONS = Activations(training=720.0, partial=408.0, attention=486.0, boundaries=125.0, recompute=70.0, inference=40.0,
                           vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6, text_encoder=49.0)
 
 
@@ -88,19 +91,23 @@ class Means:
     bf16_weights: bool = False
     # The UNet's highest-resolution blocks and a trained text encoder's layers; gradient_checkpointing covers it.
     partial_checkpointing: bool = False
+    # Their transformer blocks only, and the text encoder; partial or full checkpointing covers it.
+    attention_checkpointing: bool = False
 
     def describe(self) -> str:
         return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
 
 
-# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-L); the plan
-# takes the fitting combination with the smallest product. fused_backward measured as fast as the plain step; its
+# How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-L, R); the plan
+# takes the fitting combination with the smallest product. attention_checkpointing ran at 0.99x and 1.21x
+# partial_checkpointing's speed in turns (run R) and, with bf16 weights, slower than 8-bit states with bf16 weights:
+# 1.10 ranks it between them. fused_backward measured as fast as the plain step; its
 # 1.02 makes the plan take it only where it saves memory or hides bf16_weights' cost (it stops a run on a
 # non-finite gradient, doc/MEMORY.md). 8-bit states and bf16 weights both step the weights through copies in flat
 # buckets (optimizer.per_parameter): that copying is most of either's cost, so together they cost little more than
 # bf16 weights alone (run L: 60 against 50 ms of optimizer per step; fused AdamW 17).
 SLOWDOWN = {"fused_backward": 1.02, "eight_bit_states": 1.25, "gradient_checkpointing": 1.65,
-            "bf16_weights": 1.15, "partial_checkpointing": 1.14}
+            "bf16_weights": 1.15, "partial_checkpointing": 1.14, "attention_checkpointing": 1.10}
 SLOWDOWN_WITH_BF16_WEIGHTS = {"eight_bit_states": 1.06}
 # Inside the backward pass (fused_backward) an update's host work competes with queuing the backward's kernels: the
 # host time of bf16_weights' copies and rounding is hidden there, bitsandbytes' calls are not (runs I, L).
@@ -114,13 +121,14 @@ def slowdown(means: Means) -> float:
     """The plan's estimate of how much slower than none of them these means make a step."""
     factors = {**SLOWDOWN, **(SLOWDOWN_WITH_BF16_WEIGHTS if means.bf16_weights else {})}
     if means.fused_backward:
-        checkpointed = means.gradient_checkpointing or means.partial_checkpointing
+        checkpointed = means.gradient_checkpointing or means.partial_checkpointing or means.attention_checkpointing
         factors.update(SLOWDOWN_IN_CHECKPOINTED_FUSED_BACKWARD if checkpointed else SLOWDOWN_IN_FUSED_BACKWARD)
     return math.prod(factors[name] for name in SLOWDOWN if getattr(means, name) and not _subsumed(means, name))
 
 
 def _subsumed(means: Means, name: str) -> bool:
-    return name == "partial_checkpointing" and means.gradient_checkpointing
+    return (name == "partial_checkpointing" and means.gradient_checkpointing or
+            name == "attention_checkpointing" and (means.gradient_checkpointing or means.partial_checkpointing))
 
 
 @dataclass(frozen=True)
@@ -180,10 +188,12 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
         # Under autocast fp32 weights are cast to bf16 for the forward, and the copies are kept for the backward;
         # the backward pass peaks at its start, before the gradients add up.
         casts = n_trained * 2 if work.mixed_precision and not means.bf16_weights else 0
-        kept = a.partial if means.partial_checkpointing else a.training
+        kept = a.partial if means.partial_checkpointing else a.attention if means.attention_checkpointing else \
+            a.training
         # Checkpointing keeps only each text encoder layer's input, too little to count.
+        checkpointed = means.partial_checkpointing or means.attention_checkpointing
         text = work.batch_size * size.text_length * size.text_encoder_width * size.text_encoder_layers * \
-            a.text_encoder if "text_encoder" in work.trained and not means.partial_checkpointing else 0
+            a.text_encoder if "text_encoder" in work.trained and not checkpointed else 0
         backward = {"activations and autocast weight copies": max(work.batch_size * per_image * kept + text + casts,
                                                                   gradients)}
     if carried:
@@ -251,6 +261,7 @@ def _usable(work: Workload, args, processes: int) -> dict[str, bool]:
             "eight_bit_states": bool(names & set(EIGHT_BIT)),
             "gradient_checkpointing": True,
             "partial_checkpointing": True,
+            "attention_checkpointing": True,
             "bf16_weights": element_wise}
 
 

@@ -171,9 +171,10 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
         model.vae.enable_slicing()                                 # image at a time (no spike of the whole batch)
     if args.gradient_checkpointing:
         model.unet.enable_gradient_checkpointing()
-    elif args.partial_checkpointing:
-        checkpoint_highest_resolution(model.unet)
-    if "text_encoder" in trained and (args.gradient_checkpointing or args.partial_checkpointing):
+    elif args.partial_checkpointing or args.attention_checkpointing:
+        checkpoint_highest_resolution(model.unet, attention_only=not args.partial_checkpointing)
+    if "text_encoder" in trained and (args.gradient_checkpointing or args.partial_checkpointing or
+                                      args.attention_checkpointing):
         # Its layers keep 48 bytes per token x width each (0.26 GiB for SD1.5's at batch 8) for 2% of a step's work.
         te = model.text_encoder  # transformers 5 renamed the switch; 4.x only has the old name
         getattr(te, "activation_checkpointing_enable", te.gradient_checkpointing_enable)()
@@ -189,11 +190,13 @@ def prepare_models(model, args, accelerator) -> dict[str, torch.nn.Module]:
     return trained
 
 
-def checkpoint_highest_resolution(unet) -> None:
+def checkpoint_highest_resolution(unet, attention_only: bool = False) -> None:
     """Gradient checkpointing in the UNet's first down block and last up block only: at the latents' full size they
-    keep the most activations per computation (their attention runs over every latent pixel)."""
+    keep the most activations per computation (their attention runs over every latent pixel). `attention_only`: in
+    their transformer blocks alone, which keep 4 times the bytes per recomputed FLOP of their ResNet blocks."""
     unet.enable_gradient_checkpointing()
-    kept = {id(m) for block in (unet.down_blocks[0], unet.up_blocks[-1]) for m in block.modules()}
+    top = (unet.down_blocks[0], unet.up_blocks[-1])
+    kept = {id(m) for block in top for m in (block.attentions if attention_only else block).modules()}
     for module in unet.modules():
         if hasattr(module, "gradient_checkpointing") and id(module) not in kept:
             module.gradient_checkpointing = False
