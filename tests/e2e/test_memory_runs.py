@@ -1,6 +1,7 @@
 """train.py runs with the memory means (doc/MEMORY.md): bf16 weights with stochastic rounding and the optimizer step
 fused into the backward pass (with partial checkpointing, resumed with attention checkpointing) resume bit for bit;
-conflicting options stop before loading. (fused_backward alone trains test_resume's reference weights bit for bit: tests/e2e/test_resume.py.)"""
+conflicting options stop before loading. (fused_backward alone trains test_resume's reference weights bit for bit:
+tests/e2e/test_resume.py.)"""
 from __future__ import annotations
 
 import pytest

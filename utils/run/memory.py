@@ -48,8 +48,8 @@ class Activations:
 # The text encoder keeps 48 bytes per token x width x layer for SD1.5's (quick GELU), 40 for SD2's (GELU).
 # attention: partial's, plus what the forward keeps of the top ResNet blocks, counted on the CPU for SD1.5's UNet
 # (saved-tensor hooks, bf16 autocast, 512 px: 742 bytes unchecked, 390 partial, 470 attention-only).
-ACTIVATIONS = Activations(training=720.0, partial=408.0, attention=486.0, boundaries=125.0, recompute=70.0, inference=40.0,
-                          vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6, text_encoder=49.0)
+ACTIVATIONS = Activations(training=720.0, partial=408.0, attention=486.0, boundaries=125.0, recompute=70.0,
+                          inference=40.0, vae_encode=1960.0, vae_decode=2170.0, fixed_gib=0.6, text_encoder=49.0)
 
 
 @dataclass(frozen=True)
