@@ -38,7 +38,7 @@ def test_compile_compiles_the_text_encoder_as_well_as_the_unet(text_encoder_trai
     keys = {part: getattr(model, part).state_dict().keys() for part in ("unet", "text_encoder")}
     args = SimpleNamespace(disable_unet_training=False, disable_textenc_training=not text_encoder_trained,
                            bf16_weights=False, vram="off", gradient_checkpointing=False, partial_checkpointing=False,
-                           attn_type="sdp", channels_last=False, compile=True)
+                           attention_checkpointing=False, attn_type="sdp", channels_last=False, compile=True)
     trained = prepare_models(model, args, Accelerator(cpu=True))
     assert ("text_encoder" in trained) == text_encoder_trained
     for part in ("unet", "text_encoder"):
