@@ -440,6 +440,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
     from utils.run.build import make_optimizers
+    from utils.run import memory
     from utils.run.epoch_data import EpochData
     from utils.run.setup import DDP_OPTIONS, dataloader_workers, make_accelerator, prepare_models
 
@@ -564,9 +565,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     result = {
         "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
         "precision": accelerator.mixed_precision,
-        "means": {name: bool(getattr(run_args, name)) for name in
-                  ("gradient_checkpointing", "partial_checkpointing", "attention_checkpointing", "fused_backward",
-                   "bf16_weights", "eight_bit_states")},
+        "means": {name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN},
         "optimizers": {name: s.optimizer for name, s in settings.items() if name in trained},
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,

@@ -12,7 +12,7 @@ import torch
 
 from optimizer.optimizers import NonFiniteFusedUpdate, OptimizerSettings, TrainingOptimizers
 from optimizer.per_parameter import round_stochastically_
-from tests.conftest import TINY_MODEL
+from tests.conftest import TINY_MODEL, options
 from utils.model import shipped
 from utils.options.config import ConfigError
 from utils.run import memory
@@ -335,10 +335,7 @@ def test_the_unets_norms_run_in_bf16_under_bf16_autocast_and_as_before_without()
     from utils.run.setup import prepare_models
 
     model, stock = load(TINY_MODEL), tiny_unet()
-    args = SimpleNamespace(disable_unet_training=False, disable_textenc_training=False, bf16_weights=False,
-                           vram="off", gradient_checkpointing=False, partial_checkpointing=False,
-                           attention_checkpointing=False, attn_type="sdp", channels_last=False, compile=False)
-    unet = prepare_models(model, args, Accelerator(cpu=True))["unet"]
+    unet = prepare_models(model, options("--vram", "off", "--no-channels_last"), Accelerator(cpu=True))["unet"]
     kinds = [type(m).__name__ for m in unet.modules()]
     assert "GroupNorm" not in kinds and "LayerNorm" not in kinds
     assert {"Bf16GroupNorm", "Bf16LayerNorm"} <= set(kinds)
@@ -406,13 +403,9 @@ def test_partial_and_attention_checkpointing_also_checkpoint_a_trained_text_enco
     from utils.model.models import load
     from utils.run.setup import prepare_models
 
-    def prepared(**options):
+    def prepared(*flags):
         model = load(TINY_MODEL)
-        args = SimpleNamespace(**{**dict(disable_unet_training=False, disable_textenc_training=False,
-                                         bf16_weights=False, vram="off", gradient_checkpointing=False,
-                                         partial_checkpointing=False, attention_checkpointing=False,
-                                         attn_type="sdp", channels_last=False, compile=False), **options})
-        prepare_models(model, args, Accelerator(cpu=True))
+        prepare_models(model, options("--vram", "off", "--no-channels_last", *flags), Accelerator(cpu=True))
         return model.text_encoder
 
     def kept_and_gradients(text_encoder) -> tuple[int, list[torch.Tensor]]:
@@ -424,10 +417,10 @@ def test_partial_and_attention_checkpointing_also_checkpoint_a_trained_text_enco
         out.square().mean().backward()
         return sum(kept), [p.grad for p in text_encoder.parameters()]
 
-    plain, partial = prepared(), prepared(partial_checkpointing=True)
+    plain, partial = prepared(), prepared("--partial_checkpointing")
     assert not plain.is_activation_checkpointing and partial.is_activation_checkpointing
-    assert prepared(attention_checkpointing=True).is_activation_checkpointing
-    assert not prepared(partial_checkpointing=True, disable_textenc_training=True).is_activation_checkpointing
+    assert prepared("--attention_checkpointing").is_activation_checkpointing
+    assert not prepared("--partial_checkpointing", "--disable_textenc_training").is_activation_checkpointing
     kept_plain, grads_plain = kept_and_gradients(plain)
     kept_partial, grads_partial = kept_and_gradients(partial)
     assert kept_partial < kept_plain / 2
@@ -555,11 +548,11 @@ def test_the_vae_moments_encode_and_decode_one_image_at_a_time_under_a_plan():
     assert filling.moment == "latent cache filling" and filling.parts["VAE encoding"] == 512 * 512 * a.vae_encode
 
 
-def plan_args(**options):
-    sources = {key: "train.json" for key in options}
+def plan_args(**set_in_file):
+    sources = {key: "train.json" for key in set_in_file}
     defaults = dict(grad_accum=1, clip_grad_norm=None, mixed_precision="auto", fused_backward=False,
                     gradient_checkpointing=False, bf16_weights=False)
-    return SimpleNamespace(**{**defaults, **options}, sources=sources)
+    return SimpleNamespace(**{**defaults, **set_in_file}, sources=sources)
 
 
 # Peak reserved GiB of whole runs (cache filling, steps, a sample pass, validation) measured by scripts/bench.py on

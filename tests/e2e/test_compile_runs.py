@@ -1,12 +1,11 @@
 """`compile` in a real run of the tiny model, compiled on the CPU."""
 from __future__ import annotations
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from tests.conftest import TINY_MODEL, read_scalars, short_run
+from tests.conftest import TINY_MODEL, options, read_scalars, short_run
 
 
 def test_a_compiled_run_trains_through_two_aspect_buckets_as_the_uncompiled_one(tmp_path, small_dataset,
@@ -36,9 +35,8 @@ def test_compile_compiles_the_text_encoder_as_well_as_the_unet(text_encoder_trai
 
     model = load(TINY_MODEL)
     keys = {part: getattr(model, part).state_dict().keys() for part in ("unet", "text_encoder")}
-    args = SimpleNamespace(disable_unet_training=False, disable_textenc_training=not text_encoder_trained,
-                           bf16_weights=False, vram="off", gradient_checkpointing=False, partial_checkpointing=False,
-                           attention_checkpointing=False, attn_type="sdp", channels_last=False, compile=True)
+    args = options("--vram", "off", "--no-channels_last", "--compile",
+                   "--no-disable_textenc_training" if text_encoder_trained else "--disable_textenc_training")
     trained = prepare_models(model, args, Accelerator(cpu=True))
     assert ("text_encoder" in trained) == text_encoder_trained
     for part in ("unet", "text_encoder"):
