@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from optimizer.adacoor import AdaCoor
 from optimizer.freezing import check_freezing_config
-from optimizer.per_parameter import BucketedOptimizer
+from optimizer.per_parameter import BucketedOptimizer, GatherBuffers
 from utils.options.config import ConfigError, read_json_object
 from utils.options.flags import LR_SCHEDULERS
 from utils.options.values import boolean, check_section, did_you_mean, is_number, is_whole, unknown_key
@@ -384,8 +384,9 @@ class TrainingOptimizers:
         self.fused_backward = fused_backward
         self.rounding = rounding
         self._updating = False  # inside the backward pass of an update step (backward_pass)
-        for name, model in models.items():
-            params = [p for p in model.parameters() if p.requires_grad]
+        trained = {name: [p for p in model.parameters() if p.requires_grad] for name, model in models.items()}
+        gather_buffers = GatherBuffers.for_params([p for params in trained.values() for p in params])
+        for name, params in trained.items():
             bitsandbytes = settings[name].optimizer in BITSANDBYTES
             # bitsandbytes' own step waits for the GPU after each tensor, and makes channels-last weights contiguous
             # for good (slower convolutions): buckets of copies avoid both.
@@ -393,7 +394,8 @@ class TrainingOptimizers:
                 check_steps_per_parameter(settings[name].optimizer, name)
                 optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
                                               settings[name].lr, rounding,
-                                              bitsandbytes=bitsandbytes, measure_norm=fused_backward)
+                                              bitsandbytes=bitsandbytes, measure_norm=fused_backward,
+                                              gather_buffers=gather_buffers)
             else:
                 optimizer = make_optimizer(params, settings[name])
             self.optimizers[name] = optimizer

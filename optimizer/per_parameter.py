@@ -26,13 +26,15 @@ from typing import Callable
 
 import torch
 
+from optimizer import fused_8bit
+from optimizer.fused_8bit import QUANTIZATION_BLOCK  # bitsandbytes' blockwise states
+
 STOCHASTIC_ROUNDING_SEED_OFFSET = 0x5EED  # the rounding stream is seeded from the run's seed, apart from the rest
 # Parameters' elements updated together: few enough that a bucket's gradients and fp32 copies stay small next to
 # the model (160 MiB for bf16 weights), many enough that a bucket is a few kernel launches for dozens of tensors.
 BUCKET_ELEMENTS = 1 << 24
-# bitsandbytes' 8-bit states: one absolute maximum per block of this many elements (its blockwise quantization), and
-# which of its state keys hold those maxima, and which its quantization maps (one tensor shared by every parameter).
-QUANTIZATION_BLOCK = 256
+# bitsandbytes' 8-bit states: which of its state keys hold the blocks' absolute maxima (fused_8bit.QUANTIZATION_BLOCK
+# elements each), and which its quantization maps (one tensor shared by every parameter).
 BLOCK_BITSANDBYTES_STATES = ("absmax1", "absmax2")
 SHARED_BITSANDBYTES_STATES = ("qmap1", "qmap2")
 
@@ -67,7 +69,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
     work ahead of the GPU, in the backward pass too with fused_backward."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
-                 rounding: torch.Generator | None = None, bitsandbytes: bool = False, measure_norm: bool = False):
+                 rounding: torch.Generator | None = None, bitsandbytes: bool = False, measure_norm: bool = False,
+                 gather_buffers: GatherBuffers | None = None):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
@@ -78,6 +81,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # Buckets stepped as one flat tensor, by their parameters' ids; None: a bucket that steps tensor by tensor.
         self.flat_buckets: dict[tuple[int, ...], FlatBucket | None] = {}
         self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
+        # Where flat buckets that step in fused_8bit's kernel gather, in turn (shared by the run's optimizers).
+        self.gather_buffers = gather_buffers or GatherBuffers.for_params(params)
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
         self.pending: list[torch.Tensor] = []
@@ -118,7 +123,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
                                              ).square().sum()
         bucket = self._flat_bucket(pending)
         if bucket is not None:
-            bucket.step(self.param_groups[0]["lr"], self.rounding)
+            bucket.step(self.param_groups[0]["lr"], self.rounding, self.gather_buffers)
             return
         copied = [p for p in pending if not self._steps_in_place(p)]
         if copied:
@@ -157,6 +162,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             if p.grad is not None and id(p) not in waiting:
                 self.ready(p)
         self.flush()
+        self.gather_buffers.release()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for p in self.params:
@@ -223,15 +229,66 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
 
 def copy_into(params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    """Copies each source into its parameter. torch's multi-tensor copy needs every pair laid out alike to copy many
-    tensors per kernel (one channels-last weight with a contiguous source sends the whole list down its path of a
-    copy per tensor), so pairs laid out differently are copied apart."""
-    alike = [(p.detach(), source) for p, source in zip(params, sources) if p.stride() == source.stride()]
+    """Copies each source into its parameter (under no_grad). torch's multi-tensor copy needs every pair laid out
+    alike to copy many tensors per kernel (one channels-last weight with a contiguous source sends the whole list down
+    its path of a copy per tensor), so pairs laid out differently are copied apart."""
+    alike = [(p, source) for p, source in zip(params, sources) if p.stride() == source.stride()]
     if alike:
         torch._foreach_copy_(*map(list, zip(*alike)))
     for p, source in zip(params, sources):
         if p.stride() != source.stride():
-            p.detach().copy_(source)
+            p.copy_(source)
+
+
+class GatherBuffers:
+    """Two bf16 buffers (weights, gradients) as long as the longest bucket: buckets step one after another, so one
+    pair serves every optimizer of a run, and views of it can be kept from step to step. Their memory is taken at the
+    first bucket of an optimizer step and given back after its last (`release`): outside the steps, and at the
+    backward pass's peak without fused_backward, they hold none. The views stay valid: they refer to the buffers'
+    storage, which is resized, not replaced."""
+
+    def __init__(self, elements: int):
+        self.elements = elements
+        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def for_params(cls, params: list[torch.Tensor]) -> GatherBuffers:
+        """As long as a bucket of these can be: a bucket's worth less one element, then the largest; rows padded."""
+        return cls(BUCKET_ELEMENTS + max((p.numel() for p in params), default=0) + QUANTIZATION_BLOCK * len(params))
+
+    def get(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pair is None:
+            weights = torch.empty(self.elements, dtype=like.dtype, device=like.device)
+            self.pair = weights, torch.empty_like(weights)
+        for buffer in self.pair:
+            if buffer.untyped_storage().size() == 0:
+                buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
+        return self.pair
+
+    def release(self) -> None:
+        if self.pair is not None:
+            for buffer in self.pair:
+                buffer.untyped_storage().resize_(0)
+
+
+class Gathered:
+    """A bucket's rows in the gather buffers, as views made once (building views costs the host more than the
+    copies cost the GPU): each weight's and gradient's row shaped as the weight, and the padding between rows."""
+
+    def __init__(self, params: list[torch.Tensor], rows: list[int], buffers: tuple[torch.Tensor, torch.Tensor]):
+        self.key = self.key_of(params)
+        starts = [0, *itertools.accumulate(rows)]
+        self.weights, self.grads = (buffer[:starts[-1]] for buffer in buffers)
+        self.weight_rows, self.grad_rows = ([flat[start:start + p.numel()].view(p.shape)
+                                             for start, p in zip(starts, params)] for flat in (self.weights, self.grads))
+        self.padding = [self.grads[start + p.numel():start + row] for start, p, row in zip(starts, params, rows)
+                        if row > p.numel()]
+        self.live = [p.detach() for p in params]
+
+    @staticmethod
+    def key_of(params: list[torch.Tensor]) -> tuple[int, ...]:
+        """Where the weights lie: the views of them hold while it stays (the EMA's swap can move weights)."""
+        return tuple(p.data_ptr() for p in params)
 
 
 def step_inner(inner: torch.optim.Optimizer, bitsandbytes: bool) -> None:
@@ -298,16 +355,20 @@ class FlatBucket:
                     inner.args.min_8bit_size = math.inf  # 32-bit states, whatever the stand-in's size
                 self.stand_ins.append((stand_in, inner, slice(first, first + len(group))))
                 first += len(group)
+        # bf16 weights with 8-bit states step in one kernel that reads them as they are (fused_8bit).
+        self.fused_8bit = bool(self.bitsandbytes and groups[0] and fused_8bit.usable(self.stand_ins[0][1], params[0]))
+        self.gathered: Gathered | None = None
 
     def _row(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1) if self.bitsandbytes else in_memory_order(tensor, p)
 
-    def _concatenated(self, tensors: list[torch.Tensor]) -> torch.Tensor:
-        """The bucket's weights or gradients as its fp32 tensor, rows padded (one cat in their own dtype, one cast)."""
+    def _concatenated(self, tensors: list[torch.Tensor], first: int = 0) -> torch.Tensor:
+        """Weights or gradients of the bucket's parameters from the `first`, as one tensor in their own dtype, rows
+        padded (one cat)."""
         pieces = []
-        for tensor, p, pad in zip(tensors, self.params, self.padding):
+        for tensor, p, pad in zip(tensors, self.params[first:], self.padding[first:]):
             pieces += [self._row(tensor, p), self.zeros[:pad]] if pad else [self._row(tensor, p)]
-        return torch.cat(pieces).float()
+        return torch.cat(pieces)
 
     def _spans(self):
         """Each stand-in, its optimizer, its parameters (with their row lengths) and its part of the bucket's tensor."""
@@ -316,20 +377,51 @@ class FlatBucket:
             yield stand_in, inner, self.params[span], self.rows[span], slice(bounds[span.start], bounds[span.stop])
 
     @torch.no_grad()
-    def step(self, lr: float, rounding: torch.Generator | None) -> None:
-        weights = self._concatenated([p.detach() for p in self.params])
-        grads = self._concatenated([p.grad for p in self.params])
-        for p in self.params:
-            p.grad = None
-        for stand_in, inner, _, _, part in self._spans():
-            stand_in.data, stand_in.grad = weights[part], grads[part]
+    def step(self, lr: float, rounding: torch.Generator | None, buffers: GatherBuffers) -> None:
+        spans = list(self._spans())
+        for _, inner, *_ in spans:
             inner.param_groups[0]["lr"] = lr
+        if self.fused_8bit:
+            self._step_fused(*spans.pop(0), rounding, buffers)
+        if spans:
+            self._step_copies(spans, rounding)
+
+    def _step_fused(self, stand_in, inner, params, rows, _, rounding: torch.Generator, buffers: GatherBuffers) -> None:
+        """The 8-bit stand-in's step on its weights and gradients in bf16, gathered into the shared buffers, in one
+        kernel."""
+        pair = buffers.get(params[0])
+        if self.gathered is None or self.gathered.key != Gathered.key_of(params):
+            self.gathered = Gathered(params, rows, pair)
+        gathered = self.gathered
+        copy_into(gathered.weight_rows, gathered.live)
+        copy_into(gathered.grad_rows, [p.grad for p in params])
+        if gathered.padding:  # other buckets' gradients lie there: a padding element must step from 0
+            torch._foreach_zero_(gathered.padding)
+        for p in params:
+            p.grad = None
+        stand_in.data = gathered.weights
+        fused_8bit.step(inner, stand_in, gathered.weights, gathered.grads, rounding)
+        stand_in.data = self.released
+        copy_into(gathered.live, gathered.weight_rows)
+
+    def _step_copies(self, spans: list, rounding: torch.Generator | None) -> None:
+        """These stand-ins' steps (the bucket's last) on one fp32 copy of their weights and gradients."""
+        params = [p for _, _, span_params, _, _ in spans for p in span_params]
+        first = len(self.params) - len(params)
+        weights = self._concatenated([p.detach() for p in params], first).float()
+        grads = self._concatenated([p.grad for p in params], first).float()
+        for p in params:
+            p.grad = None
+        start = spans[0][4].start
+        for stand_in, inner, _, _, part in spans:
+            stand_in.data = weights[part.start - start:part.stop - start]
+            stand_in.grad = grads[part.start - start:part.stop - start]
             step_inner(inner, self.bitsandbytes)
             stand_in.grad, stand_in.data = None, self.released
         del grads
         if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
             weights = round_stochastically_(weights, rounding).to(torch.bfloat16)
-        copy_into(self.params, [self._shaped(row, p) for row, p in zip(weights.split(self.rows), self.params)])
+        copy_into(params, [self._shaped(row, p) for row, p in zip(weights.split(self.rows[first:]), params)])
 
     def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         """A padded row of the bucket as `p` (a view)."""

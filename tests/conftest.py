@@ -19,6 +19,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # any attempt to reach a hub fails loudly in
 # an uncompiled run) are CPU ones, and a GPU's kernels round differently. Set before torch first looks for a GPU;
 # setting CUDA_VISIBLE_DEVICES yourself runs the few GPU-only tests (e.g. tests/test_memory.py -k on_cuda).
 os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+# Without a GPU, Triton runs its kernels in its interpreter on CPU tensors (tests/test_fused_8bit.py); it reads this
+# when triton is first imported. Training never calls them on the CPU.
+if not os.environ["CUDA_VISIBLE_DEVICES"]:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 sys.path.insert(0, str(REPO))
 
 
