@@ -13,10 +13,12 @@ give.
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
 bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers), and every
-weight with bitsandbytes', step a `FlatBucket` at a time instead: the bucket's fp32 copy is one stand-in (two for
-bitsandbytes), so the host's work per step is a few calls per bucket rather than per parameter. Its `state_dict`
-has the layout of one optimizer over all the parameters (flat buckets' states split per parameter), so a run saved
-with these means resumes without them and the other way round.
+weight with bitsandbytes', step a `FlatBucket` at a time instead: the bucket is gathered into one pair of buffers
+(`GatherBuffers`, through views kept from step to step) and its fp32 copy is one stand-in (two for bitsandbytes),
+so the host's work per step is a few calls per bucket rather than per parameter. On CUDA, bf16 weights with
+bitsandbytes' 8-bit AdamW step in one kernel on the gathered bf16 weights instead (optimizer/fused_8bit.py). The
+`state_dict` has the layout of one optimizer over all the parameters (flat buckets' states split per parameter), so
+a run saved with these means resumes without them and the other way round.
 """
 from __future__ import annotations
 
@@ -241,48 +243,53 @@ def copy_into(params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
 
 
 class GatherBuffers:
-    """Two bf16 buffers (weights, gradients) as long as the longest bucket: buckets step one after another, so one
-    pair serves every optimizer of a run, and views of it can be kept from step to step. Their memory is taken at the
-    first bucket of an optimizer step and given back after its last (`release`): outside the steps, and at the
-    backward pass's peak without fused_backward, they hold none. The views stay valid: they refer to the buffers'
-    storage, which is resized, not replaced."""
+    """Two buffers (weights, gradients, in the weights' dtype) as long as the longest bucket: buckets step one after
+    another, so one pair serves every flat bucket of a run's optimizers, and views of it can be kept from step to
+    step (building views costs the host more than copying costs the GPU). Their memory is taken at the first bucket
+    of an optimizer step and given back after its last (`release`): outside the steps, and at the backward pass's
+    peak without fused_backward, they hold none. The views stay valid: the buffers' storage is resized, not
+    replaced."""
 
     def __init__(self, elements: int):
         self.elements = elements
-        self.pair: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.pairs: dict[torch.dtype, tuple[torch.Tensor, torch.Tensor]] = {}
 
     @classmethod
     def for_params(cls, params: list[torch.Tensor]) -> GatherBuffers:
-        """As long as a bucket of these can be: a bucket's worth less one element, then the largest; rows padded."""
-        return cls(BUCKET_ELEMENTS + max((p.numel() for p in params), default=0) + QUANTIZATION_BLOCK * len(params))
+        """As long as a bucket of these can be: a bucket's worth less one element, then the largest (or all of them,
+        if fewer); rows padded."""
+        longest = min(BUCKET_ELEMENTS - 1 + max((p.numel() for p in params), default=0), sum(p.numel() for p in params))
+        return cls(longest + QUANTIZATION_BLOCK * len(params))
 
     def get(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.pair is None:
+        if like.dtype not in self.pairs:
             weights = torch.empty(self.elements, dtype=like.dtype, device=like.device)
-            self.pair = weights, torch.empty_like(weights)
-        for buffer in self.pair:
+            self.pairs[like.dtype] = weights, torch.empty_like(weights)
+        for buffer in self.pairs[like.dtype]:
             if buffer.untyped_storage().size() == 0:
                 buffer.untyped_storage().resize_(buffer.numel() * buffer.element_size())
-        return self.pair
+        return self.pairs[like.dtype]
 
     def release(self) -> None:
-        if self.pair is not None:
-            for buffer in self.pair:
+        for pair in self.pairs.values():
+            for buffer in pair:
                 buffer.untyped_storage().resize_(0)
 
 
 class Gathered:
-    """A bucket's rows in the gather buffers, as views made once (building views costs the host more than the
-    copies cost the GPU): each weight's and gradient's row shaped as the weight, and the padding between rows."""
+    """A flat bucket's rows in the gather buffers, as views made once: each weight's and gradient's row laid out as
+    the bucket lays it (`shaped`), and the padding after rows."""
 
-    def __init__(self, params: list[torch.Tensor], rows: list[int], buffers: tuple[torch.Tensor, torch.Tensor]):
+    def __init__(self, params: list[torch.Tensor], rows: list[int], buffers: tuple[torch.Tensor, torch.Tensor],
+                 shaped: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]):
         self.key = self.key_of(params)
         starts = [0, *itertools.accumulate(rows)]
         self.weights, self.grads = (buffer[:starts[-1]] for buffer in buffers)
-        self.weight_rows, self.grad_rows = ([flat[start:start + p.numel()].view(p.shape)
-                                             for start, p in zip(starts, params)] for flat in (self.weights, self.grads))
-        self.padding = [self.grads[start + p.numel():start + row] for start, p, row in zip(starts, params, rows)
-                        if row > p.numel()]
+        self.weight_rows, self.grad_rows = ([shaped(flat[start:start + row], p) for start, row, p in
+                                             zip(starts, rows, params)] for flat in (self.weights, self.grads))
+        # Other buckets' weights and gradients lie there: a padding element must read as 0.
+        self.padding = [flat[start + p.numel():start + row] for flat in (self.weights, self.grads)
+                        for start, p, row in zip(starts, params, rows) if row > p.numel()]
         self.live = [p.detach() for p in params]
 
     @staticmethod
@@ -321,8 +328,9 @@ def _aligned(states: list[dict]) -> bool:
 
 
 class FlatBucket:
-    """Parameters stepped as one fp32 tensor: an inner optimizer over one stand-in per bucket (two for bitsandbytes),
-    so the host queues a few kernels per bucket instead of a few Python calls per parameter. The math is the same
+    """Parameters stepped as one tensor, gathered into the shared buffers: an inner optimizer over one stand-in per
+    bucket (two for bitsandbytes), so the host queues a few kernels per bucket instead of a few Python calls per
+    parameter. The math is the same
     element by element: these optimizers update each element from its own gradient and state.
 
     torch's and lion-pytorch's optimizers (bf16 weights): rows in memory order and in the per-tensor path's order,
@@ -344,7 +352,6 @@ class FlatBucket:
                         for n in self.sizes]
         self.rows = [n + pad for n, pad in zip(self.sizes, self.padding)]
         self.released = released
-        self.zeros = torch.zeros(max(self.padding), dtype=params[0].dtype, device=params[0].device)
         self.stand_ins: list[tuple[torch.nn.Parameter, torch.optim.Optimizer, slice]] = []
         first = 0
         for group in groups:
@@ -362,14 +369,6 @@ class FlatBucket:
     def _row(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1) if self.bitsandbytes else in_memory_order(tensor, p)
 
-    def _concatenated(self, tensors: list[torch.Tensor], first: int = 0) -> torch.Tensor:
-        """Weights or gradients of the bucket's parameters from the `first`, as one tensor in their own dtype, rows
-        padded (one cat)."""
-        pieces = []
-        for tensor, p, pad in zip(tensors, self.params[first:], self.padding[first:]):
-            pieces += [self._row(tensor, p), self.zeros[:pad]] if pad else [self._row(tensor, p)]
-        return torch.cat(pieces)
-
     def _spans(self):
         """Each stand-in, its optimizer, its parameters (with their row lengths) and its part of the bucket's tensor."""
         bounds = [0, *itertools.accumulate(self.rows)]
@@ -378,53 +377,46 @@ class FlatBucket:
 
     @torch.no_grad()
     def step(self, lr: float, rounding: torch.Generator | None, buffers: GatherBuffers) -> None:
+        """Gathers the weights and gradients into the buffers (the gradients are freed), steps each stand-in on its
+        part (fp32 copies of the parts after the fused kernel's, rounded back stochastically for bf16 weights), and
+        copies the weights back."""
+        gathered = self._gather(buffers)
         spans = list(self._spans())
         for _, inner, *_ in spans:
             inner.param_groups[0]["lr"] = lr
         if self.fused_8bit:
-            self._step_fused(*spans.pop(0), rounding, buffers)
+            stand_in, inner, _, _, part = spans.pop(0)
+            stand_in.data = gathered.weights[part]
+            fused_8bit.step(inner, stand_in, gathered.weights[part], gathered.grads[part], rounding)
+            stand_in.data = self.released
         if spans:
-            self._step_copies(spans, rounding)
-
-    def _step_fused(self, stand_in, inner, params, rows, _, rounding: torch.Generator, buffers: GatherBuffers) -> None:
-        """The 8-bit stand-in's step on its weights and gradients in bf16, gathered into the shared buffers, in one
-        kernel."""
-        pair = buffers.get(params[0])
-        if self.gathered is None or self.gathered.key != Gathered.key_of(params):
-            self.gathered = Gathered(params, rows, pair)
-        gathered = self.gathered
-        copy_into(gathered.weight_rows, gathered.live)
-        copy_into(gathered.grad_rows, [p.grad for p in params])
-        if gathered.padding:  # other buckets' gradients lie there: a padding element must step from 0
-            torch._foreach_zero_(gathered.padding)
-        for p in params:
-            p.grad = None
-        stand_in.data = gathered.weights
-        fused_8bit.step(inner, stand_in, gathered.weights, gathered.grads, rounding)
-        stand_in.data = self.released
+            copied = slice(spans[0][4].start, spans[-1][4].stop)
+            weights, grads = gathered.weights[copied].float(), gathered.grads[copied].float()  # fp32 ones: no copy
+            for stand_in, inner, _, _, part in spans:
+                stand_in.data = weights[part.start - copied.start:part.stop - copied.start]
+                stand_in.grad = grads[part.start - copied.start:part.stop - copied.start]
+                step_inner(inner, self.bitsandbytes)
+                stand_in.grad, stand_in.data = None, self.released
+            del grads
+            if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
+                gathered.weights[copied].copy_(round_stochastically_(weights, rounding))  # bf16 values, kept exactly
         copy_into(gathered.live, gathered.weight_rows)
 
-    def _step_copies(self, spans: list, rounding: torch.Generator | None) -> None:
-        """These stand-ins' steps (the bucket's last) on one fp32 copy of their weights and gradients."""
-        params = [p for _, _, span_params, _, _ in spans for p in span_params]
-        first = len(self.params) - len(params)
-        weights = self._concatenated([p.detach() for p in params], first).float()
-        grads = self._concatenated([p.grad for p in params], first).float()
-        for p in params:
+    def _gather(self, buffers: GatherBuffers) -> Gathered:
+        pair = buffers.get(self.params[0])
+        if self.gathered is None or self.gathered.key != Gathered.key_of(self.params):
+            self.gathered = Gathered(self.params, self.rows, pair, self._shaped)
+        gathered = self.gathered
+        copy_into(gathered.weight_rows, gathered.live)
+        copy_into(gathered.grad_rows, [p.grad for p in self.params])
+        if gathered.padding:
+            torch._foreach_zero_(gathered.padding)
+        for p in self.params:
             p.grad = None
-        start = spans[0][4].start
-        for stand_in, inner, _, _, part in spans:
-            stand_in.data = weights[part.start - start:part.stop - start]
-            stand_in.grad = grads[part.start - start:part.stop - start]
-            step_inner(inner, self.bitsandbytes)
-            stand_in.grad, stand_in.data = None, self.released
-        del grads
-        if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
-            weights = round_stochastically_(weights, rounding).to(torch.bfloat16)
-        copy_into(params, [self._shaped(row, p) for row, p in zip(weights.split(self.rows[first:]), params)])
+        return gathered
 
     def _shaped(self, row: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
-        """A padded row of the bucket as `p` (a view)."""
+        """A (padded) row of the bucket as `p`: contiguous for bitsandbytes, laid out as `p` otherwise (a view)."""
         return row[:p.numel()].view(p.shape) if self.bitsandbytes else row.as_strided(p.shape, p.stride())
 
     def take(self, states: list[dict]) -> bool:

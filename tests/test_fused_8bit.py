@@ -214,13 +214,20 @@ def test_the_gather_buffers_hold_memory_only_within_a_step_and_their_views_stay_
     opts = TrainingOptimizers(models, {"unet": settings, "text_encoder": settings})
     shared = {id(optimizer.gather_buffers) for optimizer in opts.optimizers.values()}
     assert len(shared) == 1
-    assert opts.optimizers["unet"].gather_buffers.elements == BUCKET_ELEMENTS + 64000 + BLOCK * 3
+    assert opts.optimizers["unet"].gather_buffers.elements == 300 * 200 + 200 + 64000 + BLOCK * 3  # all, padded
+    large = [torch.empty(BUCKET_ELEMENTS // 2), torch.empty(BUCKET_ELEMENTS // 2), torch.empty(BUCKET_ELEMENTS)]
+    assert GatherBuffers.for_params(large).elements == BUCKET_ELEMENTS - 1 + BUCKET_ELEMENTS + BLOCK * 3
 
     buffers = GatherBuffers(1000)
-    weights, grads = buffers.get(torch.zeros((), dtype=torch.bfloat16))
+    bf16 = torch.zeros((), dtype=torch.bfloat16)
+    weights, grads = buffers.get(bf16)
+    fp32_weights, _ = buffers.get(torch.zeros(()))  # fp32 weights (bitsandbytes') gather into a pair of their own
+    assert weights.dtype == torch.bfloat16 and fp32_weights.dtype == torch.float32
     row = weights[10:20].view(2, 5)
     buffers.release()
     assert weights.untyped_storage().size() == 0 and grads.untyped_storage().size() == 0
-    assert buffers.get(torch.zeros(())) == (weights, grads)
+    assert fp32_weights.untyped_storage().size() == 0
+    again = buffers.get(bf16)
+    assert again[0] is weights and again[1] is grads
     row.fill_(3)
     assert weights.untyped_storage().size() == 2000 and bool((weights[10:20] == 3).all())
