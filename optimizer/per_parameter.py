@@ -231,15 +231,30 @@ class BucketedOptimizer(torch.optim.Optimizer):
 
 
 def copy_into(params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
-    """Copies each source into its parameter (under no_grad). torch's multi-tensor copy needs every pair laid out
-    alike to copy many tensors per kernel (one channels-last weight with a contiguous source sends the whole list down
-    its path of a copy per tensor), so pairs laid out differently are copied apart."""
-    alike = [(p, source) for p, source in zip(params, sources) if p.stride() == source.stride()]
-    if alike:
-        torch._foreach_copy_(*map(list, zip(*alike)))
+    """Copies each source into its parameter (under no_grad)."""
+    copy_pairs(*by_layout(params, sources))
+
+
+def by_layout(params: list[torch.Tensor], sources: list[torch.Tensor]) -> tuple[tuple[list, list], list]:
+    """The (parameter, source) pairs laid out alike, as two lists, and the others. torch's multi-tensor copy needs
+    every pair laid out alike to copy many tensors per kernel (one channels-last weight with a contiguous source
+    sends the whole list down its path of a copy per tensor), so pairs laid out differently are copied apart."""
+    alike: tuple[list, list] = ([], [])
+    apart = []
     for p, source in zip(params, sources):
-        if p.stride() != source.stride():
-            p.copy_(source)
+        if p.stride() == source.stride():
+            alike[0].append(p)
+            alike[1].append(source)
+        else:
+            apart.append((p, source))
+    return alike, apart
+
+
+def copy_pairs(alike: tuple[list, list], apart: list) -> None:
+    if alike[0]:
+        torch._foreach_copy_(*alike)
+    for p, source in apart:
+        p.copy_(source)
 
 
 class GatherBuffers:
@@ -291,6 +306,7 @@ class Gathered:
         self.padding = [flat[start + p.numel():start + row] for flat in (self.weights, self.grads)
                         for start, p, row in zip(starts, params, rows) if row > p.numel()]
         self.live = [p.detach() for p in params]
+        self.weights_in, self.weights_out = by_layout(self.weight_rows, self.live), by_layout(self.live, self.weight_rows)
 
     @staticmethod
     def key_of(params: list[torch.Tensor]) -> tuple[int, ...]:
@@ -400,14 +416,14 @@ class FlatBucket:
             del grads
             if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
                 gathered.weights[copied].copy_(round_stochastically_(weights, rounding))  # bf16 values, kept exactly
-        copy_into(gathered.live, gathered.weight_rows)
+        copy_pairs(*gathered.weights_out)
 
     def _gather(self, buffers: GatherBuffers) -> Gathered:
         pair = buffers.get(self.params[0])
         if self.gathered is None or self.gathered.key != Gathered.key_of(self.params):
             self.gathered = Gathered(self.params, self.rows, pair, self._shaped)
         gathered = self.gathered
-        copy_into(gathered.weight_rows, gathered.live)
+        copy_pairs(*gathered.weights_in)
         copy_into(gathered.grad_rows, [p.grad for p in self.params])
         if gathered.padding:
             torch._foreach_zero_(gathered.padding)
