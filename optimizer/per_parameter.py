@@ -83,7 +83,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # Buckets stepped as one flat tensor, by their parameters' ids; None: a bucket that steps tensor by tensor.
         self.flat_buckets: dict[tuple[int, ...], FlatBucket | None] = {}
         self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
-        # Where flat buckets that step in fused_8bit's kernel gather, in turn (shared by the run's optimizers).
+        # Where flat buckets gather their weights and gradients, in turn (shared by the run's optimizers).
         self.gather_buffers = gather_buffers or GatherBuffers.for_params(params)
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
@@ -306,7 +306,8 @@ class Gathered:
         self.padding = [flat[start + p.numel():start + row] for flat in (self.weights, self.grads)
                         for start, p, row in zip(starts, params, rows) if row > p.numel()]
         self.live = [p.detach() for p in params]
-        self.weights_in, self.weights_out = by_layout(self.weight_rows, self.live), by_layout(self.live, self.weight_rows)
+        self.weights_in = by_layout(self.weight_rows, self.live)
+        self.weights_out = by_layout(self.live, self.weight_rows)
 
     @staticmethod
     def key_of(params: list[torch.Tensor]) -> tuple[int, ...]:
@@ -346,8 +347,8 @@ def _aligned(states: list[dict]) -> bool:
 class FlatBucket:
     """Parameters stepped as one tensor, gathered into the shared buffers: an inner optimizer over one stand-in per
     bucket (two for bitsandbytes), so the host queues a few kernels per bucket instead of a few Python calls per
-    parameter. The math is the same
-    element by element: these optimizers update each element from its own gradient and state.
+    parameter. The math is the same element by element: these optimizers update each element from its own gradient
+    and state.
 
     torch's and lion-pytorch's optimizers (bf16 weights): rows in memory order and in the per-tensor path's order,
     so the rounding draws the same numbers as there. bitsandbytes' (any weights): rows in logical order, as its
