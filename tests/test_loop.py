@@ -187,3 +187,23 @@ def test_a_finished_run_resumed_starts_a_new_run_from_its_weights(tmp_path, six_
     second = build(tmp_path, six_images, "--project_name", "chain", "--resume_ckpt", str(first.final_checkpoint))
     assert not second.resumed and (second.epoch, second.global_step) == (0, 0)
     assert second.run() == 0 and second.global_step == 6
+
+
+def test_a_stop_signal_is_announced_by_the_loop_not_inside_the_handler(caplog):
+    """A signal handler runs wherever the main thread was, maybe inside a console write: a log record made there
+    can fail as a reentrant write and lose the message. The handler only records the signal; the loop's next check
+    announces it, once."""
+    import logging
+    import os
+    import signal
+
+    from utils.run.interrupts import StopSignals
+
+    with caplog.at_level(logging.WARNING), StopSignals() as signals:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert signals.received == "SIGTERM" and not caplog.records
+        signals.announce()
+        signals.announce()
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == ["SIGTERM received"]
+    assert "stopping after this step and saving a resumable checkpoint" in caplog.records[0].getMessage()
+    assert signals.exit_code == 143

@@ -151,6 +151,8 @@ class Checkpointer:
     def _agree(self, trainer, window_end: bool, timed: bool = False) -> tuple[int, bool]:
         """(the exit code to stop with, 0 to go on; whether a timed checkpoint is due now)."""
         signals = trainer.signals
+        if signals is not None:
+            signals.announce()
         signal_number = signal.Signals[signals.received].value if signals and signals.received else 0
         request = trainer.stop_request.exit_code if trainer.stop_request else 0
         if self.group is None:

@@ -27,6 +27,7 @@ class StopSignals:
 
     def __init__(self) -> None:
         self.received: str | None = None
+        self._announced = False
         self._previous: dict[int, object] = {}
 
     def __enter__(self) -> StopSignals:
@@ -44,9 +45,16 @@ class StopSignals:
             if signum == signal.SIGINT:
                 raise KeyboardInterrupt
             return
+        # Logging here could re-enter a write to the console that the signal interrupted ("reentrant call": the
+        # message lost, a logging error printed instead); the loop says it at its next check (`announce`).
         self.received = signal.Signals(signum).name
-        log.warning("%s received: stopping after this step and saving a resumable checkpoint (Ctrl-C again to quit "
-                    "at once, without saving).", self.received)
+
+    def announce(self) -> None:
+        """Says once, outside the handler, that a signal was received."""
+        if self.received is not None and not self._announced:
+            self._announced = True
+            log.warning("%s received: stopping after this step and saving a resumable checkpoint (Ctrl-C again to "
+                        "quit at once, without saving).", self.received)
 
     @property
     def exit_code(self) -> int:
