@@ -231,3 +231,33 @@ def test_the_gather_buffers_hold_memory_only_within_a_step_and_their_views_stay_
     assert again[0] is weights and again[1] is grads
     row.fill_(3)
     assert weights.untyped_storage().size() == 2000 and bool((weights[10:20] == 3).all())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_a_flat_bucket_follows_weights_moved_to_new_storage(name):
+    """A flat bucket keeps views of its weights from step to step; weights given new storage (as an EMA kept on the
+    CPU leaves them after its swap) are gathered from there and stepped there, bit for bit as if they had stayed."""
+    from optimizer.optimizers import OptimizerSettings, TrainingOptimizers
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 50), (5000,), (7,), (16, 8, 3, 3)]
+    start = [torch.randn(shape, generator=generator).bfloat16() for shape in shapes]
+    grads = [[torch.randn(shape, generator=generator).bfloat16() for shape in shapes] for _ in range(3)]
+    settings = {"unet": OptimizerSettings(name, 1e-3, "constant", 0, 10, (0.9, 0.999), 1e-8, 0.01)}
+
+    def run(move: bool) -> list[torch.Tensor]:
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        opts = TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings,
+                                  rounding=torch.Generator().manual_seed(1))
+        for number, step_grads in enumerate(grads):
+            if move and number == 1:
+                for p in params:
+                    p.data = p.data.clone()
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            opts.clip_and_step(None, None)
+        return [p.detach() for p in params]
+
+    stayed, moved = run(move=False), run(move=True)
+    assert all(torch.equal(a, b) for a, b in zip(stayed, moved))
+    assert not any(torch.equal(a, s) for a, s in zip(moved, start))
