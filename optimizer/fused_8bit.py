@@ -38,23 +38,14 @@ def usable(inner: torch.optim.Optimizer, weights: torch.Tensor) -> bool:
             and getattr(inner, "optimizer_name", None) == "adam" and len(inner.param_groups[0]["betas"]) == 2)
 
 
-def step(inner: torch.optim.Optimizer, stand_in: torch.nn.Parameter, weights: torch.Tensor, grads: torch.Tensor,
+def step(inner: torch.optim.Optimizer, state: dict, weights: torch.Tensor, grads: torch.Tensor,
          rounding: torch.Generator) -> None:
-    """One step of `inner` (bitsandbytes' AdamW8bit or Adam8bit, one stand-in) on flat bf16 `weights` in place, from
-    flat bf16 `grads`: both padded to whole quantization blocks. `stand_in` keys the state; its data must be
-    `weights` while this runs (bitsandbytes creates the state from it)."""
-    group = inner.param_groups[0]
-    if not inner.initialized:  # as bitsandbytes' own step begins
-        inner.check_overrides()
-        inner.to_gpu()
-        inner.initialized = True
-    if not inner.state[stand_in]:
-        inner.init_state(group, stand_in, 0, 0)
-    state = inner.state[stand_in]
+    """One step of `inner` (bitsandbytes' AdamW8bit or Adam8bit over one parameter, whose `state` this is) on flat
+    bf16 `weights` in place, from flat bf16 `grads`: both padded to whole quantization blocks."""
     if state["state1"].dtype != torch.uint8:
         raise ValueError("bitsandbytes keeps 32-bit states for these weights (an optim_bits override?): the fused "
                          "8-bit step cannot update them")
-    config = inner.get_config(0, 0, group)
+    config = inner.get_config(0, 0, inner.param_groups[0])
     state["step"] += 1
     beta1, beta2 = config["betas"]
     correction1 = 1 - beta1 ** state["step"]

@@ -393,9 +393,8 @@ class TrainingOptimizers:
             if fused_backward or bitsandbytes or any(p.dtype == torch.bfloat16 for p in params):
                 check_steps_per_parameter(settings[name].optimizer, name)
                 optimizer = BucketedOptimizer(params, lambda ps, s=settings[name]: make_optimizer(ps, s),
-                                              settings[name].lr, rounding,
-                                              bitsandbytes=bitsandbytes, measure_norm=fused_backward,
-                                              gather_buffers=gather_buffers)
+                                              settings[name].lr, gather_buffers, rounding,
+                                              bitsandbytes=bitsandbytes, measure_norm=fused_backward)
             else:
                 optimizer = make_optimizer(params, settings[name])
             self.optimizers[name] = optimizer

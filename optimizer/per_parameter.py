@@ -71,8 +71,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
     work ahead of the GPU, in the backward pass too with fused_backward."""
 
     def __init__(self, params, make_inner: Callable[[list], torch.optim.Optimizer], lr: float,
-                 rounding: torch.Generator | None = None, bitsandbytes: bool = False, measure_norm: bool = False,
-                 gather_buffers: GatherBuffers | None = None):
+                 gather_buffers: GatherBuffers, rounding: torch.Generator | None = None, bitsandbytes: bool = False,
+                 measure_norm: bool = False):
         params = [p for p in params if p.requires_grad]
         super().__init__(params, {"lr": lr})
         self.rounding = rounding
@@ -83,8 +83,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
         # Buckets stepped as one flat tensor, by their parameters' ids; None: a bucket that steps tensor by tensor.
         self.flat_buckets: dict[tuple[int, ...], FlatBucket | None] = {}
         self.released = torch.empty(0, device=params[0].device)  # what a stand-in holds between its steps
-        # Where flat buckets gather their weights and gradients, in turn (shared by the run's optimizers).
-        self.gather_buffers = gather_buffers or GatherBuffers.for_params(params)
+        self.gather_buffers = gather_buffers  # where flat buckets gather, in turn (shared by the run's optimizers)
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
         self.pending: list[torch.Tensor] = []
@@ -322,14 +321,21 @@ def step_inner(inner: torch.optim.Optimizer, bitsandbytes: bool) -> None:
         inner.step()
         return
     group = inner.param_groups[0]
+    for index, stand_in in enumerate(group["params"]):
+        bitsandbytes_state(inner, stand_in, index)
+        inner.update_step(group, stand_in, 0, index)
+
+
+def bitsandbytes_state(inner: torch.optim.Optimizer, stand_in: torch.Tensor, index: int = 0) -> dict:
+    """bitsandbytes' state of its `index`-th parameter, made as its own step makes it (and, at the first, its
+    set-up)."""
     if not inner.initialized:  # as bitsandbytes' own step begins
         inner.check_overrides()
         inner.to_gpu()
         inner.initialized = True
-    for index, stand_in in enumerate(group["params"]):
-        if not inner.state[stand_in]:
-            inner.init_state(group, stand_in, 0, index)
-        inner.update_step(group, stand_in, 0, index)
+    if not inner.state[stand_in]:
+        inner.init_state(inner.param_groups[0], stand_in, 0, index)
+    return inner.state[stand_in]
 
 
 def _aligned(states: list[dict]) -> bool:
@@ -403,8 +409,8 @@ class FlatBucket:
             inner.param_groups[0]["lr"] = lr
         if self.fused_8bit:
             stand_in, inner, _, _, part = spans.pop(0)
-            stand_in.data = gathered.weights[part]
-            fused_8bit.step(inner, stand_in, gathered.weights[part], gathered.grads[part], rounding)
+            stand_in.data = gathered.weights[part]  # bitsandbytes makes the state from it
+            fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), stand_in.data, gathered.grads[part], rounding)
             stand_in.data = self.released
         if spans:
             copied = slice(spans[0][4].start, spans[-1][4].stop)

@@ -439,8 +439,8 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
     from utils.model.norms import Bf16GroupNorm, Bf16LayerNorm
     from utils.objective.prediction import predict
     from utils.objective.step import StepSettings, encode_images, encode_text, training_step
-    from utils.run.build import make_optimizers
     from utils.run import memory
+    from utils.run.build import make_optimizers
     from utils.run.epoch_data import EpochData
     from utils.run.setup import DDP_OPTIONS, dataloader_workers, make_accelerator, prepare_models
 

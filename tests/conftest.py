@@ -26,13 +26,13 @@ if not os.environ["CUDA_VISIBLE_DEVICES"]:
 sys.path.insert(0, str(REPO))
 
 
-
 def options(*argv: str):
     """train.py's options for the tiny model and the demo data, as parsed from the command line with `argv` added:
     every flag at its default unless given, so a new flag needs no test changed."""
     from utils.options import config
 
     return config.load(["--resume_ckpt", str(TINY_MODEL), "--data_root", str(DEMO_DATA), *argv])
+
 
 @pytest.fixture(autouse=True)
 def forget_modules_from_temporary_folders(tmp_path_factory):

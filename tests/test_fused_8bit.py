@@ -3,21 +3,20 @@ stochastic rounding, checked against the formula. On a GPU (CUDA_VISIBLE_DEVICES
 the CPU Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET)."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from optimizer import fused_8bit
+from optimizer.optimizers import OptimizerSettings, TrainingOptimizers, make_optimizer
+from optimizer.per_parameter import BUCKET_ELEMENTS, FlatBucket, GatherBuffers, bitsandbytes_state
 
-triton = pytest.importorskip("triton")  # Linux installs have it (requirements.txt); the kernel needs it
+pytest.importorskip("triton")  # Linux installs have it (requirements.txt); the kernel needs it
 bnb = pytest.importorskip("bitsandbytes")
 
 BLOCK = fused_8bit.QUANTIZATION_BLOCK
-
-
-@pytest.fixture(scope="module")
-def kernel():
-    """The kernels' module and the device they run on."""
-    return fused_8bit, "cuda" if torch.cuda.is_available() else "cpu"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel, or Triton's interpreter
 
 
 def adamw8bit(weights: torch.Tensor, **settings) -> tuple[torch.optim.Optimizer, torch.nn.Parameter]:
@@ -38,26 +37,25 @@ def bf16_neighbours(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return toward, away
 
 
-def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding(kernel):
+def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding():
     """From states already holding two steps, one step: the states follow Adam's moments from their dequantized
     values, each re-quantized to its map's nearest code with its block's new maximum; the weight moves by
     bitsandbytes' update, then decays, then lands on one of its two bf16 neighbours; a NaN or inf gradient zeroes its
     element's states and leaves its weight."""
-    module, device = kernel
     generator = torch.Generator().manual_seed(0)
-    weights = (torch.randn(4 * BLOCK, generator=generator) * 0.1).bfloat16().to(device)
+    weights = (torch.randn(4 * BLOCK, generator=generator) * 0.1).bfloat16().to(DEVICE)
     lr, betas, eps, decay = 3e-3, (0.9, 0.99), 1e-6, 0.05
     inner, stand_in = adamw8bit(weights, lr=lr, betas=betas, eps=eps, weight_decay=decay)
-    rounding = torch.Generator(device).manual_seed(1)
+    rounding = torch.Generator(DEVICE).manual_seed(1)
     for scale in (1.0, 0.01):  # states of different magnitudes
-        grads = (torch.randn(weights.shape, generator=generator) * scale).bfloat16().to(device)
-        module.step(inner, stand_in, weights, grads, rounding)
+        grads = (torch.randn(weights.shape, generator=generator) * scale).bfloat16().to(DEVICE)
+        fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), weights, grads, rounding)
     state = inner.state[stand_in]
     before_weights, m, v = weights.float().clone(), dequantized(state, 1), dequantized(state, 2)
-    grads = torch.randn(weights.shape, generator=generator).bfloat16().to(device)
+    grads = torch.randn(weights.shape, generator=generator).bfloat16().to(DEVICE)
     grads[5], grads[300] = float("nan"), float("inf")
 
-    module.step(inner, stand_in, weights, grads, rounding)
+    fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), weights, grads, rounding)
 
     assert state["step"] == 3
     g = grads.float()
@@ -84,16 +82,15 @@ def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding(kernel):
     assert bool((dequantized(state, 1)[~finite] == 0).all()) and bool((dequantized(state, 2)[~finite] == 0).all())
 
 
-def test_rounding_is_unbiased_and_replays_from_the_generator(kernel):
+def test_rounding_is_unbiased_and_replays_from_the_generator():
     """Zero gradients leave Adam's update at 0, so the step is the decay alone: 1.0 * (1 - 2^-11) lies an eighth of
     bf16's spacing below 1 (2^-8), and rounds down to 1 - 2^-8 with probability 1/8. The same generator state rounds
     the same way (a resumed run), another state differently."""
-    module, device = kernel
-    weights = torch.ones(64 * BLOCK, dtype=torch.bfloat16, device=device)
+    weights = torch.ones(64 * BLOCK, dtype=torch.bfloat16, device=DEVICE)
     inner, stand_in = adamw8bit(weights, lr=2.0 ** -11, weight_decay=1.0)
-    rounding = torch.Generator(device).manual_seed(7)
+    rounding = torch.Generator(DEVICE).manual_seed(7)
     saved = rounding.get_state()
-    module.step(inner, stand_in, weights, torch.zeros_like(weights), rounding)
+    fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), weights, torch.zeros_like(weights), rounding)
     values = weights.float()
     assert set(values.unique().tolist()) == {1.0 - 2.0 ** -8, 1.0}
     down = (values < 1).float().mean().item()
@@ -103,27 +100,26 @@ def test_rounding_is_unbiased_and_replays_from_the_generator(kernel):
     def replayed(state) -> torch.Tensor:
         again = torch.ones_like(weights)
         inner, stand_in = adamw8bit(again, lr=2.0 ** -11, weight_decay=1.0)
-        generator = torch.Generator(device)
+        generator = torch.Generator(DEVICE)
         generator.set_state(state)
-        module.step(inner, stand_in, again, torch.zeros_like(again), generator)
+        fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), again, torch.zeros_like(again), generator)
         return again
 
     assert torch.equal(replayed(saved), weights)
     assert not torch.equal(replayed(rounding.get_state()), weights)
 
 
-def test_states_are_the_ones_bitsandbytes_steps(kernel):
+def test_states_are_the_ones_bitsandbytes_steps():
     """The kernel's states are bitsandbytes' layout: its own step continues from them, and three steps of each from
     the same start end near each other (each rounds to nearer codes in its own way)."""
-    module, device = kernel
     generator = torch.Generator().manual_seed(3)
-    start = (torch.randn(8 * BLOCK, generator=generator) * 0.1).bfloat16().to(device)
-    grads = [torch.randn(start.shape, generator=generator).bfloat16().to(device) for _ in range(3)]
+    start = (torch.randn(8 * BLOCK, generator=generator) * 0.1).bfloat16().to(DEVICE)
+    grads = [torch.randn(start.shape, generator=generator).bfloat16().to(DEVICE) for _ in range(3)]
     ours = start.clone()
     inner, stand_in = adamw8bit(ours, lr=1e-3)
-    rounding = torch.Generator(device).manual_seed(0)
+    rounding = torch.Generator(DEVICE).manual_seed(0)
     for grad in grads:
-        module.step(inner, stand_in, ours, grad, rounding)
+        fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), ours, grad, rounding)
 
     reference = torch.nn.Parameter(start.float())
     bitsandbytes = bnb.optim.AdamW8bit([reference], lr=1e-3, min_8bit_size=BLOCK)
@@ -156,11 +152,6 @@ def test_on_cuda_a_bucket_of_bf16_weights_with_8bit_states_steps_in_the_kernel_a
     through bitsandbytes), close to bitsandbytes stepping fp32 weights, also after the weights moved to new storage,
     and a run resumed from the saved optimizer state (the rounding stream's included) steps on bit for bit as the
     uninterrupted one."""
-    import copy
-
-    from optimizer.optimizers import OptimizerSettings, TrainingOptimizers, make_optimizer
-    from optimizer.per_parameter import FlatBucket
-
     generator = torch.Generator().manual_seed(0)
     shapes = [(64, 50), (20, 3, 40), (5000,), (33, 129), (7,), (64, 32, 3, 3)]  # 8-bit states from 4096 elements
     start = [(torch.randn(shape, generator=generator) * 0.1).cuda() for shape in shapes]
@@ -206,9 +197,6 @@ def test_on_cuda_a_bucket_of_bf16_weights_with_8bit_states_steps_in_the_kernel_a
 def test_the_gather_buffers_hold_memory_only_within_a_step_and_their_views_stay_valid():
     """One pair of buffers serves every optimizer of a run; `release` gives their memory back between steps, and a
     view made before it reads and writes the buffer again once taken back (the kept views of each bucket)."""
-    from optimizer.optimizers import OptimizerSettings, TrainingOptimizers
-    from optimizer.per_parameter import BUCKET_ELEMENTS, GatherBuffers
-
     settings = OptimizerSettings("adamw8bit", 1e-3, "constant", 0, 10, (0.9, 0.999), 1e-8, 0.01)
     models = {"unet": torch.nn.Linear(300, 200), "text_encoder": torch.nn.Embedding(1000, 64)}
     opts = TrainingOptimizers(models, {"unet": settings, "text_encoder": settings})
@@ -237,8 +225,6 @@ def test_the_gather_buffers_hold_memory_only_within_a_step_and_their_views_stay_
 def test_a_flat_bucket_follows_weights_moved_to_new_storage(name):
     """A flat bucket keeps views of its weights from step to step; weights given new storage (as an EMA kept on the
     CPU leaves them after its swap) are gathered from there and stepped there, bit for bit as if they had stayed."""
-    from optimizer.optimizers import OptimizerSettings, TrainingOptimizers
-
     generator = torch.Generator().manual_seed(0)
     shapes = [(64, 50), (5000,), (7,), (16, 8, 3, 3)]
     start = [torch.randn(shape, generator=generator).bfloat16() for shape in shapes]

@@ -1,7 +1,6 @@
 """`compile` in a real run of the tiny model, compiled on the CPU."""
 from __future__ import annotations
 
-
 import pytest
 import torch
 
