@@ -14,11 +14,13 @@ give.
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
 bitsandbytes) only while its bucket steps. bf16 weights (with torch's and lion-pytorch's optimizers), and every
 weight with bitsandbytes', step a `FlatBucket` at a time instead: the bucket is gathered into one pair of buffers
-(`GatherBuffers`, through views kept from step to step) and its fp32 copy is one stand-in (two for bitsandbytes),
-so the host's work per step is a few calls per bucket rather than per parameter. On CUDA, bf16 weights with
-bitsandbytes' 8-bit AdamW step in one kernel on the gathered bf16 weights instead (optimizer/fused_8bit.py). The
-`state_dict` has the layout of one optimizer over all the parameters (flat buckets' states split per parameter), so
-a run saved with these means resumes without them and the other way round.
+(`GatherBuffers`, through views kept from step to step) and its fp32 copy is one stand-in, so the host's work per
+step is a few calls per bucket rather than per parameter. bitsandbytes keeps 32-bit states for its small tensors
+(biases, norms' weights): they wait for the end of the step and step in buckets of their own, so that every other
+bucket is one tensor of 8-bit states. On CUDA, bf16 weights with bitsandbytes' 8-bit AdamW step in one kernel on
+the gathered bf16 weights instead (optimizer/fused_8bit.py). The `state_dict` has the layout of one optimizer over
+all the parameters (flat buckets' states split per parameter), so a run saved with these means resumes without them
+and the other way round.
 """
 from __future__ import annotations
 
@@ -86,18 +88,22 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.gather_buffers = gather_buffers  # where flat buckets gather, in turn (shared by the run's optimizers)
         self.stand_ins = {p: torch.nn.Parameter(self.released) for p in params}
         self.inner = make_inner(list(self.stand_ins.values()))
-        self.pending: list[torch.Tensor] = []
-        self.pending_elements = 0
+        # Parameters handed over and not stepped yet, by whether bitsandbytes keeps 32-bit states for them (smaller
+        # than its min_8bit_size): those fill buckets of their own, stepped last unless one fills first.
+        self.eight_bit_from = self.inner.args.min_8bit_size if bitsandbytes else 0
+        self.pending: dict[bool, list[torch.Tensor]] = {False: [], True: []}
+        self.pending_elements = {False: 0, True: 0}
         # The squared norm of the gradients stepped since the last read, where nothing else can measure it (their
         # gradients are freed as they are stepped: fused_backward).
         self.squared_norm = torch.zeros((), device=params[0].device) if measure_norm else None
 
     def ready(self, p: torch.Tensor) -> None:
         """`p`'s gradient is complete: step it with its bucket once the bucket is full (flush is no_grad)."""
-        self.pending.append(p)
-        self.pending_elements += p.numel()
-        if self.pending_elements >= BUCKET_ELEMENTS:
-            self.flush()
+        small = p.numel() < self.eight_bit_from
+        self.pending[small].append(p)
+        self.pending_elements[small] += p.numel()
+        if self.pending_elements[small] >= BUCKET_ELEMENTS:
+            self.flush(small)
 
     def _steps_in_place(self, p: torch.Tensor) -> bool:
         return p.dtype == torch.float32 and (p.is_contiguous() or not self.bitsandbytes)
@@ -111,14 +117,15 @@ class BucketedOptimizer(torch.optim.Optimizer):
         return row.view(p.shape) if self.bitsandbytes else row.as_strided(p.shape, p.stride())
 
     @torch.no_grad()
-    def flush(self) -> None:
-        """Steps the pending parameters and frees their gradients. Parameters that cannot step in place (bf16, or
-        channels-last for an optimizer that needs contiguous tensors) step through one fp32 copy of them all, made
-        and written back with a few kernels (not a few per parameter); where it can, that copy is a FlatBucket's one
-        stand-in."""
-        if not self.pending:
+    def flush(self, small: bool) -> None:
+        """Steps the pending parameters of one kind (`small`: with 32-bit bitsandbytes states) and frees their
+        gradients. Parameters that cannot step in place (bf16, or channels-last for an optimizer that needs
+        contiguous tensors) step through one fp32 copy of them all, made and written back with a few kernels (not a
+        few per parameter); where it can, that copy is a FlatBucket's one stand-in."""
+        pending = self.pending[small]
+        if not pending:
             return
-        pending, self.pending, self.pending_elements = self.pending, [], 0
+        self.pending[small], self.pending_elements[small] = [], 0
         if self.squared_norm is not None:
             self.squared_norm += torch.stack(torch._foreach_norm([p.grad for p in pending], dtype=torch.float32)
                                              ).square().sum()
@@ -157,12 +164,13 @@ class BucketedOptimizer(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         """Steps every parameter with a gradient that the backward pass has not handed to `ready` (all of them
-        without fused_backward), then the last, partly filled bucket."""
-        waiting = {id(p) for p in self.pending}
+        without fused_backward), then the last, partly filled buckets."""
+        waiting = {id(p) for pending in self.pending.values() for p in pending}
         for p in self.params:
             if p.grad is not None and id(p) not in waiting:
                 self.ready(p)
-        self.flush()
+        self.flush(False)
+        self.flush(True)
         self.gather_buffers.release()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -187,8 +195,8 @@ class BucketedOptimizer(torch.optim.Optimizer):
             overlapping = self.flat_buckets.pop(other)  # a parameter's state lives in one place
             if overlapping is not None:
                 self._dissolve(overlapping)
-        bucket = FlatBucket(pending, self.make_inner, self.released,
-                            self.inner.args.min_8bit_size if self.bitsandbytes else None)
+        bucket = FlatBucket(pending, self.make_inner, self.released, self.bitsandbytes,
+                            eight_bit=self.bitsandbytes and pending[0].numel() >= self.eight_bit_from)
         if not bucket.take([self.inner.state.get(self.stand_ins[p], {}) for p in bucket.params]):
             self.flat_buckets[key] = None  # tensor by tensor, until a flat bucket takes some of these parameters
             return None
@@ -352,77 +360,51 @@ def _aligned(states: list[dict]) -> bool:
 
 class FlatBucket:
     """Parameters stepped as one tensor, gathered into the shared buffers: an inner optimizer over one stand-in per
-    bucket (two for bitsandbytes), so the host queues a few kernels per bucket instead of a few Python calls per
-    parameter. The math is the same element by element: these optimizers update each element from its own gradient
-    and state.
+    bucket, so the host queues a few kernels per bucket instead of a few Python calls per parameter. The math is the
+    same element by element: these optimizers update each element from its own gradient and state.
 
     torch's and lion-pytorch's optimizers (bf16 weights): rows in memory order and in the per-tensor path's order,
     so the rounding draws the same numbers as there. bitsandbytes' (any weights): rows in logical order, as its
-    per-tensor states are laid out. The weights it keeps 8-bit states for are padded to its quantization blocks, so
-    that no block spans two weights and each is quantized as when stepped alone; the smaller ones, whose states it
-    keeps in 32 bits, step as a second stand-in."""
+    per-tensor states are laid out. A bucket of the weights it keeps 8-bit states for (`eight_bit`) is padded to its
+    quantization blocks, so that no block spans two weights and each is quantized as when stepped alone; a bucket
+    of the smaller ones keeps 32-bit states, as they do stepped alone."""
 
     def __init__(self, params: list[torch.Tensor], make_inner: Callable[[list], torch.optim.Optimizer],
-                 released: torch.Tensor, eight_bit_from: int | None = None):
-        self.bitsandbytes = eight_bit_from is not None
-        groups = [params]
-        if self.bitsandbytes:
-            groups = [[p for p in params if p.numel() >= eight_bit_from],
-                      [p for p in params if p.numel() < eight_bit_from]]
-        self.params = [p for group in groups for p in group]
-        self.sizes = [p.numel() for p in self.params]
-        self.padding = [-n % QUANTIZATION_BLOCK if self.bitsandbytes and n >= eight_bit_from else 0
-                        for n in self.sizes]
-        self.rows = [n + pad for n, pad in zip(self.sizes, self.padding)]
+                 released: torch.Tensor, bitsandbytes: bool = False, eight_bit: bool = False):
+        self.params = params
+        self.bitsandbytes = bitsandbytes
+        self.rows = [p.numel() + (-p.numel() % QUANTIZATION_BLOCK if eight_bit else 0) for p in params]
         self.released = released
-        self.stand_ins: list[tuple[torch.nn.Parameter, torch.optim.Optimizer, slice]] = []
-        first = 0
-        for group in groups:
-            if group:
-                stand_in = torch.nn.Parameter(released)
-                inner = make_inner([stand_in])
-                if self.bitsandbytes and group is groups[1]:
-                    inner.args.min_8bit_size = math.inf  # 32-bit states, whatever the stand-in's size
-                self.stand_ins.append((stand_in, inner, slice(first, first + len(group))))
-                first += len(group)
+        self.stand_in = torch.nn.Parameter(released)
+        self.inner = make_inner([self.stand_in])
+        if bitsandbytes and not eight_bit:
+            self.inner.args.min_8bit_size = math.inf  # 32-bit states, whatever the stand-in's size
         # bf16 weights with 8-bit states step in one kernel that reads them as they are (fused_8bit).
-        self.fused_8bit = bool(self.bitsandbytes and groups[0] and fused_8bit.usable(self.stand_ins[0][1], params[0]))
+        self.fused_8bit = eight_bit and fused_8bit.usable(self.inner, params[0])
         self.gathered: Gathered | None = None
 
     def _row(self, tensor: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
         return tensor.reshape(-1) if self.bitsandbytes else in_memory_order(tensor, p)
 
-    def _spans(self):
-        """Each stand-in, its optimizer, its parameters (with their row lengths) and its part of the bucket's tensor."""
-        bounds = [0, *itertools.accumulate(self.rows)]
-        for stand_in, inner, span in self.stand_ins:
-            yield stand_in, inner, self.params[span], self.rows[span], slice(bounds[span.start], bounds[span.stop])
-
     @torch.no_grad()
     def step(self, lr: float, rounding: torch.Generator | None, buffers: GatherBuffers) -> None:
-        """Gathers the weights and gradients into the buffers (the gradients are freed), steps each stand-in on its
-        part (fp32 copies of the parts after the fused kernel's, rounded back stochastically for bf16 weights), and
-        copies the weights back."""
+        """Gathers the weights and gradients into the buffers (the gradients are freed), steps the stand-in on them
+        (in the fused kernel, or on fp32 copies rounded back stochastically for bf16 weights), and copies the
+        weights back."""
         gathered = self._gather(buffers)
-        spans = list(self._spans())
-        for _, inner, *_ in spans:
-            inner.param_groups[0]["lr"] = lr
+        self.inner.param_groups[0]["lr"] = lr
         if self.fused_8bit:
-            stand_in, inner, _, _, part = spans.pop(0)
-            stand_in.data = gathered.weights[part]  # bitsandbytes makes the state from it
-            fused_8bit.step(inner, bitsandbytes_state(inner, stand_in), stand_in.data, gathered.grads[part], rounding)
-            stand_in.data = self.released
-        if spans:
-            copied = slice(spans[0][4].start, spans[-1][4].stop)
-            weights, grads = gathered.weights[copied].float(), gathered.grads[copied].float()  # fp32 ones: no copy
-            for stand_in, inner, _, _, part in spans:
-                stand_in.data = weights[part.start - copied.start:part.stop - copied.start]
-                stand_in.grad = grads[part.start - copied.start:part.stop - copied.start]
-                step_inner(inner, self.bitsandbytes)
-                stand_in.grad, stand_in.data = None, self.released
-            del grads
+            self.stand_in.data = gathered.weights  # bitsandbytes makes the state from it
+            fused_8bit.step(self.inner, bitsandbytes_state(self.inner, self.stand_in), gathered.weights,
+                            gathered.grads, rounding)
+        else:
+            weights = gathered.weights.float()  # fp32 weights: no copy
+            self.stand_in.data, self.stand_in.grad = weights, gathered.grads.float()
+            step_inner(self.inner, self.bitsandbytes)
+            self.stand_in.grad = None
             if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
-                gathered.weights[copied].copy_(round_stochastically_(weights, rounding))  # bf16 values, kept exactly
+                gathered.weights.copy_(round_stochastically_(weights, rounding))  # bf16 values, kept exactly
+        self.stand_in.data = self.released
         copy_pairs(*gathered.weights_out)
 
     def _gather(self, buffers: GatherBuffers) -> Gathered:
@@ -445,22 +427,15 @@ class FlatBucket:
     def take(self, states: list[dict]) -> bool:
         """Takes over the parameters' per-tensor states (in `self.params`' order; empty before their first step),
         unless they cannot be one (`_aligned`): then False."""
-        by_param = dict(zip(map(id, self.params), states))
-        joined = {}
-        for stand_in, _, params, rows, _ in self._spans():
-            group = [by_param[id(p)] for p in params]
-            if not _aligned(group):
-                return False
-            if group[0]:
-                joined[stand_in] = {key: self._joined(key, [state[key] for state in group], group[0], params, rows)
-                                    for key in group[0]}
-        for stand_in, inner, *_ in self._spans():
-            if stand_in in joined:
-                inner.state[stand_in] = joined[stand_in]
+        if not _aligned(states):
+            return False
+        if states[0]:
+            self.inner.state[self.stand_in] = {key: self._joined(key, [state[key] for state in states], states[0])
+                                               for key in states[0]}
         return True
 
-    def _joined(self, key: str, values: list, first: dict, params: list[torch.Tensor], rows: list[int]):
-        """One state value of a stand-in, from its parameters' values."""
+    def _joined(self, key: str, values: list, first: dict):
+        """One state value of the stand-in, from its parameters' values."""
         if not isinstance(values[0], torch.Tensor) or not values[0].dim() or key in SHARED_BITSANDBYTES_STATES:
             return values[0]
         if key in BLOCK_BITSANDBYTES_STATES:
@@ -469,7 +444,7 @@ class FlatBucket:
         fill = first[f"qmap{key[-1]}"].abs().argmin().to(torch.uint8) if values[0].dtype == torch.uint8 else \
             values[0].new_zeros(())
         pieces = []
-        for value, p, row in zip(values, params, rows):
+        for value, p, row in zip(values, self.params, self.rows):
             pieces += [self._row(value, p), fill.expand(row - p.numel())]
         return torch.cat(pieces)
 
@@ -478,19 +453,15 @@ class FlatBucket:
         that a checkpoint needs no second copy of the optimizer state on the GPU (torch.save writes a storage once
         however many views of it are saved). Scalars (AdamW's step count) are copied: each parameter counts its own
         steps once stepped tensor by tensor."""
-        shares: list[dict] = []
-        for stand_in, inner, params, rows, _ in self._spans():
-            state = inner.state.get(stand_in, {})
-            group: list[dict] = [{} for _ in params]
-            for key, value in state.items():
-                if not isinstance(value, torch.Tensor) or not value.dim() or key in SHARED_BITSANDBYTES_STATES:
-                    for share in group:
-                        share[key] = value.clone() if isinstance(value, torch.Tensor) and not value.dim() else value
-                elif key in BLOCK_BITSANDBYTES_STATES:
-                    for share, part in zip(group, value.split([row // QUANTIZATION_BLOCK for row in rows])):
-                        share[key] = part
-                else:
-                    for share, p, part in zip(group, params, value.split(rows)):
-                        share[key] = self._shaped(part, p)
-            shares += group
+        shares: list[dict] = [{} for _ in self.params]
+        for key, value in self.inner.state.get(self.stand_in, {}).items():
+            if not isinstance(value, torch.Tensor) or not value.dim() or key in SHARED_BITSANDBYTES_STATES:
+                for share in shares:
+                    share[key] = value.clone() if isinstance(value, torch.Tensor) and not value.dim() else value
+            elif key in BLOCK_BITSANDBYTES_STATES:
+                for share, part in zip(shares, value.split([row // QUANTIZATION_BLOCK for row in self.rows])):
+                    share[key] = part
+            else:
+                for share, p, part in zip(shares, self.params, value.split(self.rows)):
+                    share[key] = self._shaped(part, p)
         return shares

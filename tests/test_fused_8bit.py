@@ -148,10 +148,10 @@ def test_states_are_the_ones_bitsandbytes_steps():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="training steps bf16 weights in the kernel on CUDA only "
                     "(the tests hide GPUs unless CUDA_VISIBLE_DEVICES is set)")
 def test_on_cuda_a_bucket_of_bf16_weights_with_8bit_states_steps_in_the_kernel_and_resumes_exactly():
-    """adamw8bit on bf16 weights: the bucket's 8-bit weights step in the kernel (its small ones, with 32-bit states,
-    through bitsandbytes), close to bitsandbytes stepping fp32 weights, also after the weights moved to new storage,
-    and a run resumed from the saved optimizer state (the rounding stream's included) steps on bit for bit as the
-    uninterrupted one."""
+    """adamw8bit on bf16 weights: the bucket of weights with 8-bit states steps in the kernel (the small ones, with
+    32-bit states, in a bucket of their own through bitsandbytes), close to bitsandbytes stepping fp32 weights, also
+    after the weights moved to new storage, and a run resumed from the saved optimizer state (the rounding stream's
+    included) steps on bit for bit as the uninterrupted one."""
     generator = torch.Generator().manual_seed(0)
     shapes = [(64, 50), (20, 3, 40), (5000,), (33, 129), (7,), (64, 32, 3, 3)]  # 8-bit states from 4096 elements
     start = [(torch.randn(shape, generator=generator) * 0.1).cuda() for shape in shapes]
@@ -180,8 +180,10 @@ def test_on_cuda_a_bucket_of_bf16_weights_with_8bit_states_steps_in_the_kernel_a
             saved, resume_from = copy.deepcopy(opts.state_dicts()), [p.detach().clone() for p in ours]
             for p in ours:  # the weights move, as an EMA kept on the CPU leaves them after its swap
                 p.data = p.data.clone()
-    bucket = opts.optimizers["unet"].flat_buckets[tuple(map(id, ours))]
-    assert isinstance(bucket, FlatBucket) and bucket.fused_8bit
+    buckets = opts.optimizers["unet"].flat_buckets
+    eight_bit, small = (tuple(id(p) for p in ours if (p.numel() >= 4096) == kind) for kind in (True, False))
+    assert isinstance(buckets[eight_bit], FlatBucket) and buckets[eight_bit].fused_8bit
+    assert isinstance(buckets[small], FlatBucket) and not buckets[small].fused_8bit
     moved = torch.cat([(p.detach() - s.bfloat16().float()).flatten() for p, s in zip(reference, start)])
     ours_moved = torch.cat([(p.detach().float() - s.bfloat16().float()).flatten() for p, s in zip(ours, start)])
     assert torch.nn.functional.cosine_similarity(moved, ours_moved, dim=0) > 0.97

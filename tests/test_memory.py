@@ -255,9 +255,10 @@ def test_bf16_weights_step_each_bucket_as_one_flat_tensor():
 
 @pytest.mark.parametrize("name", ["adamw8bit", "lion8bit"])
 def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
-    """bitsandbytes' optimizers step a bucket as one padded tensor (8-bit states) and one of the small weights (32-bit
-    states): bit for bit its own optimizer stepping each tensor, and the same saved state. Also after a resume, and
-    when a weight without a gradient in one step changes the bucket and then falls a step behind (tensor by tensor)."""
+    """bitsandbytes' optimizers step the weights with 8-bit states as one padded tensor and the small weights (32-bit
+    states) as another: bit for bit its own optimizer stepping each tensor, and the same saved state. Also after a
+    resume, and when a weight without a gradient in one step changes its bucket and then falls a step behind (tensor
+    by tensor)."""
     from optimizer.optimizers import make_optimizer
     from optimizer.per_parameter import FlatBucket
 
@@ -284,6 +285,7 @@ def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
 
     flat = [torch.nn.Parameter(t.clone()) for t in start]
     opts = optimizers(flat)
+    eight_bit, small = (tuple(id(p) for p in flat if (p.numel() >= 4096) == kind) for kind in (True, False))
     reference = [torch.nn.Parameter(t.contiguous()) for t in start]
     stock = make_optimizer(reference, settings(name)["unet"])
     for number, step_grads in enumerate(grads):
@@ -296,13 +298,14 @@ def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
         assert all(torch.equal(a, b) for a, b in zip(flat, reference)), number
         assert flat[4].is_contiguous(memory_format=torch.channels_last)
         if number == 1:
-            assert isinstance(opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))], FlatBucket)
+            assert all(isinstance(opts.optimizers["unet"].flat_buckets[key], FlatBucket) for key in (eight_bit, small))
             saved = copy.deepcopy(opts.state_dicts())
             same(saved["unet"]["state"], stock.state_dict()["state"])
             resumed = [torch.nn.Parameter(p.detach().clone()) for p in flat]
             again = optimizers(resumed)
             again.load_state_dicts(saved)
-    assert opts.optimizers["unet"].flat_buckets[tuple(map(id, flat))] is None  # one weight a step behind
+    assert opts.optimizers["unet"].flat_buckets[small] is None  # one weight a step behind: tensor by tensor
+    assert isinstance(opts.optimizers["unet"].flat_buckets[eight_bit], FlatBucket)
     same(opts.state_dicts()["unet"]["state"], stock.state_dict()["state"])
     for step_grads in grads[2:]:
         for p, g in zip(resumed, step_grads):
