@@ -1,4 +1,5 @@
-"""bitsandbytes' 8-bit blockwise AdamW step for bf16 weights, as one Triton kernel with stochastic rounding.
+"""bitsandbytes' 8-bit blockwise AdamW step for bf16 weights, as one Triton kernel with stochastic or compensated
+rounding.
 
 Stepping bf16 weights with bitsandbytes' kernel means an fp32 copy of the weights and gradients, its update, a
 rounding pass and a copy back: about 80 bytes moved per weight, where this kernel reads the bf16 weights and
@@ -12,14 +13,17 @@ zeroes the element's states and leaves its weight. The states keep bitsandbytes'
 so runs move between this kernel and bitsandbytes' own step, and its state_dict, unchanged.
 
 The rounding draws its random bits from a counter-based generator (Philox, keyed by one number drawn from the run's
-rounding stream per call), so a resumed run rounds as the uninterrupted one did. CUDA only: the CPU steps through
-bitsandbytes (the tests run the kernel on the CPU in Triton's interpreter).
+rounding stream per call), so a resumed run rounds as the uninterrupted one did. Compensated rounding adds each
+weight's last rounding error back before the update, rounds to nearest and keeps the new error
+(per_parameter.round_compensated_). CUDA only: the CPU steps through bitsandbytes (the tests run the kernel on the
+CPU in Triton's interpreter).
 """
 from __future__ import annotations
 
 import math
 
 import torch
+
 
 try:
     import triton
@@ -28,6 +32,9 @@ except ImportError:  # CPU-only installs: bitsandbytes' own step is used
     triton = None
 
 QUANTIZATION_BLOCK = 256  # elements per absolute maximum: bitsandbytes' blockwise optimizer states
+# The state key of compensated rounding's errors (bf16, one per weight element), kept beside the optimizer's own
+# states and saved and resumed with them.
+COMPENSATION = "bf16_rounding_error"
 BLOCKS_PER_PROGRAM = 4
 
 
@@ -39,9 +46,10 @@ def usable(inner: torch.optim.Optimizer, weights: torch.Tensor) -> bool:
 
 
 def step(inner: torch.optim.Optimizer, state: dict, weights: torch.Tensor, grads: torch.Tensor,
-         rounding: torch.Generator) -> None:
+         rounding: torch.Generator | None) -> None:
     """One step of `inner` (bitsandbytes' AdamW8bit or Adam8bit over one parameter, whose `state` this is) on flat
-    bf16 `weights` in place, from flat bf16 `grads`: both padded to whole quantization blocks."""
+    bf16 `weights` in place, from flat bf16 `grads`: both padded to whole quantization blocks. Rounded
+    stochastically with `rounding`, or without it compensated with the state's rounding errors."""
     if state["state1"].dtype != torch.uint8:
         raise ValueError("bitsandbytes keeps 32-bit states for these weights (an optim_bits override?): the fused "
                          "8-bit step cannot update them")
@@ -50,15 +58,18 @@ def step(inner: torch.optim.Optimizer, state: dict, weights: torch.Tensor, grads
     beta1, beta2 = config["betas"]
     correction1 = 1 - beta1 ** state["step"]
     correction2 = math.sqrt(1 - beta2 ** state["step"])
-    seed = torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=weights.device, generator=rounding)
+    compensated = rounding is None
+    # Unused pointers (a constexpr branch leaves them out) point at the weights.
+    seed = weights if compensated else \
+        torch.randint(0, 1 << 62, (1,), dtype=torch.int64, device=weights.device, generator=rounding)
     blocks = weights.numel() // QUANTIZATION_BLOCK
     grid = (triton.cdiv(blocks, BLOCKS_PER_PROGRAM),)
     _adam_8bit_bf16[grid](
         weights, grads, state["state1"], state["state2"], state["absmax1"], state["absmax2"],
-        state["qmap1"], state["qmap2"], seed, blocks,
+        state["qmap1"], state["qmap2"], seed, state[COMPENSATION] if compensated else weights, blocks,
         -config["lr"] * correction2 / correction1, correction2 * config["eps"],
         1 - config["lr"] * config["weight_decay"], beta1, beta2,
-        BLOCK=QUANTIZATION_BLOCK, ROWS=BLOCKS_PER_PROGRAM, num_warps=4)
+        BLOCK=QUANTIZATION_BLOCK, ROWS=BLOCKS_PER_PROGRAM, COMPENSATED=compensated, num_warps=4)
 
 
 if triton is not None:
@@ -77,15 +88,22 @@ if triton is not None:
         return tl.where(closer_low, low, high).to(tl.uint8)
 
     @triton.jit
+    def _nearest_bf16_bits(bits):
+        """fp32 values' bits (int32) rounded to the nearest bf16 value's, ties to even: the lower half cleared."""
+        return (bits + 0x7FFF + ((bits >> 16) & 1)) & -65536
+
+    @triton.jit
     def _adam_8bit_bf16(weights_ptr, grads_ptr, state1_ptr, state2_ptr, absmax1_ptr, absmax2_ptr, qmap1_ptr,
-                        qmap2_ptr, seed_ptr, blocks, step_size, scaled_eps, decay, beta1, beta2,
-                        BLOCK: tl.constexpr, ROWS: tl.constexpr):
+                        qmap2_ptr, seed_ptr, compensation_ptr, blocks, step_size, scaled_eps, decay, beta1, beta2,
+                        BLOCK: tl.constexpr, ROWS: tl.constexpr, COMPENSATED: tl.constexpr):
         rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
         in_bucket = rows < blocks
         offsets = rows[:, None] * BLOCK + tl.arange(0, BLOCK)[None, :]
         mask = in_bucket[:, None]
         grad = tl.load(grads_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         weight = tl.load(weights_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
+        if COMPENSATED:
+            weight += tl.load(compensation_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
         code1 = tl.load(state1_ptr + offsets, mask=mask, other=0).to(tl.int32)
         code2 = tl.load(state2_ptr + offsets, mask=mask, other=0).to(tl.int32)
         absmax1 = tl.load(absmax1_ptr + rows, mask=in_bucket, other=0.0)
@@ -99,10 +117,16 @@ if triton is not None:
         updated = (weight + step_size * (m / (tl.sqrt(v) + scaled_eps))) * decay
         weight = tl.where(finite, updated, weight)
 
-        # Stochastic rounding to bf16: a uniform 16-bit number added to the bits bf16 drops carries into the kept
-        # half exactly when the dropped part exceeds it.
-        noise = (tl.randint(tl.load(seed_ptr), offsets) & 0xFFFF).to(tl.int32)
-        bits = (weight.to(tl.int32, bitcast=True) + noise) & -65536
+        # Rounded on fp32's bits, so that the cast to bf16 only drops zeros (Triton's interpreter truncates there).
+        bits = weight.to(tl.int32, bitcast=True)
+        if COMPENSATED:  # to nearest, the rounding error kept for the next step
+            bits = _nearest_bf16_bits(bits)
+            error = _nearest_bf16_bits((weight - bits.to(tl.float32, bitcast=True)).to(tl.int32, bitcast=True))
+            tl.store(compensation_ptr + offsets, error.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
+        else:
+            # Stochastically: a uniform 16-bit number added to the bits bf16 drops carries into the kept half
+            # exactly when the dropped part exceeds it.
+            bits = (bits + (tl.randint(tl.load(seed_ptr), offsets) & 0xFFFF).to(tl.int32)) & -65536
         tl.store(weights_ptr + offsets, bits.to(tl.float32, bitcast=True).to(tl.bfloat16), mask=mask)
 
         new_absmax1 = tl.max(tl.abs(m), axis=1)

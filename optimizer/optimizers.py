@@ -28,7 +28,7 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from optimizer.adacoor import AdaCoor
 from optimizer.freezing import check_freezing_config
-from optimizer.per_parameter import BucketedOptimizer, GatherBuffers
+from optimizer.per_parameter import COMPENSATION, BucketedOptimizer, GatherBuffers
 from utils.options.config import ConfigError, read_json_object
 from utils.options.flags import LR_SCHEDULERS
 from utils.options.values import boolean, check_section, did_you_mean, is_number, is_whole, unknown_key
@@ -373,7 +373,8 @@ class TrainingOptimizers:
 
     `fused_backward`: each parameter is updated inside the backward pass of an update step as soon as its gradient is
     complete (optimizer.per_parameter), and `clip_and_step` only reports. bf16 parameters (the bf16_weights means)
-    are always stepped a bucket at a time, rounded stochastically with `rounding`."""
+    are always stepped a bucket at a time, rounded stochastically with `rounding`, or without it compensated (each
+    weight's rounding error kept in the optimizer state)."""
 
     def __init__(self, models: dict[str, torch.nn.Module], settings: dict[str, OptimizerSettings],
                  fused_backward: bool = False, rounding: torch.Generator | None = None):
@@ -481,8 +482,17 @@ class TrainingOptimizers:
             self.rounding.set_state(states[ROUNDING_KEY]["generator"])
         for name, state in states.items():
             if name in self.optimizers:
-                _check_state_fits(self.optimizers[name], state)
-                self.optimizers[name].load_state_dict(state)
+                optimizer = self.optimizers[name]
+                _check_state_fits(optimizer, state)
+                if not _rounds_compensated(optimizer):  # a run with compensated rounding saved its rounding errors
+                    state = {**state, "state": {index: {k: v for k, v in values.items() if k != COMPENSATION}
+                                                for index, values in state["state"].items()}}
+                optimizer.load_state_dict(state)
+
+
+def _rounds_compensated(optimizer: torch.optim.Optimizer) -> bool:
+    return isinstance(optimizer, BucketedOptimizer) and optimizer.rounding is None and \
+        optimizer.params[0].dtype == torch.bfloat16
 
 
 def _check_state_fits(optimizer: torch.optim.Optimizer, state: dict) -> None:

@@ -9,6 +9,9 @@ give.
   update is computed in fp32 on a temporary copy of one bucket and rounded back to bf16 stochastically (up or
   down with the probability of the remainder), so updates far smaller than bf16's spacing still move the weights
   on average instead of being rounded away (Zamirai et al. 2020, "Revisiting BFloat16 Training"; as OneTrainer does).
+  Or, compensated: rounded to nearest, with each weight's rounding error kept in a second bf16 tensor and added back
+  at its next update (Kahan summation, the paper's other remedy), so that such updates add up as in fp32, for 2 more
+  bytes per weight.
 
 `BucketedOptimizer` runs one inner optimizer (torch's, bitsandbytes' or lion-pytorch's) over fp32 stand-ins of the
 parameters: a stand-in holds its parameter's data (or an fp32 copy: of bf16 weights, and of channels-last ones for
@@ -31,7 +34,7 @@ from typing import Callable
 import torch
 
 from optimizer import fused_8bit
-from optimizer.fused_8bit import QUANTIZATION_BLOCK  # bitsandbytes' blockwise states
+from optimizer.fused_8bit import COMPENSATION, QUANTIZATION_BLOCK
 
 STOCHASTIC_ROUNDING_SEED_OFFSET = 0x5EED  # the rounding stream is seeded from the run's seed, apart from the rest
 # Parameters' elements updated together: few enough that a bucket's gradients and fp32 copies stay small next to
@@ -53,6 +56,34 @@ def round_stochastically_(values: torch.Tensor, generator: torch.Generator) -> t
     return values
 
 
+def round_compensated_(values: torch.Tensor, compensation: torch.Tensor) -> torch.Tensor:
+    """Rounds fp32 `values` in place to their nearest bf16 values and writes what that dropped into `compensation`
+    (bf16, shaped as `values`), which the next update adds back first (`compensate_`): a weight and its compensation
+    together hold about 16 significant bits, so updates far below bf16's spacing add up as in fp32, without noise.
+    The dropped part is exact in fp32 (at most 16 significant bits); bf16 keeps its upper 8."""
+    rounded = values.to(torch.bfloat16)
+    compensation.copy_(values.sub_(rounded))
+    return values.copy_(rounded)
+
+
+def compensate_(values: torch.Tensor, state: dict) -> torch.Tensor:
+    """fp32 `values` (the weights about to be updated) plus the rounding error their last compensated rounding kept
+    in `state`, if any."""
+    if COMPENSATION in state:
+        values.add_(state[COMPENSATION])
+    return values
+
+
+def round_to_bf16_(values: torch.Tensor, state: dict, rounding: torch.Generator | None) -> torch.Tensor:
+    """fp32 `values` rounded in place to bf16 values: stochastically with `rounding`, or without it compensated,
+    their rounding error kept in `state` for the next update."""
+    if rounding is not None:
+        return round_stochastically_(values, rounding)
+    if COMPENSATION not in state:
+        state[COMPENSATION] = torch.empty_like(values, dtype=torch.bfloat16)
+    return round_compensated_(values, state[COMPENSATION])
+
+
 def in_memory_order(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`tensor`'s elements as a 1-D view in the order `like`'s lie in memory (a channels-last weight without a copy;
     `like` and `tensor` are dense: contiguous or channels-last). A tensor laid out otherwise is copied first."""
@@ -64,7 +95,8 @@ def in_memory_order(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 class BucketedOptimizer(torch.optim.Optimizer):
     """Steps the parameters handed to `ready(p)` a bucket at a time (`flush()` steps what is left). The outer object
     has one param group, so LR schedules drive it as any optimizer; its lr reaches the inner one at each bucket.
-    bf16 parameters are updated through fp32 copies and `round_stochastically_` with `rounding`.
+    bf16 parameters are updated through fp32 copies, rounded back stochastically with `rounding`, or without it
+    compensated (`round_compensated_`; the rounding errors are kept in the inner optimizer's states).
 
     `bitsandbytes`: the inner optimizer is bitsandbytes'. It steps contiguous tensors only (it replaces a
     channels-last tensor with a contiguous copy, which would leave a stand-in's parameter unchanged), so such
@@ -141,6 +173,7 @@ class BucketedOptimizer(torch.optim.Optimizer):
             grads = torch.cat([self._flat(p.grad, p) for p in copied]).float()
             for p, weight, grad in zip(copied, weights.split(sizes), grads.split(sizes)):
                 self.stand_ins[p].data, self.stand_ins[p].grad = self._shaped(weight, p), self._shaped(grad, p)
+                compensate_(self.stand_ins[p].data, self.inner.state.get(self.stand_ins[p], {}))
         for p in pending:
             if self._steps_in_place(p):
                 self.stand_ins[p].data, self.stand_ins[p].grad = p.detach(), p.grad
@@ -158,7 +191,12 @@ class BucketedOptimizer(torch.optim.Optimizer):
         if copied:
             del grads
             if copied[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
-                weights = round_stochastically_(weights, self.rounding).to(torch.bfloat16)
+                if self.rounding is not None:
+                    round_stochastically_(weights, self.rounding)
+                else:
+                    for p, row in zip(copied, weights.split(sizes)):
+                        round_to_bf16_(self._shaped(row, p), self.inner.state[self.stand_ins[p]], None)
+                weights = weights.to(torch.bfloat16)
             copy_into(copied, [self._shaped(row, p) for p, row in zip(copied, weights.split(sizes))])
 
     @torch.no_grad()
@@ -235,6 +273,9 @@ class BucketedOptimizer(torch.optim.Optimizer):
         self.param_groups[0].update({k: groups[0][k] for k in ("lr", "initial_lr") if k in groups[0]})
         self.flat_buckets = {}  # the loaded states go to the per-tensor stand-ins; buckets gather them again
         self.inner.load_state_dict(state_dict)  # state tensors are cast to the stand-ins' fp32
+        for state in self.inner.state.values():
+            if COMPENSATION in state:  # bf16 values: back to bf16 exactly
+                state[COMPENSATION] = state[COMPENSATION].to(torch.bfloat16)
 
 
 def copy_into(params: list[torch.Tensor], sources: list[torch.Tensor]) -> None:
@@ -389,21 +430,26 @@ class FlatBucket:
     @torch.no_grad()
     def step(self, lr: float, rounding: torch.Generator | None, buffers: GatherBuffers) -> None:
         """Gathers the weights and gradients into the buffers (the gradients are freed), steps the stand-in on them
-        (in the fused kernel, or on fp32 copies rounded back stochastically for bf16 weights), and copies the
-        weights back."""
+        (in the fused kernel, or on fp32 copies rounded back for bf16 weights: stochastically with `rounding`, or
+        without it compensated), and copies the weights back."""
         gathered = self._gather(buffers)
         self.inner.param_groups[0]["lr"] = lr
         if self.fused_8bit:
             self.stand_in.data = gathered.weights  # bitsandbytes makes the state from it
-            fused_8bit.step(self.inner, bitsandbytes_state(self.inner, self.stand_in), gathered.weights,
-                            gathered.grads, rounding)
+            state = bitsandbytes_state(self.inner, self.stand_in)
+            if rounding is None and COMPENSATION not in state:
+                state[COMPENSATION] = torch.zeros_like(gathered.weights)
+            fused_8bit.step(self.inner, state, gathered.weights, gathered.grads, rounding)
         else:
             weights = gathered.weights.float()  # fp32 weights: no copy
+            bf16 = self.params[0].dtype == torch.bfloat16  # a model's trained weights share one dtype
+            if bf16:
+                compensate_(weights, self.inner.state.get(self.stand_in, {}))
             self.stand_in.data, self.stand_in.grad = weights, gathered.grads.float()
             step_inner(self.inner, self.bitsandbytes)
             self.stand_in.grad = None
-            if self.params[0].dtype == torch.bfloat16:  # a model's trained weights share one dtype
-                gathered.weights.copy_(round_stochastically_(weights, rounding))  # bf16 values, kept exactly
+            if bf16:  # bf16 values, kept exactly by the copy
+                gathered.weights.copy_(round_to_bf16_(weights, self.inner.state[self.stand_in], rounding))
         self.stand_in.data = self.released
         copy_pairs(*gathered.weights_out)
 

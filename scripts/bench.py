@@ -416,7 +416,8 @@ def plan_recipe(recipe: Recipe, run_args, size, records, device: str, largest_ba
                                SampleSettings.defaults_from(run_args), run_args.batch_size)
 
     if not recipe.planned or device != "cuda":
-        means = memory.Means(**{name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN})
+        means = memory.Means(**{name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN},
+                             compensated_rounding=run_args.bf16_rounding == "compensated")
         return None, memory.estimate(size, means, work())
     largest_batch = min(largest_batch, run_args.batch_size)
     for batch in sorted({b for b in (largest_batch, 8, 4, 2, 1) if b <= largest_batch}, reverse=True):
@@ -566,6 +567,7 @@ def run_recipe(recipe: Recipe, master, records, run_args, device: str, opts, est
         "about": recipe.about, "batch_size": batch_size, "processes": processes, "global_batch": global_batch,
         "precision": accelerator.mixed_precision,
         "means": {name: bool(getattr(run_args, name)) for name in memory.SLOWDOWN},
+        "bf16_rounding": run_args.bf16_rounding,
         "optimizers": {name: s.optimizer for name, s in settings.items() if name in trained},
         "images_per_s": steps * global_batch / wall, "step_ms": 1000 * wall / steps,
         "data_wait_ms": 1000 * data_wait / steps, "phases_ms": clock.ms_per_step(), "timed_steps": steps,
@@ -663,6 +665,8 @@ def memory_table(results: dict) -> list[str]:
 
     def row(name: str, r: dict) -> str:
         means = ", ".join(m for m, on in r["means"].items() if on) or "none"
+        if r["means"].get("bf16_weights") and r.get("bf16_rounding") == "compensated":
+            means = means.replace("bf16_weights", "bf16_weights (compensated)")
         phases = r.get("peak_allocated_gib_by_phase", {})
         by_phase = " / ".join(f"{phases[p]:.2f}" if p in phases else "-"
                               for p in ("latent cache filling", "training steps", "samples", "validation"))

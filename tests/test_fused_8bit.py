@@ -10,7 +10,7 @@ import torch
 
 from optimizer import fused_8bit
 from optimizer.optimizers import OptimizerSettings, TrainingOptimizers, make_optimizer
-from optimizer.per_parameter import BUCKET_ELEMENTS, FlatBucket, GatherBuffers, bitsandbytes_state
+from optimizer.per_parameter import BUCKET_ELEMENTS, COMPENSATION, FlatBucket, GatherBuffers, bitsandbytes_state
 
 pytest.importorskip("triton")  # Linux installs have it (requirements.txt); the kernel needs it
 bnb = pytest.importorskip("bitsandbytes")
@@ -80,6 +80,45 @@ def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding():
         chosen = (scaled - qmap[state[f"state{key}"].long()]).abs()
         torch.testing.assert_close(chosen, nearest, rtol=0, atol=1e-7)
     assert bool((dequantized(state, 1)[~finite] == 0).all()) and bool((dequantized(state, 2)[~finite] == 0).all())
+
+
+def test_compensated_rounding_adds_back_each_weights_error_and_keeps_the_new_one():
+    """Compensated (no generator): the step starts from each weight plus its kept rounding error, lands on the bf16
+    value nearest the result and keeps what that dropped, so that weight + error hold bitsandbytes' update to about
+    16 significant bits; a NaN or inf gradient leaves both."""
+    generator = torch.Generator().manual_seed(0)
+    weights = (torch.randn(4 * BLOCK, generator=generator) * 0.1).bfloat16().to(DEVICE)
+    lr, betas, eps, decay = 1e-5, (0.9, 0.99), 1e-6, 0.05
+    inner, stand_in = adamw8bit(weights, lr=lr, betas=betas, eps=eps, weight_decay=decay)
+    state = bitsandbytes_state(inner, stand_in)
+    state[COMPENSATION] = torch.zeros_like(weights)
+    for scale in (1.0, 0.01):
+        grads = (torch.randn(weights.shape, generator=generator) * scale).bfloat16().to(DEVICE)
+        fused_8bit.step(inner, state, weights, grads, None)
+    errors = state[COMPENSATION]
+    assert errors.dtype == torch.bfloat16 and bool((errors != 0).any())
+    before, m, v = weights.float() + errors.float(), dequantized(state, 1), dequantized(state, 2)
+    grads = torch.randn(weights.shape, generator=generator).bfloat16().to(DEVICE)
+    grads[5], grads[300] = float("nan"), float("inf")
+    kept = errors.clone()
+
+    fused_8bit.step(inner, state, weights, grads, None)
+
+    g = grads.float()
+    m = betas[0] * m + (1 - betas[0]) * g
+    v = betas[1] * v + (1 - betas[1]) * g * g
+    correction1, correction2 = 1 - betas[0] ** 3, (1 - betas[1] ** 3) ** 0.5
+    expected = (before - lr * correction2 / correction1 * m / (v.sqrt() + correction2 * eps)) * (1 - lr * decay)
+    finite = g.isfinite()
+    toward, away = bf16_neighbours(expected[finite])
+    landed = weights.float()[finite]
+    nearer = torch.where((expected[finite] - toward).abs() <= (away - expected[finite]).abs(), toward, away)
+    ties = ((expected[finite] - toward).abs() - (away - expected[finite]).abs()).abs() <= expected[finite].abs() * 2 ** -20
+    assert bool(((landed == nearer) | ties).all())
+    held = landed + errors.float()[finite]
+    assert bool(((held - expected[finite]).abs() <= expected[finite].abs() * 2 ** -16).all())
+    assert torch.equal(weights.float()[~finite] + errors.float()[~finite], before[~finite])
+    assert torch.equal(errors[~finite], kept[~finite])
 
 
 def test_rounding_is_unbiased_and_replays_from_the_generator():

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from optimizer.optimizers import NonFiniteFusedUpdate, OptimizerSettings, TrainingOptimizers
-from optimizer.per_parameter import round_stochastically_
+from optimizer.per_parameter import round_compensated_, round_stochastically_
 from tests.conftest import TINY_MODEL, options
 from utils.model import shipped
 from utils.options.config import ConfigError
@@ -314,6 +314,81 @@ def test_bitsandbytes_steps_flat_buckets_bit_for_bit_as_its_own_step(name):
     assert all(torch.equal(a, b) for a, b in zip(resumed, flat))
 
 
+def test_compensated_rounding_keeps_what_rounding_to_nearest_drops():
+    """The weight becomes its nearest bf16 value; the compensation holds the dropped part (exact in fp32) rounded to
+    bf16, so weight + compensation hold the fp32 value to about 16 significant bits."""
+    values = torch.randn(100_000, generator=torch.Generator().manual_seed(0)) * 0.05
+    compensation = torch.empty(values.shape, dtype=torch.bfloat16)
+    rounded = round_compensated_(values.clone(), compensation)
+    assert torch.equal(rounded, values.to(torch.bfloat16).float())
+    assert torch.equal(compensation, (values - rounded).to(torch.bfloat16))
+    assert bool(((rounded + compensation.float() - values).abs() <= values.abs() * 2 ** -16).all())
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw8bit"])
+def test_compensated_bf16_weights_follow_the_fp32_run_where_stochastic_rounding_wanders(name):
+    """Updates of about 1e-5 to weights of about 0.05 (bf16's spacing there: 2^-12, 24 updates' worth): with
+    compensated rounding each weight plus its kept error follows the same optimizer on fp32 weights to within the
+    compensation's own rounding (at most 2^-9 of its size per step), with no random numbers drawn; the
+    same run with stochastic rounding is only right on average. Tensor by tensor (a weight without a gradient in one
+    step leaves its bucket, then steps a step behind) as in flat buckets; a checkpoint of it resumes bit for bit,
+    the errors saved per parameter in bf16, and loads into a run without them."""
+    from optimizer.per_parameter import COMPENSATION, FlatBucket
+
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(64, 80), (700,), (33, 129), (16, 8, 3, 3)]
+    start = [torch.randn(shape, generator=generator) * 0.05 for shape in shapes]
+    start[3] = start[3].to(memory_format=torch.channels_last)  # as train.py lays convolutions out
+    start = [t.bfloat16().float() for t in start]
+    steps = 12
+    grads = [[torch.randn(shape, generator=generator) for shape in shapes] for _ in range(steps)]
+    grads[5][1] = None
+
+    def run(params, opts, step_grads):
+        for p, g in zip(params, step_grads):
+            p.grad = None if g is None else g.to(p.dtype)
+        opts.clip_and_step(None, None)
+
+    def optimizers(params, rounding):
+        return TrainingOptimizers({"unet": torch.nn.ParameterList(params)}, settings(name, lr=1e-5),
+                                  rounding=rounding)
+
+    compensated = [torch.nn.Parameter(t.bfloat16()) for t in start]
+    stochastic = [torch.nn.Parameter(t.bfloat16()) for t in start]
+    reference = [torch.nn.Parameter(t.clone()) for t in start]
+    opts, noisy = optimizers(compensated, None), optimizers(stochastic, torch.Generator().manual_seed(1))
+    plain = optimizers(reference, None)
+    for number, step_grads in enumerate(grads):
+        for params, o in ((compensated, opts), (stochastic, noisy), (reference, plain)):
+            run(params, o, step_grads)
+        if number == 2:
+            buckets = opts.optimizers["unet"].flat_buckets
+            assert any(isinstance(b, FlatBucket) for b in buckets.values())
+            saved, resume_from = copy.deepcopy(opts.state_dicts()), [p.detach().clone() for p in compensated]
+    assert None in opts.optimizers["unet"].flat_buckets.values()  # one a step behind: tensor by tensor
+
+    errors = opts.state_dicts()["unet"]["state"]
+    # A kept error is at most half bf16's spacing (2^-8 of the weight), and bf16 keeps it to 2^-9 of itself.
+    bound = steps * max(p.detach().abs().max().item() for p in reference) * 2.0 ** -17
+    for index, (p, want) in enumerate(zip(compensated, reference)):
+        error = errors[index][COMPENSATION]
+        assert p.dtype == error.dtype == torch.bfloat16 and error.shape == p.shape
+        assert (p.detach().float() + error.float() - want.detach()).abs().max().item() <= bound
+    wandered = max((p.detach().float() - want.detach()).abs().max().item() for p, want in zip(stochastic, reference))
+    assert wandered >= 2.0 ** -13 > bound  # half the spacing at 0.05
+
+    assert all(value[COMPENSATION].dtype == torch.bfloat16 for value in saved["unet"]["state"].values())
+    resumed = [torch.nn.Parameter(t.clone()) for t in resume_from]
+    again = optimizers(resumed, None)
+    again.load_state_dicts(copy.deepcopy(saved))
+    for step_grads in grads[3:]:
+        run(resumed, again, step_grads)
+    assert all(torch.equal(a, b) for a, b in zip(resumed, compensated))
+    fp32 = optimizers([torch.nn.Parameter(t.float()) for t in resume_from], None)
+    fp32.load_state_dicts(copy.deepcopy(saved))
+    assert all(COMPENSATION not in value for value in fp32.state_dicts()["unet"]["state"].values())
+
+
 def test_a_non_finite_gradient_with_fused_backward_stops_the_update():
     unet = tiny_unet()
     opts = TrainingOptimizers({"unet": unet}, settings("adamw"), fused_backward=True)
@@ -554,7 +629,7 @@ def test_the_vae_moments_encode_and_decode_one_image_at_a_time_under_a_plan():
 def plan_args(**set_in_file):
     sources = {key: "train.json" for key in set_in_file}
     defaults = dict(grad_accum=1, clip_grad_norm=None, mixed_precision="auto", fused_backward=False,
-                    gradient_checkpointing=False, bf16_weights=False)
+                    gradient_checkpointing=False, bf16_weights=False, bf16_rounding="auto")
     return SimpleNamespace(**{**defaults, **set_in_file}, sources=sources)
 
 
@@ -640,7 +715,7 @@ def test_the_plan_checkpoints_as_little_as_fits():
     for size, card_gib, changes, checkpointing in ((SD15, 12, {}, "attention_checkpointing"),
                                                    (sd2, 16, at_768, "partial_checkpointing"),
                                                    (sd2, 12, at_768, "gradient_checkpointing")):
-        assert memory.choose(size, work(**changes), card_gib * GiB, plan_args()).means == \
+        assert memory.choose(size, work(**changes), card_gib * GiB, plan_args(bf16_rounding="stochastic")).means == \
             dataclasses.replace(lean, **{checkpointing: True}), (card_gib, checkpointing)
 
 
@@ -653,14 +728,40 @@ def test_eight_bit_states_cost_little_on_top_of_bf16_weights():
     assert memory.slowdown(both) == pytest.approx(
         memory.SLOWDOWN["bf16_weights"] * memory.SLOWDOWN_WITH_BF16_WEIGHTS["eight_bit_states"])
     assert memory.slowdown(both) < memory.slowdown(memory.Means(bf16_weights=True, partial_checkpointing=True))
-    assert memory.choose(SD15, work(), 16 * GiB, plan_args()).means == both
+    assert memory.choose(SD15, work(), 16 * GiB, plan_args(bf16_rounding="stochastic")).means == both
+
+
+def test_bf16_weights_round_compensated_where_the_plan_has_room_to_spare():
+    """bf16_rounding auto: the plan keeps each bf16 weight's rounding error (2 bytes per trained parameter) where that
+    fits with the estimate's own error to spare, and rounds stochastically where it does not; compensated, set by the
+    user, is counted in every plan it weighs; stochastic is never upgraded. The plan sets the option it chose."""
+    roomy_args = plan_args(bf16_weights=True, vram=80)
+    roomy = memory.plan_run(roomy_args, SD15, work(), "cuda")
+    assert roomy.means.compensated_rounding and roomy_args.bf16_rounding == "compensated"
+    assert roomy.estimate.parts["rounding errors"] == (SD15.unet + SD15.text_encoder) * 2
+    assert "bf16_weights on (compensated rounding)" in roomy.lines()[0]
+    tight_args = plan_args(vram=12)
+    tight = memory.plan_run(tight_args, SD15, work(), "cuda")
+    assert tight.means.bf16_weights and not tight.means.compensated_rounding
+    assert tight_args.bf16_rounding == "stochastic" and "bf16_weights on (stochastic rounding)" in tight.lines()[0]
+    upgraded = memory.estimate(SD15, dataclasses.replace(tight.means, compensated_rounding=True), work()).peak
+    assert upgraded <= tight.budget < upgraded * (1 + memory.ESTIMATE_ERROR)  # it would fit, without that to spare
+    chosen = memory.choose(SD15, work(), 12 * GiB, plan_args(bf16_rounding="compensated"))
+    assert chosen.means == dataclasses.replace(tight.means, compensated_rounding=True)  # the user's call: it fits
+    assert chosen.estimate.peak <= chosen.budget
+    with pytest.raises(ConfigError, match=r"bf16_weights on \(compensated rounding\)"):  # not even the leanest
+        memory.choose(SD15, work(), 8 * GiB, plan_args(bf16_rounding="compensated"))
+    assert memory.choose(SD15, work(), 8 * GiB, plan_args()).means.bf16_weights
+    never = memory.choose(SD15, work(), 80 * GiB, plan_args(bf16_weights=True, bf16_rounding="stochastic"))
+    assert never.means.bf16_weights and not never.means.compensated_rounding
 
 
 def test_the_plan_keeps_the_means_the_user_set_and_what_the_options_rule_out():
     kept_off = memory.choose(SD15, work(), 16 * GiB, plan_args(gradient_checkpointing=False))
     assert not kept_off.means.gradient_checkpointing and kept_off.fixed == ("gradient_checkpointing",)
     kept_on = memory.choose(SD15, work(), 80 * GiB, plan_args(bf16_weights=True))
-    assert kept_on.means == memory.Means(fused_backward=True, bf16_weights=True)  # the faster way to run it
+    # the faster way to run it, rounding compensated (room for it)
+    assert kept_on.means == memory.Means(fused_backward=True, bf16_weights=True, compensated_rounding=True)
     for options in (dict(clip_grad_norm=1.0), dict(grad_accum=2)):
         assert not memory.choose(SD15, work(), 12 * GiB, plan_args(**options)).means.fused_backward
     assert not memory.choose(SD15, work(), 12 * GiB, plan_args(), processes=2).means.fused_backward

@@ -1,6 +1,6 @@
-"""train.py runs with the memory means (doc/MEMORY.md): bf16 weights with stochastic rounding and the optimizer step
-fused into the backward pass (with partial checkpointing, resumed with attention checkpointing) resume bit for bit;
-conflicting options stop before loading. (fused_backward alone trains test_resume's reference weights bit for bit:
+"""train.py runs with the memory means (doc/MEMORY.md): bf16 weights with stochastic or compensated rounding and the
+optimizer step fused into the backward pass (with partial checkpointing, resumed with attention checkpointing) resume
+bit for bit; conflicting options stop before loading. (fused_backward alone trains test_resume's reference weights bit for bit:
 tests/e2e/test_resume.py.)"""
 from __future__ import annotations
 
@@ -49,6 +49,34 @@ def test_bf16_weights_train_in_bf16_and_a_resumed_run_ends_on_the_same_weights(r
     assert "Resuming the run of" in (resumed / f"{resumed.name}.log").read_text()
     assert_same_weights(resumed / "ckpts" / FINAL, lean / FINAL)
     assert_same_weights(resumed / "ckpts" / f"{FINAL}_ema", lean / f"{FINAL}_ema")
+
+
+def test_compensated_rounding_saves_each_weights_rounding_error_and_resumes_bit_for_bit(runs, tmp_path):
+    """bf16_rounding compensated: no random stream; the optimizer state saved with a checkpoint holds each weight's
+    rounding error in bf16, a run resumed from it ends on the uninterrupted run's weights, and a run without the means
+    loads it too."""
+    flags = (*LEAN, "--bf16_rounding", "compensated")
+    logdir = tmp_path / "compensated"
+    assert train(run_args(runs["data_root"], logdir, runs["validation_cfg"], *flags, "--ckpt_every_n_minutes",
+                          "1e-9")) == 0
+    ckpts = newest_run(logdir) / "ckpts"
+    checkpoint = ckpts / "myproj-ep00-gs00003"  # inside a grad_accum window
+    assert not (checkpoint / "optimizer_stochastic_rounding.pt").exists()
+    errors = [s["bf16_rounding_error"] for s in torch.load(checkpoint / "optimizer_unet.pt")["state"].values()]
+    assert errors and all(e.dtype == torch.bfloat16 for e in errors) and any(bool((e != 0).any()) for e in errors)
+    final, stochastic = weights(ckpts / FINAL), weights(runs["lean"] / "ckpts" / FINAL)
+    assert {t.dtype for t in final.values()} == {torch.bfloat16}
+    assert any(not torch.equal(final[k], stochastic[k]) for k in final)  # rounded otherwise
+
+    resumed_logs = tmp_path / "resumed"
+    assert train(run_args(runs["data_root"], resumed_logs, runs["validation_cfg"], *flags, "--resume_ckpt",
+                          str(checkpoint))) == 0
+    assert_same_weights(newest_run(resumed_logs) / "ckpts" / FINAL, ckpts / FINAL)
+    plain_logs = tmp_path / "plain"
+    assert train(run_args(runs["data_root"], plain_logs, runs["validation_cfg"], "--resume_ckpt",
+                          str(ckpts / "myproj-ep00-gs00005"))) == 0
+    log = (newest_run(plain_logs) / f"{newest_run(plain_logs).name}.log").read_text()
+    assert "Loaded optimizer state" in log and "does not fit" not in log
 
 
 def test_a_run_saved_with_the_means_resumes_without_them(runs, tmp_path):

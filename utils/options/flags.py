@@ -126,11 +126,19 @@ FLAGS: list[Flag] = [
         ("fused_backward", bool, False, "Update each weight inside the backward pass as soon as its gradient is "
          "ready, so the whole model's gradients never exist at once (saves 4 bytes per trained parameter). Needs "
          "an element-wise optimizer (adamw, adamw8bit, lion, lion8bit), no clip_grad_norm and one process."),
-        ("bf16_weights", bool, False, "Keep the trained weights in bf16 and round each update stochastically (saves "
-         "2 bytes per trained parameter, and the bf16 copies autocast makes). Needs an element-wise optimizer and "
+        ("bf16_weights", bool, False, "Keep the trained weights in bf16 and round each update back to bf16 as "
+         "bf16_rounding says (saves the bf16 copies autocast makes of fp32 weights, and with stochastic rounding 2 "
+         "bytes per trained parameter). Needs an element-wise optimizer and "
          "bf16 or no mixed precision. Saved checkpoints are written as before. What it costs in speed depends on the "
          "other means (inside a backward pass without checkpointing, nothing measurable); a memory plan (vram) "
          "pairs it with fused_backward where that is the faster way (doc/MEMORY.md)."),
+        ("bf16_rounding", str, "auto", "How bf16_weights rounds each update back to bf16: stochastic (up or down with "
+         "the probability of the remainder: right on average, but noisy where updates are far below bf16's spacing, "
+         "as at fine-tuning learning rates) or compensated (to nearest, with each weight's rounding error kept in a "
+         "second bf16 tensor and added back at its next update, Kahan summation: updates add up as in fp32; 2 more "
+         "bytes per trained parameter, saved with the optimizer state). auto: compensated where the memory plan "
+         "(vram) has room for it, stochastic where it has not and with vram off (doc/MEMORY.md).",
+         {"choices": ("auto", "stochastic", "compensated")}),
     ),
     *_flags(
         "Objective and noise",

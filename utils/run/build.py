@@ -181,14 +181,15 @@ def build_trainer(inputs: Inputs):
 
 def make_optimizers(trained: dict, settings: dict, args, accelerator) -> TrainingOptimizers:
     """The optimizers with the memory means the options (or the memory plan) chose: 8-bit states, fused backward,
-    and for bf16_weights a stochastic-rounding stream of its own, seeded from the run's seed."""
+    and for bf16_weights with stochastic rounding a random stream of its own, seeded from the run's seed (the plan
+    resolves bf16_rounding auto; without a plan it is stochastic)."""
     from optimizer.per_parameter import STOCHASTIC_ROUNDING_SEED_OFFSET
 
     if args.eight_bit_states:
         for s in settings.values():
             s.optimizer = EIGHT_BIT.get(s.optimizer, s.optimizer)
     rounding = torch.Generator(accelerator.device).manual_seed(args.seed + STOCHASTIC_ROUNDING_SEED_OFFSET) \
-        if args.bf16_weights else None
+        if args.bf16_weights and args.bf16_rounding != "compensated" else None
     return TrainingOptimizers(trained, settings, args.fused_backward, rounding)
 
 

@@ -22,6 +22,9 @@ GiB = 2 ** 30
 # estimate's error (measured within 10%, doc/PERFORMANCE.md).
 SAFETY_MARGIN = 0.08
 MIN_MARGIN_GIB = 0.5
+# What the estimate may miss the measured peak by: compensated rounding, a cost the run can do without, is taken only
+# where it fits with that much to spare as well, so that it never brings a run to the edge of the card.
+ESTIMATE_ERROR = 0.10
 
 
 @dataclass(frozen=True)
@@ -93,9 +96,15 @@ class Means:
     partial_checkpointing: bool = False
     # Their transformer blocks only, and the text encoder; partial or full checkpointing covers it.
     attention_checkpointing: bool = False
+    # Not a memory means but a cost of memory: bf16 weights round to nearest and keep their rounding errors
+    # (bf16_rounding), 2 bytes per trained parameter; the plan turns it on where it fits once the means are chosen.
+    compensated_rounding: bool = False
 
     def describe(self) -> str:
-        return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}" for f in fields(self))
+        rounding = f" ({'compensated' if self.compensated_rounding else 'stochastic'} rounding)"
+        return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}"
+                         f"{rounding if f.name == 'bf16_weights' and self.bf16_weights else ''}"
+                         for f in fields(self) if f.name != "compensated_rounding")
 
 
 # How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-L, R); the plan
@@ -174,6 +183,7 @@ def estimate(size: ModelSize, means: Means, work: Workload) -> Estimate:
     states = sum(trained[name] * STATE_BYTES[_optimizer(work.optimizers[name], means)] for name in work.trained)
     static = {"trained weights": n_trained * weight_bytes, "frozen weights": n_frozen * half,
               "VAE": size.vae * half, "optimizer states": states,
+              "rounding errors": n_trained * 2 if means.bf16_weights and means.compensated_rounding else 0,
               "EMA": n_trained * weight_bytes if work.ema_on_gpu else 0, "CUDA workspaces": a.fixed_gib * GiB}
     per_image = work.pixels / size.vae_scale ** 2 * size.unet_channels  # latent pixels x channels
     # fused_backward: at most a bucket of gradients exists at a time (and while it steps, fp32 copies of its
@@ -267,24 +277,34 @@ def _usable(work: Workload, args, processes: int) -> dict[str, bool]:
 
 
 def choose(size: ModelSize, work: Workload, card_bytes: float, args, processes: int = 1) -> MemoryPlan:
-    """The fastest fitting means for `card_bytes` of GPU memory; a means set in the options stays as set. Raises
-    ConfigError (with the largest batch that fits) when even the leanest plan does not fit."""
+    """The fastest fitting means for `card_bytes` of GPU memory; a means set in the options stays as set. bf16
+    weights round compensated where that still fits with ESTIMATE_ERROR to spare (bf16_rounding auto), or as
+    bf16_rounding says. Raises ConfigError (with the largest batch that fits) when even the leanest plan does not
+    fit."""
     budget = card_bytes - max(SAFETY_MARGIN * card_bytes, MIN_MARGIN_GIB * GiB)
     fixed = {name: getattr(args, name) for name in SLOWDOWN if args.sources.get(name, "defaults") != "defaults"}
     usable = _usable(work, args, processes)
     free = [name for name in SLOWDOWN if name not in fixed and usable[name]]
+    compensated = args.bf16_rounding == "compensated"
     candidates = []
     for chosen in itertools.chain.from_iterable(itertools.combinations(free, k) for k in range(len(free) + 1)):
-        means = Means(**{name: name in chosen or bool(fixed.get(name)) for name in SLOWDOWN})
+        means = Means(**{name: name in chosen or bool(fixed.get(name)) for name in SLOWDOWN},
+                      compensated_rounding=compensated)
         if not any(_subsumed(means, name) for name in chosen):
             candidates.append((slowdown(means), means))
     candidates.sort(key=lambda c: c[0])
     for _, means in candidates:
         e = estimate(size, means, work)
         if e.peak <= budget:
+            if means.bf16_weights and args.bf16_rounding == "auto":
+                upgraded = replace(means, compensated_rounding=True)
+                upgraded_estimate = estimate(size, upgraded, work)
+                if upgraded_estimate.peak * (1 + ESTIMATE_ERROR) <= budget:
+                    means, e = upgraded, upgraded_estimate
             return MemoryPlan(means, e, budget, card_bytes, tuple(fixed),
                               {part: _optimizer(work.optimizers[part], means) for part in work.trained})
-    leanest = Means(**{name: name in free or bool(fixed.get(name)) for name in SLOWDOWN})  # no means adds memory
+    leanest = Means(**{name: name in free or bool(fixed.get(name)) for name in SLOWDOWN},  # no means adds memory
+                    compensated_rounding=compensated)
     e = estimate(size, leanest, work)
     fits = [b for b in range(work.batch_size - 1, 0, -1) if estimate(size, leanest, replace(work, batch_size=b)).peak
             <= budget]
@@ -320,6 +340,7 @@ def plan_run(args, size: ModelSize, work: Workload, device, processes: int = 1) 
     plan = choose(size, work, card, args, processes)
     for name in SLOWDOWN:
         setattr(args, name, getattr(plan.means, name))
+    args.bf16_rounding = "compensated" if plan.means.compensated_rounding else "stochastic"
     return plan
 
 
