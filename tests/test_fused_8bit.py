@@ -37,6 +37,14 @@ def bf16_neighbours(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return toward, away
 
 
+def adamw_step(weights, m, v, grads, lr, betas, eps, decay, step):
+    """bitsandbytes' AdamW update in fp32 (`step`: the step count after it): the weights and the moments after it."""
+    m = betas[0] * m + (1 - betas[0]) * grads
+    v = betas[1] * v + (1 - betas[1]) * grads * grads
+    correction1, correction2 = 1 - betas[0] ** step, (1 - betas[1] ** step) ** 0.5
+    return (weights - lr * correction2 / correction1 * m / (v.sqrt() + correction2 * eps)) * (1 - lr * decay), m, v
+
+
 def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding():
     """From states already holding two steps, one step: the states follow Adam's moments from their dequantized
     values, each re-quantized to its map's nearest code with its block's new maximum; the weight moves by
@@ -59,10 +67,7 @@ def test_one_step_is_bitsandbytes_adamw_with_stochastic_rounding():
 
     assert state["step"] == 3
     g = grads.float()
-    m = betas[0] * m + (1 - betas[0]) * g
-    v = betas[1] * v + (1 - betas[1]) * g * g
-    correction1, correction2 = 1 - betas[0] ** 3, (1 - betas[1] ** 3) ** 0.5
-    expected = (before_weights - lr * correction2 / correction1 * m / (v.sqrt() + correction2 * eps)) * (1 - lr * decay)
+    expected, m, v = adamw_step(before_weights, m, v, g, lr, betas, eps, decay, step=3)
     finite = g.isfinite()
     toward, away = bf16_neighbours(expected[finite])
     stepped = weights.float()[finite]
@@ -105,18 +110,15 @@ def test_compensated_rounding_adds_back_each_weights_error_and_keeps_the_new_one
     fused_8bit.step(inner, state, weights, grads, None)
 
     g = grads.float()
-    m = betas[0] * m + (1 - betas[0]) * g
-    v = betas[1] * v + (1 - betas[1]) * g * g
-    correction1, correction2 = 1 - betas[0] ** 3, (1 - betas[1] ** 3) ** 0.5
-    expected = (before - lr * correction2 / correction1 * m / (v.sqrt() + correction2 * eps)) * (1 - lr * decay)
+    expected = adamw_step(before, m, v, g, lr, betas, eps, decay, step=3)[0]
     finite = g.isfinite()
-    toward, away = bf16_neighbours(expected[finite])
-    landed = weights.float()[finite]
-    nearer = torch.where((expected[finite] - toward).abs() <= (away - expected[finite]).abs(), toward, away)
-    ties = ((expected[finite] - toward).abs() - (away - expected[finite]).abs()).abs() <= expected[finite].abs() * 2 ** -20
-    assert bool(((landed == nearer) | ties).all())
+    exact, landed = expected[finite], weights.float()[finite]
+    toward, away = bf16_neighbours(exact)
+    below, above = (exact - toward).abs(), (away - exact).abs()
+    ties = (below - above).abs() <= exact.abs() * 2 ** -20  # where fp32's own rounding may pick either
+    assert bool(((landed == torch.where(below <= above, toward, away)) | ties).all())
     held = landed + errors.float()[finite]
-    assert bool(((held - expected[finite]).abs() <= expected[finite].abs() * 2 ** -16).all())
+    assert bool(((held - exact).abs() <= exact.abs() * 2 ** -16).all())
     assert torch.equal(weights.float()[~finite] + errors.float()[~finite], before[~finite])
     assert torch.equal(errors[~finite], kept[~finite])
 
