@@ -24,7 +24,6 @@ import math
 
 import torch
 
-
 try:
     import triton
     import triton.language as tl

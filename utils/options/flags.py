@@ -128,10 +128,10 @@ FLAGS: list[Flag] = [
          "an element-wise optimizer (adamw, adamw8bit, lion, lion8bit), no clip_grad_norm and one process."),
         ("bf16_weights", bool, False, "Keep the trained weights in bf16 and round each update back to bf16 as "
          "bf16_rounding says (saves the bf16 copies autocast makes of fp32 weights, and with stochastic rounding 2 "
-         "bytes per trained parameter). Needs an element-wise optimizer and "
-         "bf16 or no mixed precision. Saved checkpoints are written as before. What it costs in speed depends on the "
-         "other means (inside a backward pass without checkpointing, nothing measurable); a memory plan (vram) "
-         "pairs it with fused_backward where that is the faster way (doc/MEMORY.md)."),
+         "bytes per trained parameter). Needs an element-wise optimizer and bf16 or no mixed precision. Saved "
+         "checkpoints are written as before. What it costs in speed depends on the other means (inside a backward "
+         "pass without checkpointing, nothing measurable); a memory plan (vram) pairs it with fused_backward where "
+         "that is the faster way (doc/MEMORY.md)."),
         ("bf16_rounding", str, "auto", "How bf16_weights rounds each update back to bf16: stochastic (up or down with "
          "the probability of the remainder: right on average, but noisy where updates are far below bf16's spacing, "
          "as at fine-tuning learning rates) or compensated (to nearest, with each weight's rounding error kept in a "
