@@ -74,14 +74,19 @@ def compensate_(values: torch.Tensor, state: dict) -> torch.Tensor:
     return values
 
 
+def rounding_errors(state: dict, like: torch.Tensor) -> torch.Tensor:
+    """The rounding errors compensated rounding keeps in `state` for weights shaped as `like` (zero at first)."""
+    if COMPENSATION not in state:
+        state[COMPENSATION] = torch.zeros_like(like, dtype=torch.bfloat16)
+    return state[COMPENSATION]
+
+
 def round_to_bf16_(values: torch.Tensor, state: dict, rounding: torch.Generator | None) -> torch.Tensor:
     """fp32 `values` rounded in place to bf16 values: stochastically with `rounding`, or without it compensated,
     their rounding error kept in `state` for the next update."""
     if rounding is not None:
         return round_stochastically_(values, rounding)
-    if COMPENSATION not in state:
-        state[COMPENSATION] = torch.empty_like(values, dtype=torch.bfloat16)
-    return round_compensated_(values, state[COMPENSATION])
+    return round_compensated_(values, rounding_errors(state, values))
 
 
 def in_memory_order(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -93,7 +98,7 @@ def in_memory_order(tensor: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 class BucketedOptimizer(torch.optim.Optimizer):
-    """Steps the parameters handed to `ready(p)` a bucket at a time (`flush()` steps what is left). The outer object
+    """Steps the parameters handed to `ready(p)` a bucket at a time (`step()` steps what is left). The outer object
     has one param group, so LR schedules drive it as any optimizer; its lr reaches the inner one at each bucket.
     bf16 parameters are updated through fp32 copies, rounded back stochastically with `rounding`, or without it
     compensated (`round_compensated_`; the rounding errors are kept in the inner optimizer's states).
@@ -437,8 +442,8 @@ class FlatBucket:
         if self.fused_8bit:
             self.stand_in.data = gathered.weights  # bitsandbytes makes the state from it
             state = bitsandbytes_state(self.inner, self.stand_in)
-            if rounding is None and COMPENSATION not in state:
-                state[COMPENSATION] = torch.zeros_like(gathered.weights)
+            if rounding is None:
+                rounding_errors(state, gathered.weights)
             fused_8bit.step(self.inner, state, gathered.weights, gathered.grads, rounding)
         else:
             weights = gathered.weights.float()  # fp32 weights: no copy

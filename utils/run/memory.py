@@ -101,10 +101,11 @@ class Means:
     compensated_rounding: bool = False
 
     def describe(self) -> str:
-        rounding = f" ({'compensated' if self.compensated_rounding else 'stochastic'} rounding)"
-        return ", ".join(f"{f.name} {'on' if getattr(self, f.name) else 'off'}"
-                         f"{rounding if f.name == 'bf16_weights' and self.bf16_weights else ''}"
-                         for f in fields(self) if f.name != "compensated_rounding")
+        said = {f.name: "on" if getattr(self, f.name) else "off" for f in fields(self)}
+        if self.bf16_weights:
+            said["bf16_weights"] += f" ({'compensated' if self.compensated_rounding else 'stochastic'} rounding)"
+        del said["compensated_rounding"]
+        return ", ".join(f"{name} {state}" for name, state in said.items())
 
 
 # How much slower each means makes a step at batch 8 (SD1.5, 512, H200; doc/PERFORMANCE.md runs F-L, R); the plan
